@@ -1,0 +1,164 @@
+"""Projected gradient descent (Madry et al. 2018) with L2 and Linf threat models, and FGSM.
+
+One loop serves every threat model; a norm contributes three hooks: `random_start` (a point drawn
+uniformly in the eps-ball), `direction` (the steepest-ascent step of unit size for that norm) and
+`project` (back onto the eps-ball). Pixels are in [0, 1]; eps and step sizes are in those units.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import check
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm of (B, ...) as (B, 1, 1, 1)-broadcastable."""
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+class Linf:
+    @staticmethod
+    def random_start(shape, eps: float, g: torch.Generator) -> torch.Tensor:
+        return (torch.rand(shape, generator=g) * 2 - 1) * eps
+
+    @staticmethod
+    def direction(grad: torch.Tensor) -> torch.Tensor:
+        return grad.sign()
+
+    @staticmethod
+    def project(delta: torch.Tensor, eps: float) -> torch.Tensor:
+        return delta.clamp(-eps, eps)
+
+
+class L2:
+    @staticmethod
+    def random_start(shape, eps: float, g: torch.Generator) -> torch.Tensor:
+        # Uniform in the d-ball: the first d of d+2 i.i.d. normals, divided by the norm of all d+2
+        # (Voelker et al. 2017), so each row is drawn from its own slice of the stream.
+        b, d = shape[0], math.prod(shape[1:])
+        z = torch.randn(b, d + 2, generator=g)
+        return (eps * z[:, :d] / z.norm(dim=1, keepdim=True)).view(shape)
+
+    @staticmethod
+    def direction(grad: torch.Tensor) -> torch.Tensor:
+        return grad / _flat_norm(grad).clamp_min(1e-12)
+
+    @staticmethod
+    def project(delta: torch.Tensor, eps: float) -> torch.Tensor:
+        return delta * (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+
+
+NORMS = {"linf": Linf, "l2": L2}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every module in eval mode and freeze the parameters; restore both on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in grads:
+        p.requires_grad_(False)  # the backward then computes input gradients only
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+class PGD:
+    """PGD attack: `PGD(model, norm="l2", eps=0.5, steps=20, rel_step=0.25)(x, y) -> x_adv`.
+
+    Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks".
+    Maximises the cross-entropy of model(x + δ) over ‖δ‖ ≤ eps (descends it towards `y` if targeted),
+    with x + δ clipped to [0, 1] at every iterate. Each sample keeps its worst case: the first iterate
+    that fools the model, else the iterate of highest loss, over all steps and restarts.
+
+    Args (keyword-only): norm "l2" | "linf"; eps radius in [0, 1] pixel units; steps ≥ 1;
+    step_size absolute, or rel_step × eps (default 2.5 / steps, Madry's choice); random_start;
+    restarts ≥ 1; targeted (then y holds the target classes); seed for the random starts.
+    x: (B, C, H, W) float in [0, 1]; y: (B,) int64. The model runs in eval mode; its mode, its
+    parameters' .grad and x are left as they were.
+    """
+
+    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, steps: int = 10,
+                 step_size: float | None = None, rel_step: float | None = None,
+                 random_start: bool = True, restarts: int = 1, targeted: bool = False, seed: int = 0):
+        check(norm in NORMS, f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
+        check(math.isfinite(eps) and eps >= 0, f"eps must be a finite number >= 0, got {eps}")
+        check(steps >= 1, f"steps must be >= 1, got {steps}")
+        check(restarts >= 1, f"restarts must be >= 1, got {restarts}")
+        check(step_size is None or rel_step is None, "give step_size or rel_step, not both")
+        for name, v in (("step size", step_size), ("relative step", rel_step)):
+            check(v is None or (math.isfinite(v) and v > 0), f"{name} must be > 0, got {v}")
+        self.model, self.norm, self.eps, self.steps = model, norm, float(eps), steps
+        self.step_size, self.rel_step = step_size, rel_step
+        self.random_start, self.restarts, self.targeted, self.seed = random_start, restarts, targeted, seed
+
+    def settings(self) -> dict:
+        """The attack's settings as plain values (for results files)."""
+        return {"norm": self.norm, "eps": self.eps, "steps": self.steps, "step_size": self.alpha,
+                "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted}
+
+    @property
+    def alpha(self) -> float:
+        """The absolute step size."""
+        if self.step_size is not None:
+            return self.step_size
+        return (self.rel_step if self.rel_step is not None else 2.5 / self.steps) * self.eps
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.eps == 0:
+            return x.clone()
+        ops = NORMS[self.norm]
+        with eval_mode(self.model):
+            best = x.clone()
+            best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
+            best_hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            for r in range(self.restarts):
+                self._run(ops, x, y, r, best, best_loss, best_hit)
+                if best_hit.all():
+                    break
+        return best
+
+    def _run(self, ops, x, y, restart, best, best_loss, best_hit) -> None:
+        """One restart; updates best / best_loss / best_hit in place for samples not yet fooled."""
+        sign = -1.0 if self.targeted else 1.0
+        if self.random_start:
+            g = torch.Generator().manual_seed(self.seed * 7919 + restart)
+            delta = ops.random_start(x.shape, self.eps, g).to(x)
+            delta = (x + delta).clamp(0, 1) - x
+        else:
+            delta = torch.zeros_like(x)
+        alpha = self.alpha
+        for t in range(self.steps + 1):
+            delta.requires_grad_(True)
+            logits = self.model(x + delta)
+            loss = F.cross_entropy(logits, y, reduction="none")
+            with torch.no_grad():
+                hit = (logits.argmax(1) == y) if self.targeted else (logits.argmax(1) != y)
+                better = ~best_hit & (hit | (sign * loss > best_loss))
+                best[better] = (x + delta)[better]
+                best_loss[better] = (sign * loss)[better]
+                best_hit |= hit & better
+            if t == self.steps or best_hit.all():
+                return
+            (grad,) = torch.autograd.grad(loss.sum(), delta)
+            with torch.no_grad():
+                delta = ops.project(delta.detach() + sign * alpha * ops.direction(grad), self.eps)
+                delta = (x + delta).clamp(0, 1) - x
+
+
+def FGSM(model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, random_start: bool = False,
+         rel_step: float | None = None, seed: int = 0) -> PGD:
+    """Fast gradient (sign) method, Goodfellow et al. 2015: one step of size eps (L2: along the normalised
+    gradient). With random_start and rel_step=1.25 it is the FGSM-RS of Wong et al. 2020."""
+    if rel_step is None:
+        rel_step = 1.25 if random_start else 1.0
+    return PGD(model, norm=norm, eps=eps, steps=1, rel_step=rel_step, random_start=random_start, seed=seed)

@@ -1,0 +1,266 @@
+"""The `advgen` command line: train, eval, reproduce. argparse lives here and nowhere else.
+
+Exit codes: 0 done; 2 a user error (bad argument or value, missing or corrupt data or checkpoint), shown
+as one line on stderr; 1 an internal error (with its traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .attacks import ATTACKS
+from .config import METHODS, SCHEDULES, AttackConfig, GeneratorTraining, TrainConfig
+from .errors import UserError, check
+from .models import MODELS
+from .models.generators import ASSIGNMENTS, BOUNDS, GeneratorConfig
+
+log = logging.getLogger("advgen")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other user error
+        sys.stderr.write(f"advgen: error: {message}\n")
+        sys.exit(2)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {text!r}")
+    return vals
+
+
+def _bool(text: str) -> bool:
+    t = text.lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def seed_everything(seed: int) -> None:
+    """The one place that seeds the global RNGs (library code takes explicit generators)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    check(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
+    check(name != "mps" or torch.backends.mps.is_available(), "--device mps: no MPS device is available")
+    return torch.device(name)
+
+
+def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: $ADVGEN_DATA or ~/.cache/advgen, downloaded if absent)")
+    p.add_argument("--download", action="store_true", help="download the data into --data-dir if it is missing")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
+    if train:
+        p.add_argument("--train-subset", type=int, help="train on N images (seeded, class-balanced)")
+    p.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d, a, g, b = TrainConfig(), AttackConfig(), GeneratorTraining(), GeneratorConfig()
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--model", default=d.model, choices=sorted(MODELS))
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="classifier learning rate (SGD, Nesterov momentum)")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--init", help="start from this checkpoint (run folder or model file)")
+    p.add_argument("--watch-subset", type=int, default=None,
+                   help="PGD accuracy on the first N test images after each epoch (default 256 for fgsm, else 0)")
+    p.add_argument("--watch-eps", type=float, default=d.watch_eps)
+    p.add_argument("--watch-norm", default=d.watch_norm, choices=["l2", "linf"])
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--force", action="store_true", help="overwrite a run folder that already holds a run")
+    mm = p.add_argument_group("minmax / fgsm")
+    mm.add_argument("--attack-norm", default=a.norm, choices=["l2", "linf"])
+    mm.add_argument("--attack-eps", type=float, default=a.eps)
+    mm.add_argument("--attack-steps", type=int, default=a.steps)
+    mm.add_argument("--attack-step-size", type=float, default=a.step_size)
+    gen = p.add_argument_group("generator")
+    gen.add_argument("--generators", type=int, default=b.n, help="number of generator networks N")
+    gen.add_argument("--gen-bound", type=float, default=b.size, help="s: the bound size in [0,1] pixel units")
+    gen.add_argument("--gen-bound-type", default=b.bound, choices=BOUNDS,
+                     help="box: eq. (3); l2: s*psi/||psi||_2; linf: s*tanh(psi)")
+    gen.add_argument("--gen-depth", type=int, default=b.depth)
+    gen.add_argument("--gen-width", type=int, default=b.width)
+    gen.add_argument("--gen-residual", type=_bool, default=b.residual, help="phi(x) = x + psi(x) (true) or psi(x)")
+    gen.add_argument("--gen-grad-input", type=_bool, default=b.grad_input,
+                     help="phi also sees the input gradient (one extra forward+backward per step)")
+    gen.add_argument("--gen-assign", default=b.assign, choices=ASSIGNMENTS)
+    gen.add_argument("--gen-lr", type=float, default=g.lr)
+    gen.add_argument("--gen-optimizer", default=g.optimizer, choices=["sgd", "adam"])
+    gen.add_argument("--gen-momentum", type=float, default=g.momentum)
+    gen.add_argument("--gen-steps", type=int, default=g.steps, help="generator ascent steps per classifier step")
+    gen.add_argument("--gen-warmup", type=float, default=g.warmup_epochs, help="epochs of linear warm-up of s")
+    gen.add_argument("--gen-reinit-every", type=int, default=g.reinit_every)
+    gen.add_argument("--clean-fraction", type=float, default=g.clean_fraction)
+
+
+def train_config_from_args(args) -> TrainConfig:
+    bank = GeneratorConfig(n=args.generators, bound=args.gen_bound_type, size=args.gen_bound, depth=args.gen_depth,
+                           width=args.gen_width, residual=args.gen_residual, grad_input=args.gen_grad_input,
+                           assign=args.gen_assign)
+    gen = GeneratorTraining(bank=bank, optimizer=args.gen_optimizer, lr=args.gen_lr, momentum=args.gen_momentum,
+                            steps=args.gen_steps, clean_fraction=args.clean_fraction,
+                            warmup_epochs=args.gen_warmup, reinit_every=args.gen_reinit_every)
+    attack = AttackConfig(norm=args.attack_norm, eps=args.attack_eps, steps=args.attack_steps,
+                          step_size=args.attack_step_size)
+    watch = args.watch_subset if args.watch_subset is not None else (256 if args.method == "fgsm" else 0)
+    cfg = TrainConfig(method=args.method, model=args.model, dataset=args.dataset, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                      weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
+                      train_subset=args.train_subset, test_subset=args.test_subset, watch_subset=watch,
+                      watch_norm=args.watch_norm, watch_eps=args.watch_eps, init=args.init, attack=attack,
+                      generator=gen)
+    cfg.validate()
+    return cfg
+
+
+def load_data(args, train: bool = True):
+    from .data import balanced_subset, first_n, load_cifar
+    train_set, test_set = load_cifar(args.dataset, args.data_dir, download=args.download)
+    if train and args.train_subset is not None:
+        train_set = balanced_subset(train_set, args.train_subset, args.seed)
+    return train_set, first_n(test_set, args.test_subset)
+
+
+def claim_run_dir(out: Path, force: bool) -> None:
+    """Refuse a folder that already holds a run, unless --force: a result is never overwritten by accident."""
+    from .checkpoint import MODEL_FILE, RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if not force and any((out / f).exists() for f in (RUN_FILE, MODEL_FILE)):
+        raise UserError(f"--out {out} already holds a run; choose another folder or pass --force")
+
+
+def cmd_train(args) -> int:
+    from .training import train
+    cfg = train_config_from_args(args)
+    out = Path(args.out)
+    claim_run_dir(out, args.force)
+    device = resolve_device(args.device)
+    seed_everything(cfg.seed)
+    train_set, test_set = load_data(args)
+    model, record = train(cfg, train_set, test_set, out_dir=out, device=device)
+    last = record["epochs"][-1]
+    print(f"{cfg.method}: {cfg.epochs} epochs, {sum(r['seconds'] for r in record['epochs']) / cfg.epochs:.1f} s/epoch, "
+          f"test accuracy {100 * last['test_acc']:.2f}% -> {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import load_model, resolve_model_file
+    from .evaluate import evaluate
+    check(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    check(args.restarts >= 1, f"--restarts must be >= 1, got {args.restarts}")
+    check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    model = load_model(args.model_path, model_name=args.model, device=device)
+    _, test_set = load_data(args, train=False)
+    result = evaluate(model, test_set.images.to(device), test_set.labels.to(device), attack=args.attack,
+                      epsilons=args.eps, steps=args.steps, step_size=args.step_size, rel_step=args.rel_step,
+                      restarts=args.restarts, batch_size=args.batch_size, seed=args.seed)
+    result["model"] = str(resolve_model_file(args.model_path))
+    print(f"{args.attack}, {result['n']} images, {args.steps} steps, {args.restarts} restart(s)")
+    print(f"{'eps':>8}  {'accuracy':>8}")
+    for r in result["results"]:
+        print(f"{r['eps']:>8g}  {100 * r['accuracy']:>7.2f}%")
+    for c in result.get("checks", []):
+        print(f"[{'ok' if c['passed'] else 'FAILED'}] {c['name']}: {c['detail']}")
+    if args.out:
+        from .checkpoint import write_json
+        write_json(Path(args.out), result)
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .report import PRESETS, reproduce
+    check(args.preset in PRESETS, f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    device = resolve_device(args.device)
+    seed_everything(PRESETS[args.preset].seed)
+    path = reproduce(args.preset, Path(args.out), data_dir=args.data_dir, download=args.download, device=device)
+    print(f"report written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="advgen", description="Fast adversarial training with generator networks (Jung 2024).")
+    p.add_argument("--version", action="version", version=f"advgen {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a classifier (standard, minmax, fgsm, generator)")
+    _add_train_args(t)
+    _add_data_args(t, train=True)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="robust accuracy curve of a trained model")
+    e.add_argument("model_path", metavar="RUN_DIR|MODEL_FILE")
+    e.add_argument("--model", choices=sorted(MODELS), help="architecture of a foreign .pt/.pth file")
+    e.add_argument("--attack", default="pgd-l2", choices=ATTACKS)
+    e.add_argument("--eps", type=_floats, default=[0.0, 0.25, 0.5], help="comma-separated radii, [0,1] pixel units")
+    e.add_argument("--steps", type=int, default=20)
+    step = e.add_mutually_exclusive_group()
+    step.add_argument("--step-size", type=float, help="absolute PGD step size")
+    step.add_argument("--rel-step", type=float, help="PGD step size as a fraction of eps (default 2.5/steps)")
+    e.add_argument("--restarts", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", help="write the results as JSON here")
+    _add_data_args(e, train=False)
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("reproduce", help="the paper's Table 1 and Figures 2-3")
+    r.add_argument("--preset", default="quick")
+    r.add_argument("--out", required=True)
+    r.add_argument("--data-dir")
+    r.add_argument("--download", action="store_true")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    r.set_defaults(func=cmd_reproduce)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UserError as e:
+        sys.stderr.write(f"advgen: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("advgen: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""A bank of N adversarial sample generators run as one batched computation (Jung 2024, eq. 3).
+
+Each generator is a small CNN φ_k: `depth` 3x3 convolutions of `width` channels with ReLUs between them.
+The N generators are one stack of grouped convolutions (groups = N): the batch is split into N equal
+parts, part k is stacked into channel group k, so a single conv call runs all N networks.
+
+The output ψ_k(x) is turned into an adversarial sample by the bound:
+- "box"  (eq. 3):  g(x) = min(max(φ(x), x − s), x + s) with φ(x) = x + ψ(x) (residual) or ψ(x);
+- "l2":            g(x) = x + s · ψ(x) / ‖ψ(x)‖₂  (spends the whole L2 budget s);
+- "linf":          g(x) = x + s · tanh(ψ(x)).
+and finally clipped to the image range [0, 1]. s is in pixel units (images in [0, 1]).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BOUNDS = ("box", "l2", "linf")
+ASSIGNMENTS = ("split", "random", "all")
+
+
+@dataclass
+class GeneratorConfig:
+    """Architecture and bound of the generator bank. Paper preset: n=32, bound='box', size=0.2."""
+
+    n: int = 32                 # number of generators
+    bound: str = "box"          # box (eq. 3) | l2 | linf
+    size: float = 0.2           # s: box half-width, or the L2 / Linf radius, in [0, 1] pixel units
+    depth: int = 3              # conv layers per generator
+    width: int = 16             # channels of the hidden layers
+    residual: bool = True       # φ(x) = x + ψ(x) rather than φ(x) = ψ(x) (box bound only)
+    grad_input: bool = False    # φ also sees the input gradient of the loss (one extra backward pass)
+    assign: str = "split"       # split: batch cut in N parts; random: random parts; all: every generator on every sample
+
+    def validate(self) -> None:
+        from ..errors import check
+        check(self.n >= 1, f"--generators must be >= 1, got {self.n}")
+        check(self.bound in BOUNDS, f"unknown generator bound {self.bound!r}; choose from {', '.join(BOUNDS)}")
+        check(math.isfinite(self.size) and self.size > 0, f"--gen-bound must be > 0, got {self.size}")
+        check(self.depth >= 1, f"--gen-depth must be >= 1, got {self.depth}")
+        check(self.width >= 1, f"--gen-width must be >= 1, got {self.width}")
+        check(self.assign in ASSIGNMENTS, f"unknown assignment {self.assign!r}; choose from {', '.join(ASSIGNMENTS)}")
+
+
+class GeneratorBank(nn.Module):
+    """N generators as grouped convolutions. forward(x (B,C,H,W) in [0,1], grad=None) -> (x_adv, sample->generator)."""
+
+    def __init__(self, cfg: GeneratorConfig, channels: int = 3):
+        super().__init__()
+        cfg.validate()
+        self.cfg, self.channels = cfg, channels
+        n, w = cfg.n, cfg.width
+        cin = channels * (2 if cfg.grad_input else 1)
+        sizes = [cin] + [w] * (cfg.depth - 1) + [channels]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(n * a, n * b, 3, padding=1, groups=n) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.reset_generator(range(n))
+
+    @torch.no_grad()
+    def reset_generator(self, ks) -> None:
+        """Re-draw the weights of generators ks (PyTorch's default conv init, per generator)."""
+        for conv in self.convs:
+            cout = conv.out_channels // self.cfg.n
+            fresh = nn.Conv2d(conv.in_channels // self.cfg.n, cout, 3, padding=1).to(conv.weight)
+            for k in ks:
+                nn.init.kaiming_uniform_(fresh.weight, a=math.sqrt(5))
+                bound = 1 / math.sqrt(fresh.weight[0].numel())
+                nn.init.uniform_(fresh.bias, -bound, bound)
+                conv.weight[k * cout:(k + 1) * cout] = fresh.weight
+                conv.bias[k * cout:(k + 1) * cout] = fresh.bias
+
+    def psi(self, inp: torch.Tensor) -> torch.Tensor:
+        """Run all N networks on grouped input (M, N*cin, H, W) -> (M, N*C, H, W)."""
+        for i, conv in enumerate(self.convs):
+            inp = conv(inp)
+            if i < len(self.convs) - 1:
+                inp = F.relu(inp)
+        return inp
+
+    def forward(self, x: torch.Tensor, grad: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (x_adv, k): k (B,) is the generator of each sample.
+
+        Sample j of the (optionally shuffled) batch goes to generator j mod N, slot j // N: the batch
+        viewed as (ceil(B/N), N*C, H, W) is exactly the grouped-conv layout, with no copy when N | B.
+        For assign='all', x_adv is (N*B, C, H, W), generator-major, and k says which generator.
+        """
+        n, c = self.cfg.n, self.channels
+        if self.cfg.grad_input and grad is None:
+            raise ValueError("this generator bank takes the input gradient: pass grad=")
+        inp = x if grad is None else torch.cat([x, grad], 1)
+        b, cin, h, w = inp.shape
+        if self.cfg.assign == "all":
+            psi = self.psi(inp.repeat(1, n, 1, 1))               # (B, N*C, H, W)
+            psi = psi.view(b, n, c, h, w).transpose(0, 1).reshape(n * b, c, h, w)
+            k = torch.arange(n, device=x.device).repeat_interleave(b)
+            return self._bound(psi, x.repeat(n, 1, 1, 1)), k
+        perm = torch.randperm(b, generator=generator).to(x.device) if self.cfg.assign == "random" else None
+        src = inp if perm is None else inp[perm]
+        m = -(-b // n)
+        if m * n > b:  # pad the last slot row; those outputs are dropped
+            src = torch.cat([src, src.new_zeros(m * n - b, cin, h, w)])
+        psi = self.psi(src.reshape(m, n * cin, h, w)).view(m * n, c, h, w)[:b]
+        k = torch.arange(b, device=x.device) % n
+        if perm is not None:
+            inv = torch.argsort(perm)
+            psi, k = psi[inv], k[inv]
+        return self._bound(psi, x), k
+
+    def _bound(self, psi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        s = self.cfg.size
+        if self.cfg.bound == "box":
+            phi = x + psi if self.cfg.residual else psi
+            adv = torch.minimum(torch.maximum(phi, x - s), x + s)
+        elif self.cfg.bound == "l2":
+            norm = psi.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            adv = x + s * psi / norm
+        else:
+            adv = x + s * torch.tanh(psi)
+        return adv.clamp(0, 1)

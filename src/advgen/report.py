@@ -1,0 +1,249 @@
+"""`advgen reproduce`: the paper's experiment end to end — Table 1, Figure 2, Figure 3, report.md.
+
+Stages (each skipped when its output is complete): DIR/base (standard training), DIR/minmax and
+DIR/generator (both fine-tuned from DIR/base, as in the paper), DIR/<run>/eval.json (PGD-L2 curves),
+then DIR/figure2.png, DIR/figure3.png, DIR/results.json and DIR/report.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import GENERATORS_FILE, RUN_FILE, atomic_write, git_commit, read_json, read_tensors, write_json
+from .config import AttackConfig, GeneratorTraining, TrainConfig
+
+log = logging.getLogger(__name__)
+
+DATA_CAVEAT = ("Data: the offline CIFAR-10 copy is JPEG-derived (mean absolute pixel error about 6/255 against "
+               "the official batches); absolute accuracies on it can sit a few points below published CIFAR-10 "
+               "figures, while comparisons between methods on the same images are sound.")
+
+
+@dataclass
+class Preset:
+    """Settings of one reproduction. The robust stages follow the paper: L2 min-max with eps 0.05,
+    40 steps of 0.005; 32 generators with the box bound s = 0.2; SGD 0.005 for both, from the base."""
+
+    train_subset: int | None
+    test_subset: int
+    base_epochs: int
+    robust_epochs: int
+    eval_eps: list[float]
+    eval_steps: int
+    base_lr: float = 0.1
+    robust_lr: float = 0.005
+    batch_size: int = 128
+    seed: int = 0
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    generator: GeneratorTraining = field(default_factory=GeneratorTraining)
+
+
+PRESETS = {
+    # about 10 minutes on 2 CPU cores
+    "quick": Preset(train_subset=3000, test_subset=300, base_epochs=15, robust_epochs=2,
+                    eval_eps=[0.0, 0.1, 0.25, 0.5, 1.0], eval_steps=10),
+    # the paper's settings on the full data (GPU-scale)
+    "paper": Preset(train_subset=None, test_subset=1000, base_epochs=100, robust_epochs=8,
+                    eval_eps=[0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0], eval_steps=20),
+}
+
+STAGES = ("base", "minmax", "generator")
+
+
+def stage_configs(p: Preset, out: Path) -> dict[str, TrainConfig]:
+    common = dict(model="resnet20", batch_size=p.batch_size, seed=p.seed, train_subset=p.train_subset,
+                  test_subset=p.test_subset)
+    base = TrainConfig(method="standard", epochs=p.base_epochs, lr=p.base_lr, **common)
+    robust = dict(epochs=p.robust_epochs, lr=p.robust_lr, init=str(out / "base"), **common)
+    return {"base": base,
+            "minmax": TrainConfig(method="minmax", attack=dataclasses.replace(p.attack), **robust),
+            "generator": TrainConfig(method="generator", generator=dataclasses.replace(p.generator), **robust)}
+
+
+def run_complete(run_dir: Path, cfg: TrainConfig) -> bool:
+    """A stage is done when its run.json records every epoch of the same config."""
+    path = run_dir / RUN_FILE
+    if not path.exists():
+        return False
+    rec = read_json(path)
+    return rec.get("config") == cfg.to_dict() and len(rec.get("epochs", [])) == cfg.epochs
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        desc += f", GPU {torch.cuda.get_device_name(device)}"
+    return f"{desc}, device {device}"
+
+
+def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, device="cpu") -> Path:
+    """Run every missing stage of the reproduction into `out`; return the path of report.md."""
+    from .checkpoint import load_model
+    from .data import balanced_subset, first_n, load_cifar
+    from .evaluate import evaluate
+    from .training import train
+
+    p = PRESETS[preset]
+    device = torch.device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    train_set, test_set = load_cifar("cifar10", data_dir, download=download)
+    if p.train_subset is not None:
+        train_set = balanced_subset(train_set, p.train_subset, p.seed)
+    test_set = first_n(test_set, p.test_subset)
+
+    cfgs = stage_configs(p, out)
+    runs, curves = {}, {}
+    for name in STAGES:
+        run_dir = out / name
+        if run_complete(run_dir, cfgs[name]):
+            log.info("stage %s: done already (%s)", name, run_dir)
+        else:
+            log.info("stage %s: training", name)
+            torch.manual_seed(p.seed)
+            train(cfgs[name], train_set, test_set, out_dir=run_dir, device=device)
+        runs[name] = read_json(run_dir / RUN_FILE)
+        eval_path = run_dir / "eval.json"
+        settings = {"attack": "pgd-l2", "eps": p.eval_eps, "steps": p.eval_steps, "n": len(test_set)}
+        if eval_path.exists() and read_json(eval_path).get("settings") == settings:
+            curves[name] = read_json(eval_path)
+            continue
+        log.info("stage %s: PGD-L2 evaluation", name)
+        model = load_model(run_dir, device=device)
+        curve = evaluate(model, test_set.images.to(device), test_set.labels.to(device), attack="pgd-l2",
+                         epsilons=p.eval_eps, steps=p.eval_steps, rel_step=2.5 / p.eval_steps, seed=p.seed)
+        curve["settings"] = settings
+        write_json(eval_path, curve)
+        curves[name] = curve
+
+    figure2(out / "generator" / GENERATORS_FILE, test_set, out / "figure2.png")
+    figure3(curves, out / "figure3.png")
+    results = {"preset": preset, "settings": dataclasses.asdict(p), "machine": machine_description(device),
+               "version": __version__, "git_commit": git_commit(), "table1": table1(runs),
+               "runs": runs, "curves": curves}
+    write_json(out / "results.json", results)
+    path = out / "report.md"
+    atomic_write(path, render_report(preset, p, results).encode())
+    return path
+
+
+def table1(runs: dict) -> dict:
+    """Median seconds per epoch of every stage, images per second, and the ratios the paper reports."""
+    rows = {}
+    for name, rec in runs.items():
+        secs = statistics.median(r["seconds"] for r in rec["epochs"])
+        rows[name] = {"seconds_per_epoch": secs, "images_per_second": rec["train_images"] / secs,
+                      "epochs": len(rec["epochs"])}
+    ratios = {"minmax/generator": rows["minmax"]["seconds_per_epoch"] / rows["generator"]["seconds_per_epoch"],
+              "generator/standard": rows["generator"]["seconds_per_epoch"] / rows["base"]["seconds_per_epoch"]}
+    return {"rows": rows, "ratios": ratios}
+
+
+def figure2(gen_file: Path, test_set, path: Path, images: int = 6, generators: int = 6) -> None:
+    """Originals (left column) beside the samples of several generators (Figure 2 of the paper)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .models.generators import GeneratorBank, GeneratorConfig
+
+    tensors, meta = read_tensors(gen_file)
+    cfg = GeneratorConfig(**{**meta["generator"], "assign": "all"})
+    bank = GeneratorBank(cfg)
+    bank.load_state_dict(tensors)
+    x = test_set.float_images()[:images]
+    with torch.no_grad():
+        grad = torch.zeros_like(x) if cfg.grad_input else None
+        adv, _ = bank(x, grad)
+    adv = adv.view(cfg.n, images, *x.shape[1:])
+    cols = min(generators, cfg.n)
+    fig, axes = plt.subplots(images, cols + 1, figsize=(1.3 * (cols + 1), 1.3 * images))
+    for i in range(images):
+        row = [x[i]] + [adv[k, i] for k in range(cols)]
+        for j, img in enumerate(row):
+            ax = axes[i, j]
+            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title("original" if j == 0 else f"gen {j - 1}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure3(curves: dict, path: Path) -> None:
+    """Accuracy against the L2 size of PGD attacks, one line per model (Figure 3 of the paper)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, curve in curves.items():
+        eps = [r["eps"] for r in curve["results"]]
+        acc = [r["accuracy"] for r in curve["results"]]
+        ax.plot(eps, acc, marker="o", label=name)
+    ax.set_xlabel("PGD-L2 eps (pixels in [0, 1])")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render_report(preset: str, p: Preset, results: dict) -> str:
+    t = results["table1"]
+    rows, curves = t["rows"], results["curves"]
+    n = next(iter(curves.values()))["n"]
+    lines = [f"# advgen reproduction of Jung (2024), preset `{preset}`", "",
+             f"advgen {results['version']} (commit {results['git_commit'] or 'unknown'}); machine: {results['machine']}.",
+             "", DATA_CAVEAT, "",
+             "## Settings", "",
+             f"- Data: CIFAR-10, {p.train_subset or 50000} training images"
+             f"{' (seeded, class-balanced subset)' if p.train_subset else ''}; first {n} test images.",
+             f"- Base: ResNet-20, standard training, {p.base_epochs} epochs, SGD lr {p.base_lr} (Nesterov momentum 0.9, "
+             f"weight decay 5e-4, cosine), batch {p.batch_size}, random crop + flip.",
+             f"- Min-max (eq. 1): from the base, {p.robust_epochs} epochs, SGD lr {p.robust_lr}; PGD-{p.attack.norm.upper()} "
+             f"eps {p.attack.eps}, {p.attack.steps} steps of {p.attack.step_size}.",
+             f"- Generator (eq. 2-5): from the base, {p.robust_epochs} epochs, SGD lr {p.robust_lr}; "
+             f"{p.generator.bank.n} generators ({p.generator.bank.depth} conv layers of width {p.generator.bank.width}, "
+             f"{'residual' if p.generator.bank.residual else 'direct'}), {p.generator.bank.bound} bound s = {p.generator.bank.size}, "
+             f"generator SGD lr {p.generator.lr}.",
+             f"- Evaluation: PGD-L2, {p.eval_steps} steps of 2.5·eps/{p.eval_steps}, random start, on the same {n} images.",
+             "", "## Table 1: training time per epoch", "",
+             "| method | seconds per epoch (median) | images per second | epochs |", "|---|---|---|---|"]
+    for name in STAGES:
+        r = rows[name]
+        lines.append(f"| {name} | {r['seconds_per_epoch']:.1f} | {r['images_per_second']:.0f} | {r['epochs']} |")
+    lines += ["", f"min-max / generator = **{t['ratios']['minmax/generator']:.1f}×** (paper: 551 s / 105 s = 5.2×); "
+                  f"generator / standard = {t['ratios']['generator/standard']:.2f}×.", "",
+              "## Figure 2: generator samples", "", "![Figure 2](figure2.png)", "",
+              "## Figure 3: accuracy against PGD-L2 eps", "", "![Figure 3](figure3.png)", ""]
+    eps = [r["eps"] for r in next(iter(curves.values()))["results"]]
+    lines += ["| model | " + " | ".join(f"eps {e:g}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
+    for name in STAGES:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r['accuracy']:.1f}%" for r in curves[name]["results"]) + " |")
+    lines += ["", "## Sanity checks (Carlini et al. 2019)", ""]
+    for name in STAGES:
+        for c in curves[name].get("checks", []):
+            lines.append(f"- {name}: [{'ok' if c['passed'] else 'FAILED'}] {c['name']}: {c['detail']}")
+    lines.append("")
+    return "\n".join(lines)
