@@ -56,10 +56,19 @@ _ALLOWED_GLOBALS = {
 }
 
 
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """How Python 3 pickles bytes at protocol 2: _codecs.encode(str, "latin1"); only that codec is allowed."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"forbidden encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Admits dict, list, bytes, str, int, float and numpy array reconstruction; nothing else."""
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"forbidden global {module}.{name}")

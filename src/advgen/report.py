@@ -51,6 +51,9 @@ PRESETS = {
     # about 10 minutes on 2 CPU cores
     "quick": Preset(train_subset=3000, test_subset=300, base_epochs=15, robust_epochs=2,
                     eval_eps=[0.0, 0.1, 0.25, 0.5, 1.0], eval_steps=10),
+    # a smoke test of every stage in seconds (used by the test suite); its numbers mean nothing
+    "smoke": Preset(train_subset=128, test_subset=32, base_epochs=1, robust_epochs=1,
+                    eval_eps=[0.0, 0.25, 1.0], eval_steps=3, batch_size=64),
     # the paper's settings on the full data (GPU-scale)
     "paper": Preset(train_subset=None, test_subset=1000, base_epochs=100, robust_epochs=8,
                     eval_eps=[0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0], eval_steps=20),

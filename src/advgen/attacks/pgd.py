@@ -40,7 +40,9 @@ class L2:
         # Uniform in the d-ball: the first d of d+2 i.i.d. normals, divided by the norm of all d+2
         # (Voelker et al. 2017), so each row is drawn from its own slice of the stream.
         b, d = shape[0], math.prod(shape[1:])
-        z = torch.randn(b, d + 2, generator=g)
+        # one draw per row: torch's CPU normal kernel fills tensors of >= 16 values in blocks of 16 and
+        # redraws a ragged tail, so row 0 of one (b, d + 2) draw would differ from a (1, d + 2) draw
+        z = torch.stack([torch.randn(d + 2, generator=g) for _ in range(b)])
         return (eps * z[:, :d] / z.norm(dim=1, keepdim=True)).view(shape)
 
     @staticmethod
@@ -117,7 +119,7 @@ class PGD:
         if self.eps == 0:
             return x.clone()
         ops = NORMS[self.norm]
-        with eval_mode(self.model):
+        with eval_mode(self.model), torch.enable_grad():  # input gradients even if called under no_grad
             best = x.clone()
             best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
             best_hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)

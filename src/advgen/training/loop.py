@@ -83,7 +83,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
         _sync(device)
         t0 = time.perf_counter()
         bar = tqdm(batches.epoch(epoch), total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
-                   disable=not progress, leave=False)
+                   disable=None if progress else True, leave=False)  # None: off when not a terminal
         for x, y in bar:
             loss, logits, labels = method.loss(x, y)
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,83 @@
+"""Shared fixtures: the offline CIFAR-10 copy, tiny classifiers and one tiny model trained to break."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import advgen
+
+torch.set_num_threads(1)
+
+# 10 class colours: the image mean is 0.5 + 0.08 * code per channel, plus pixel noise of std 0.15
+CLASS_CODES = torch.tensor([[-1, -1, -1], [-1, -1, 1], [-1, 1, -1], [-1, 1, 1], [1, -1, -1],
+                            [1, -1, 1], [1, 1, -1], [1, 1, 1], [0, 0, 1], [0, 1, 0]], dtype=torch.float)
+
+
+def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x float (n, 3, 32, 32) in [0, 1], y int64 (n,)): class-dependent colour plus noise, balanced."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]
+    x = 0.5 + 0.08 * CLASS_CODES[y][:, :, None, None] + 0.15 * torch.randn(n, 3, 32, 32, generator=g)
+    return x.clamp(0, 1), y
+
+
+def make_tiny(num_classes: int = 10, batchnorm: bool = True) -> nn.Sequential:
+    """Sequential(Normalize, small conv net) taking (B, 3, 32, 32) pixels in [0, 1]."""
+    norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), norm(8), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3, 2, 1), norm(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+    return nn.Sequential(advgen.models.Normalize(), net)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder that holds the offline cifar-10-batches-py/ (next to the repository root)."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (path / "cifar-10-batches-py").is_dir():
+        pytest.skip(f"offline CIFAR-10 not found under {path}")
+    return path
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: tiny_model(num_classes=10, seed=0, batchnorm=True) -> an untrained tiny classifier."""
+    def factory(num_classes: int = 10, seed: int = 0, batchnorm: bool = True) -> nn.Sequential:
+        torch.manual_seed(seed)
+        return make_tiny(num_classes, batchnorm)
+    return factory
+
+
+@pytest.fixture(scope="session")
+def trained_tiny() -> SimpleNamespace:
+    """A tiny model trained (Adam, 8 epochs of 2000 images, ~1 s) to > 90 % test accuracy, in eval mode.
+
+    Fields: model, x_train, y_train, x_test (500), y_test. Tests that change the model deep-copy it.
+    """
+    torch.manual_seed(0)
+    x_train, y_train = synthetic_images(2000, seed=1)
+    x_test, y_test = synthetic_images(500, seed=2)
+    model = make_tiny()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(8):
+        perm = torch.randperm(len(y_train), generator=g)
+        for i in range(0, len(y_train), 100):
+            idx = perm[i:i + 100]
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    acc = advgen.accuracy(model, x_test, y_test)
+    assert acc > 0.9, f"tiny model only reached {acc:.3f} clean accuracy"
+    return SimpleNamespace(model=model, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                           clean_acc=acc)

@@ -1,0 +1,103 @@
+"""The command line end to end on a small subset of the real data (../shared/data)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from advgen.cli import main
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "cifar-10-batches-py").is_dir(), reason="offline CIFAR-10 copy absent")
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@needs_data
+def test_train_generator_from_init_then_eval(tmp_path, capsys):
+    base = tmp_path / "base"
+    code, out, _ = run(["train", "--method", "standard", "--epochs", "1", "--train-subset", "256", "--test-subset", "64",
+                        "--batch-size", "64", "--data-dir", DATA, "--device", "cpu", "--out", base], capsys)
+    assert code == 0 and "test accuracy" in out
+    rec = json.loads((base / "run.json").read_text())
+    assert rec["config"]["method"] == "standard" and rec["train_images"] == 256
+    (row,) = rec["epochs"]
+    assert set(row) >= {"epoch", "seconds", "train_loss", "train_acc", "test_acc"} and row["seconds"] > 0
+
+    gen = tmp_path / "gen"
+    code, _, _ = run(["train", "--method", "generator", "--init", base, "--epochs", "1", "--train-subset", "256",
+                      "--test-subset", "64", "--batch-size", "64", "--generators", "8", "--gen-bound-type", "l2",
+                      "--gen-bound", "0.5", "--lr", "0.005", "--data-dir", DATA, "--device", "cpu", "--out", gen], capsys)
+    assert code == 0
+    assert (gen / "model.safetensors").exists() and (gen / "generators.safetensors").exists()
+    cfg = json.loads((gen / "run.json").read_text())["config"]
+    assert cfg["generator"]["bank"]["n"] == 8 and cfg["init"] == str(base)
+
+    out_json = tmp_path / "eval.json"
+    code, out, _ = run(["eval", gen, "--data-dir", DATA, "--attack", "pgd-l2", "--eps", "0,0.5", "--steps", "3",
+                        "--test-subset", "32", "--out", out_json], capsys)
+    assert code == 0 and "0.5" in out
+    res = json.loads(out_json.read_text())
+    assert res["attack"] == "pgd-l2" and res["steps"] == 3 and res["n"] == 32
+    assert [r["eps"] for r in res["results"]] == [0.0, 0.5]
+    assert res["results"][1]["accuracy"] <= res["results"][0]["accuracy"]
+    assert {c["name"] for c in res["checks"]} >= {"accuracy non-increasing in eps", "attack at least as strong as FGSM"}
+
+
+@needs_data
+def test_reproduce_smoke_writes_report_and_skips_done_stages(tmp_path, capsys):
+    out = tmp_path / "repro"
+    code, _, _ = run(["reproduce", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)
+    assert code == 0
+    for f in ("report.md", "figure2.png", "figure3.png", "results.json", "base/model.safetensors",
+              "minmax/run.json", "generator/generators.safetensors"):
+        assert (out / f).exists(), f
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["table1"]["rows"]) == {"base", "minmax", "generator"}
+    assert res["table1"]["ratios"]["minmax/generator"] > 1  # 41 passes per batch against about 1
+    report = (out / "report.md").read_text()
+    assert "Table 1" in report and "JPEG-derived" in report
+    stamp = (out / "minmax" / "model.safetensors").stat().st_mtime_ns
+    code, _, _ = run(["reproduce", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)
+    assert code == 0 and (out / "minmax" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--method", "nope", "--out", "x"], "nope"),
+    (["train", "--method", "standard", "--epochs", "0", "--out", "x"], "--epochs"),
+    (["train", "--method", "minmax", "--attack-eps", "-1", "--out", "x"], "--attack-eps"),
+    (["train", "--method", "minmax", "--attack-eps", "nan", "--out", "x"], "--attack-eps"),
+    (["train", "--method", "generator", "--generators", "0", "--out", "x"], "--generators"),
+    (["train", "--method", "generator", "--gen-bound", "0", "--out", "x"], "--gen-bound"),
+    (["train", "--method", "standard", "--batch-size", "0", "--out", "x"], "--batch-size"),
+    (["eval", "x", "--eps", "0,-1"], "--eps"),
+    (["eval", "x", "--attack", "cw"], "cw"),
+    (["reproduce", "--preset", "huge", "--out", "x"], "huge"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
+
+
+def test_missing_data_dir_and_bad_checkpoint_exit_2(tmp_path, capsys):
+    code, _, err = run(["train", "--method", "standard", "--data-dir", tmp_path / "none", "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "cifar-10-batches-py" in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00garbage" * 10)
+    code, _, err = run(["eval", bad, "--data-dir", tmp_path], capsys)
+    assert code == 2 and str(bad) in err and "Traceback" not in err
+
+
+def test_console_script_runs():
+    exe = Path(sys.executable).parent / "advgen"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "advgen.cli"]
+    res = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "advgen" in res.stdout
