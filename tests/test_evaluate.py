@@ -1,0 +1,203 @@
+"""Robust accuracy curves and the Carlini et al. 2019 sanity checks."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from advgen.attacks import PGD
+from advgen.evaluate import LARGE_EPS, accuracy, evaluate, predict, robust_accuracy, sanity_checks
+
+L2_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+LINF_GRID = [0.0, 0.02, 0.04, 0.06, 0.1]
+
+
+def data(tt, n=200):
+    return tt.x_test[:n], tt.y_test[:n]
+
+
+# ------------------------------------------------------------------------------------------ accuracy
+
+def test_predict_and_accuracy(trained_tiny):
+    model = copy.deepcopy(trained_tiny.model).train()
+    x, y = data(trained_tiny)
+    pred = predict(model, x, batch_size=64)
+    assert pred.shape == (200,) and pred.dtype == torch.int64
+    assert all(m.training for m in model.modules())               # mode restored
+    with torch.no_grad():
+        ref = copy.deepcopy(model).eval()(x).argmax(1)
+    assert torch.equal(pred, ref)                                   # eval-mode predictions, batched
+    acc = accuracy(model, x, y, batch_size=7)
+    assert acc == pytest.approx((ref == y).float().mean().item())
+    assert 0.9 < acc < 1.0                                          # the 5 % wrong labels cost accuracy
+    # uint8 images are scaled to [0, 1]
+    q = (x * 255).round().to(torch.uint8)
+    assert torch.equal(predict(model, q), predict(model, q.float() / 255))
+
+
+# ------------------------------------------------------------------------------------------ robust_accuracy
+
+def pgd_at(model, norm, steps=10, **kw):
+    return lambda eps: PGD(model, norm=norm, eps=eps, steps=steps, **kw)
+
+
+@pytest.mark.parametrize("norm,grid", [("l2", L2_GRID), ("linf", LINF_GRID)])
+def test_robust_accuracy_curve(trained_tiny, norm, grid):
+    model = trained_tiny.model
+    x, y = data(trained_tiny)
+    accs = robust_accuracy(model, x, y, pgd_at(model, norm), grid, batch_size=64)
+    assert isinstance(accs, list) and len(accs) == len(grid)
+    assert all(isinstance(a, float) and 0 <= a <= 1 for a in accs)
+    assert accs[0] == pytest.approx(accuracy(model, x, y))          # eps 0: clean accuracy
+    assert all(b <= a + 1e-9 for a, b in zip(accs, accs[1:]))      # non-increasing
+    assert accs[-1] < 0.05 and accs[0] > 0.9
+
+
+def test_robust_accuracy_attacks_only_correct_samples_each_eps_alone(trained_tiny):
+    model = trained_tiny.model
+    x, y = data(trained_tiny, 100)
+    ok = predict(model, x) == y
+    calls = []
+
+    def attack_at(eps):
+        def attack(xb, yb):
+            calls.append((eps, xb.shape[0]))
+            assert (predict(model, xb) == yb).all()                 # only clean-correct samples
+            return xb.clone() if eps < 1 else (1 - xb)              # a "perfect" attack above eps 1
+        return attack
+
+    accs = robust_accuracy(model, x, y, attack_at, [0.0, 0.5, 2.0], batch_size=40)
+    assert [c[0] for c in calls] == [0.5, 2.0] * 3                  # eps 0 is never attacked; 3 batches
+    assert sum(c[1] for c in calls if c[0] == 0.5) == ok.sum()
+    assert accs[0] == pytest.approx(ok.float().mean().item())
+    assert accs[1] == pytest.approx(accs[0])
+    assert accs[2] < accs[0] - 0.5
+
+
+def test_robust_accuracy_independent_of_batch_size_without_random_start(trained_tiny):
+    model = trained_tiny.model
+    x, y = data(trained_tiny)
+    at = pgd_at(model, "l2", random_start=False)
+    a = robust_accuracy(model, x, y, at, [0.0, 1.5, 2.0], batch_size=500)
+    b = robust_accuracy(model, x, y, at, [0.0, 1.5, 2.0], batch_size=48)
+    assert a == pytest.approx(b, abs=1e-6)
+    assert a[1] < a[0]
+
+
+def test_robust_accuracy_reseeds_every_batch(trained_tiny):
+    seeds = []
+
+    class Spy:
+        seed = 10
+
+        def __call__(self, x, y):
+            seeds.append(self.seed)
+            return x
+
+    x, y = data(trained_tiny, 100)
+    robust_accuracy(trained_tiny.model, x, y, lambda eps: Spy(), [0.5], batch_size=40)
+    assert seeds == [10, 50, 90]
+
+
+def test_robust_accuracy_on_uint8_images(trained_tiny):
+    model = trained_tiny.model
+    x, y = data(trained_tiny, 100)
+    q = (x * 255).round().to(torch.uint8)
+    at = pgd_at(model, "linf", random_start=False)
+    assert robust_accuracy(model, q, y, at, [0.0, 0.04]) == pytest.approx(
+        robust_accuracy(model, q.float() / 255, y, at, [0.0, 0.04]))
+
+
+# ------------------------------------------------------------------------------------------ sanity checks
+
+def passed(checks):
+    return [c["passed"] for c in checks]
+
+
+def test_sanity_checks_pass_a_good_curve():
+    checks = sanity_checks("l2", [0, 0.5, 1.0], [0.9, 0.5, 0.2], [0.9, 0.6, 0.4], 0.0, n=100)
+    assert len(checks) == 3 and passed(checks) == [True, True, True]
+    assert all({"name", "passed", "detail"} <= set(c) for c in checks)
+
+
+def test_sanity_checks_flag_a_rising_curve(caplog):
+    with caplog.at_level(logging.WARNING, logger="advgen.evaluate"):
+        checks = sanity_checks("l2", [0, 0.5, 1.0], [0.9, 0.5, 0.7], None, None, n=100)
+    assert len(checks) == 1 and checks[0]["passed"] is False
+    assert "0.5" in checks[0]["detail"] and "1.0" in checks[0]["detail"]
+    assert "sanity check failed" in caplog.text
+    # within one sample (1/n + 0.005) is not a rise
+    assert passed(sanity_checks("l2", [0, 0.5, 1.0], [0.9, 0.5, 0.51], None, None, n=100)) == [True]
+    # the order of eps, not of the list, decides
+    assert passed(sanity_checks("l2", [1.0, 0.0, 0.5], [0.2, 0.9, 0.5], None, None, n=100)) == [True]
+    assert passed(sanity_checks("l2", [1.0, 0.0, 0.5], [0.6, 0.9, 0.5], None, None, n=100)) == [False]
+
+
+def test_sanity_checks_flag_pgd_weaker_than_fgsm():
+    checks = sanity_checks("linf", [0, 0.03], [0.9, 0.5], [0.9, 0.4], None, n=100)
+    assert len(checks) == 2 and passed(checks) == [True, False]
+    assert "0.03" in checks[1]["detail"]
+    assert passed(sanity_checks("linf", [0, 0.03], [0.9, 0.41], [0.9, 0.4], None, n=100)) == [True, True]
+
+
+@pytest.mark.parametrize("large,ok", [(0.0, True), (0.05, True), (0.06, False), (0.3, False)])
+def test_sanity_checks_flag_large_eps_accuracy(large, ok):
+    checks = sanity_checks("linf", [0, 0.03], [0.9, 0.5], None, large, n=100)
+    assert len(checks) == 2 and checks[1]["passed"] is ok
+    assert str(LARGE_EPS["linf"]) in checks[1]["name"]
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+EVAL_KEYS = {"attack", "norm", "steps", "step_size", "rel_step", "restarts", "n", "results", "checks",
+             "seconds", "fgsm_accuracy"}
+
+
+@pytest.mark.parametrize("attack,grid", [("pgd-l2", L2_GRID), ("pgd-linf", LINF_GRID)])
+def test_evaluate_pgd_on_the_tiny_model(trained_tiny, attack, grid):
+    model = trained_tiny.model
+    x, y = data(trained_tiny)
+    r = evaluate(model, x, y, attack=attack, epsilons=grid, steps=10, batch_size=100)
+    assert set(r) == EVAL_KEYS
+    assert r["attack"] == attack and r["norm"] == attack.split("-")[1] and r["n"] == 200
+    assert r["steps"] == 10 and r["restarts"] == 1
+    assert [row["eps"] for row in r["results"]] == grid
+    accs = [row["accuracy"] for row in r["results"]]
+    assert accs[0] == pytest.approx(accuracy(model, x, y))
+    assert all(b <= a for a, b in zip(accs, accs[1:]))
+    assert accs[-1] < 0.05
+    assert len(r["fgsm_accuracy"]) == len(grid)
+    assert all(a <= f + 0.01 for a, f in zip(accs, r["fgsm_accuracy"]))
+    assert len(r["checks"]) == 3 and all(c["passed"] for c in r["checks"]), r["checks"]
+    assert r["seconds"] >= 0
+
+
+def test_evaluate_fgsm_and_without_checks(trained_tiny):
+    model = trained_tiny.model
+    x, y = data(trained_tiny, 100)
+    r = evaluate(model, x, y, attack="fgsm-l2", epsilons=[0, 2.0], steps=10)
+    assert r["norm"] == "l2" and r["fgsm_accuracy"] is None
+    assert len(r["checks"]) == 2                                     # no FGSM comparison for FGSM itself
+    r = evaluate(model, x, y, attack="pgd-l2", epsilons=[0, 2.0], steps=5, checks=False)
+    assert set(r) == EVAL_KEYS - {"checks", "fgsm_accuracy"}
+    assert r["results"][1]["accuracy"] < r["results"][0]["accuracy"]
+
+
+def test_evaluate_flags_a_too_weak_attack(trained_tiny):
+    """PGD with a tiny step never leaves the start region: weaker than FGSM, and the checks say so."""
+    model = trained_tiny.model
+    x, y = data(trained_tiny, 100)
+    r = evaluate(model, x, y, attack="pgd-l2", epsilons=[0, 2.0, 3.0], steps=2, rel_step=0.01)
+    names = {c["name"]: c["passed"] for c in r["checks"]}
+    assert names["attack at least as strong as FGSM"] is False
+    assert names["accuracy non-increasing in eps"] is True
+
+
+def test_evaluate_is_reproducible(trained_tiny):
+    x, y = data(trained_tiny, 100)
+    kw = dict(attack="pgd-linf", epsilons=[0.04], steps=5, checks=False)
+    a = evaluate(trained_tiny.model, x, y, seed=1, **kw)["results"]
+    b = evaluate(trained_tiny.model, x, y, seed=1, **kw)["results"]
+    assert a == b
