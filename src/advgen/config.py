@@ -75,6 +75,9 @@ class TrainConfig:
     watch_eps: float = 0.5
     watch_steps: int = 10
     init: str | None = None
+    # stop training once this many seconds of training steps have run (None: run all epochs); the
+    # epoch in progress ends early, is evaluated and saved as usual. Pair with schedule="constant".
+    time_budget: float | None = None
     attack: AttackConfig = field(default_factory=AttackConfig)
     generator: GeneratorTraining = field(default_factory=GeneratorTraining)
 
@@ -95,6 +98,8 @@ class TrainConfig:
         check(self.watch_norm in ("l2", "linf"), f"--watch-norm must be l2 or linf, got {self.watch_norm!r}")
         check(math.isfinite(self.watch_eps) and self.watch_eps > 0, f"--watch-eps must be > 0, got {self.watch_eps}")
         check(self.watch_steps >= 1, f"--watch-steps must be >= 1, got {self.watch_steps}")
+        check(self.time_budget is None or (math.isfinite(self.time_budget) and self.time_budget > 0),
+              f"--time-budget must be > 0 seconds, got {self.time_budget}")
         if self.method in ("minmax", "fgsm"):
             self.attack.validate()
         if self.method == "generator":

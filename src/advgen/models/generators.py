@@ -4,6 +4,10 @@ Each generator is a small CNN φ_k: `depth` 3x3 convolutions of `width` channels
 The N generators are one stack of grouped convolutions (groups = N): the batch is split into N equal
 parts, part k is stacked into channel group k, so a single conv call runs all N networks.
 
+With grad_input, φ_k also sees g = ∇x CE(f(x), y) at unit RMS (channels C..2C of its input); with
+grad_skip, ψ_k(x, g) = g + net_k(x, g): at initialisation the bank is the one-step gradient attack
+(FGSM, L2 step along g under the l2 bound), and the networks learn a correction (no extra cost: one add).
+
 The output ψ_k(x) is turned into an adversarial sample by the bound:
 - "box"  (eq. 3):  g(x) = min(max(φ(x), x − s), x + s) with φ(x) = x + ψ(x) (residual) or ψ(x);
 - "l2":            g(x) = x + s · ψ(x) / ‖ψ(x)‖₂  (spends the whole L2 budget s);
@@ -12,6 +16,7 @@ and finally clipped to the image range [0, 1]. s is in pixel units (images in [0
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -34,6 +39,7 @@ class GeneratorConfig:
     width: int = 16             # channels of the hidden layers
     residual: bool = True       # φ(x) = x + ψ(x) rather than φ(x) = ψ(x) (box bound only)
     grad_input: bool = False    # φ also sees the input gradient of the loss (one extra backward pass)
+    grad_skip: bool = False     # with grad_input: ψ(x, g) = g + net(x, g), so φ starts as the FGSM step
     assign: str = "split"       # split: batch cut in N parts; random: random parts; all: every generator on every sample
 
     def validate(self) -> None:
@@ -44,6 +50,7 @@ class GeneratorConfig:
         check(self.depth >= 1, f"--gen-depth must be >= 1, got {self.depth}")
         check(self.width >= 1, f"--gen-width must be >= 1, got {self.width}")
         check(self.assign in ASSIGNMENTS, f"unknown assignment {self.assign!r}; choose from {', '.join(ASSIGNMENTS)}")
+        check(not self.grad_skip or self.grad_input, "--gen-grad-skip needs --gen-grad-input")
 
 
 class GeneratorBank(nn.Module):
@@ -52,7 +59,8 @@ class GeneratorBank(nn.Module):
     def __init__(self, cfg: GeneratorConfig, channels: int = 3):
         super().__init__()
         cfg.validate()
-        self.cfg, self.channels = cfg, channels
+        # a private copy: the training loop's warm-up changes self.cfg.size, not the run's config
+        self.cfg, self.channels = dataclasses.replace(cfg), channels
         n, w = cfg.n, cfg.width
         cin = channels * (2 if cfg.grad_input else 1)
         sizes = [cin] + [w] * (cfg.depth - 1) + [channels]
@@ -97,6 +105,8 @@ class GeneratorBank(nn.Module):
         if self.cfg.assign == "all":
             psi = self.psi(inp.repeat(1, n, 1, 1))               # (B, N*C, H, W)
             psi = psi.view(b, n, c, h, w).transpose(0, 1).reshape(n * b, c, h, w)
+            if self.cfg.grad_skip:
+                psi = psi + grad.repeat(n, 1, 1, 1)
             k = torch.arange(n, device=x.device).repeat_interleave(b)
             return self._bound(psi, x.repeat(n, 1, 1, 1)), k
         perm = torch.randperm(b, generator=generator).to(x.device) if self.cfg.assign == "random" else None
@@ -105,6 +115,8 @@ class GeneratorBank(nn.Module):
         if m * n > b:  # pad the last slot row; those outputs are dropped
             src = torch.cat([src, src.new_zeros(m * n - b, cin, h, w)])
         psi = self.psi(src.reshape(m, n * cin, h, w)).view(m * n, c, h, w)[:b]
+        if self.cfg.grad_skip:
+            psi = psi + src[:b, c:]
         k = torch.arange(b, device=x.device) % n
         if perm is not None:
             inv = torch.argsort(perm)

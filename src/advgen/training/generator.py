@@ -15,6 +15,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ..attacks.pgd import eval_mode
 from ..models.generators import GeneratorBank
 
 
@@ -38,9 +39,15 @@ class Generator:
         self.gen_seen = torch.zeros(g.bank.n, device=dev)
 
     def _input_grad(self, x, y):
-        """∇x CE(f(x), y), scaled to unit RMS per sample (the extra input of gradient-informed φ)."""
+        """∇x CE(f(x), y), scaled to unit RMS per sample (the extra input of gradient-informed φ).
+
+        One forward and one input-only backward, as FGSM's: the classifier runs in eval mode with its
+        parameters frozen (as in the PGD/FGSM attacks), so no parameter gradients are computed and the
+        BatchNorm running statistics are not moved by this extra pass.
+        """
         x = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(self.model(x), y, reduction="sum"), x)
+        with eval_mode(self.model):
+            (grad,) = torch.autograd.grad(F.cross_entropy(self.model(x), y, reduction="sum"), x)
         rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
         return grad / rms.view(-1, 1, 1, 1)
 

@@ -75,11 +75,12 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
 
     record = {"config": cfg.to_dict(), "epochs": [], "version": __version__, "git_commit": git_commit(),
               "device": str(device), "train_images": len(train_set), "test_images": len(test_set)}
+    trained_s, out_of_time = 0.0, False  # cfg.time_budget: seconds of training steps allowed in all
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
+        seen = steps = 0
         _sync(device)
         t0 = time.perf_counter()
         bar = tqdm(batches.epoch(epoch), total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
@@ -96,12 +97,17 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
                 loss_sum += loss.detach() * labels.shape[0]
                 correct += (logits.argmax(1) == labels).sum()
                 seen += labels.shape[0]
+            steps += 1
+            if cfg.time_budget is not None and trained_s + time.perf_counter() - t0 >= cfg.time_budget:
+                out_of_time = True
+                break
         _sync(device)
         seconds = time.perf_counter() - t0
+        trained_s += seconds
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch}; lower --lr")
-        row = {"epoch": epoch, "seconds": seconds, "train_loss": train_loss, "train_acc": correct.item() / seen,
+        row = {"epoch": epoch, "seconds": seconds, "steps": steps, "train_loss": train_loss, "train_acc": correct.item() / seen,
                "test_acc": accuracy(model, test_set.images, test_set.labels)}
         if cfg.watch_subset:
             attack = PGD(model, norm=cfg.watch_norm, eps=cfg.watch_eps, steps=cfg.watch_steps, rel_step=2.5 / cfg.watch_steps)
@@ -116,6 +122,8 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
                  f", PGD acc {100 * row['watch_acc']:.2f}%" if "watch_acc" in row else "")
         if out_dir is not None:
             save_run(Path(out_dir), model, method, cfg, record, train_set.num_classes, epoch)
+        if out_of_time:
+            break
     model.eval()
     return model, record
 
