@@ -364,7 +364,7 @@ def test_autoattack_eps_zero_and_apgd(trained_tiny):
     x, y = batch(trained_tiny, 32)
     assert torch.equal(AutoAttack(model, norm="l2", eps=0.0)(x, y), x)
     eps = BIG_EPS["l2"]
-    adv = AutoAttack(model, norm="l2", eps=eps, version="custom", attacks=["apgd-ce"])(x, y)
+    adv = AutoAttack(model, norm="l2", eps=eps, attacks=["apgd-ce"])(x, y)
     assert (dist(adv, x, "l2") <= eps + 1e-4).all() and adv.min() >= 0 and adv.max() <= 1
     assert advgen.accuracy(model, adv, y) < 0.25
     assert all(m.training for m in model.modules())

@@ -101,3 +101,19 @@ def test_console_script_runs():
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "advgen.cli"]
     res = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "advgen" in res.stdout
+
+
+@needs_data
+def test_compare_smoke_writes_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code, _, _ = run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)
+    assert code == 0
+    res = json.loads((out / "compare.json").read_text())
+    assert list(res["rows"]) == ["base", "pgd2", "gen_l2"]
+    for name, row in res["rows"].items():
+        assert set(row["pgd"]) == set(row["autoattack"]) == {"0.25", "0.5"}
+        assert any(c["name"].startswith("PGD within") for c in row["checks"])
+    # each fine-tuning stopped at its budget (1 s here), not after the 1000 epochs the config allows
+    rec = json.loads((out / "gen_l2" / "run.json").read_text())
+    assert rec["finished"] and len(rec["epochs"]) < 1000 and rec["config"]["time_budget"] == 1.0
+    assert (out / "pareto.png").exists() and "| gen_l2 |" in (out / "compare.md").read_text()

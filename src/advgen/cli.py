@@ -96,6 +96,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="PGD accuracy on the first N test images after each epoch (default 256 for fgsm, else 0)")
     p.add_argument("--watch-eps", type=float, default=d.watch_eps)
     p.add_argument("--watch-norm", default=d.watch_norm, choices=["l2", "linf"])
+    p.add_argument("--time-budget", type=float, help="stop after this many seconds of training steps")
+    p.add_argument("--budget-clock", default=d.budget_clock, choices=["wall", "process"],
+                   help="clock of --time-budget: wall, or CPU seconds of this process (shared machines)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--force", action="store_true", help="overwrite a run folder that already holds a run")
     mm = p.add_argument_group("minmax / fgsm")
@@ -138,6 +141,7 @@ def train_config_from_args(args) -> TrainConfig:
                       weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
                       train_subset=args.train_subset, test_subset=args.test_subset, watch_subset=watch,
                       watch_norm=args.watch_norm, watch_eps=args.watch_eps, init=args.init, attack=attack,
+                      time_budget=args.time_budget, budget_clock=args.budget_clock,
                       generator=gen)
     cfg.validate()
     return cfg
@@ -211,6 +215,17 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import COMPARE_PRESETS, compare
+    check(args.preset in COMPARE_PRESETS, f"unknown preset {args.preset!r}; choose from {', '.join(COMPARE_PRESETS)}")
+    device = resolve_device(args.device)
+    seed_everything(COMPARE_PRESETS[args.preset].seed)
+    path = compare(args.preset, Path(args.out), data_dir=args.data_dir, download=args.download, device=device,
+                   base=Path(args.base) if args.base else None, clock=args.budget_clock)
+    print(f"comparison written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="advgen", description="Fast adversarial training with generator networks (Jung 2024).")
     p.add_argument("--version", action="version", version=f"advgen {__version__}")
@@ -245,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--download", action="store_true")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     r.set_defaults(func=cmd_reproduce)
+
+    c = sub.add_parser("compare", help="every method from one base for the same time budget (PGD + AutoAttack)")
+    c.add_argument("--preset", default="quick")
+    c.add_argument("--out", required=True)
+    c.add_argument("--base", help="an existing base run folder to start from (default: train one in OUT/base)")
+    c.add_argument("--budget-clock", default="wall", choices=["wall", "process"])
+    c.add_argument("--data-dir")
+    c.add_argument("--download", action="store_true")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    c.set_defaults(func=cmd_compare)
     return p
 
 

@@ -78,6 +78,9 @@ class TrainConfig:
     # stop training once this many seconds of training steps have run (None: run all epochs); the
     # epoch in progress ends early, is evaluated and saved as usual. Pair with schedule="constant".
     time_budget: float | None = None
+    # the clock of time_budget: "wall" (seconds elapsed) or "process" (CPU seconds of this process, all
+    # threads: on a shared machine, a single-threaded run's budget is then not eaten by other jobs)
+    budget_clock: str = "wall"
     attack: AttackConfig = field(default_factory=AttackConfig)
     generator: GeneratorTraining = field(default_factory=GeneratorTraining)
 
@@ -100,6 +103,7 @@ class TrainConfig:
         check(self.watch_steps >= 1, f"--watch-steps must be >= 1, got {self.watch_steps}")
         check(self.time_budget is None or (math.isfinite(self.time_budget) and self.time_budget > 0),
               f"--time-budget must be > 0 seconds, got {self.time_budget}")
+        check(self.budget_clock in ("wall", "process"), f"--budget-clock must be wall or process, got {self.budget_clock!r}")
         if self.method in ("minmax", "fgsm"):
             self.attack.validate()
         if self.method == "generator":

@@ -73,12 +73,12 @@ def stage_configs(p: Preset, out: Path) -> dict[str, TrainConfig]:
 
 
 def run_complete(run_dir: Path, cfg: TrainConfig) -> bool:
-    """A stage is done when its run.json records every epoch of the same config."""
+    """A stage is done when its run.json says it finished, with the same config."""
     path = run_dir / RUN_FILE
     if not path.exists():
         return False
     rec = read_json(path)
-    return rec.get("config") == cfg.to_dict() and len(rec.get("epochs", [])) == cfg.epochs
+    return rec.get("config") == cfg.to_dict() and rec.get("finished", False)
 
 
 def machine_description(device: torch.device) -> str:
