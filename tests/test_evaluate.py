@@ -201,3 +201,36 @@ def test_evaluate_is_reproducible(trained_tiny):
     a = evaluate(trained_tiny.model, x, y, seed=1, **kw)["results"]
     b = evaluate(trained_tiny.model, x, y, seed=1, **kw)["results"]
     assert a == b
+
+
+# ------------------------------------------------------------------------------------------ speed.inference_copy
+
+def test_inference_copy_folds_batchnorm_and_keeps_the_function():
+    from advgen import build_model
+    from advgen.speed import inference_copy
+    torch.manual_seed(0)
+    model = build_model("resnet20").train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding has something to get wrong
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    fast = inference_copy(model)
+    assert model.training and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # untouched
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).eval()(x)
+        out = fast(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_fast_and_plain_agree(trained_tiny):
+    x, y = data(trained_tiny)
+    kw = dict(attack="pgd-l2", epsilons=[0.0, 0.5, 1.0], steps=5, checks=False)
+    fast = evaluate(trained_tiny.model, x, y, fast=True, **kw)
+    plain = evaluate(trained_tiny.model, x, y, fast=False, **kw)
+    for a, b in zip(fast["results"], plain["results"]):
+        assert abs(a["accuracy"] - b["accuracy"]) <= 2 / x.shape[0]  # float rounding may flip a sample

@@ -22,6 +22,7 @@ from .checkpoint import RUN_FILE, atomic_write, git_commit, load_model, read_jso
 from .config import AttackConfig, GeneratorTraining, TrainConfig
 from .evaluate import LARGE_EPS, accuracy, robust_accuracy, sanity_checks
 from .models.generators import GeneratorConfig
+from .speed import inference_copy
 from .report import DATA_CAVEAT, machine_description, run_complete
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def entry_config(p: ComparePreset, e: Entry, base: Path, clock: str) -> TrainCon
 
 def evaluate_entry(model, x, y, p: ComparePreset) -> dict:
     """Clean accuracy, PGD-L2 (worst case over restarts) and AutoAttack at every eps of the preset."""
+    model = inference_copy(model, channels_last=False)
     out = {"clean": accuracy(model, x, y), "pgd": {}, "autoattack": {}}
     pgd = robust_accuracy(model, x, y, lambda e: PGD(model, norm="l2", eps=e, steps=p.pgd_steps,
                                                      rel_step=2.5 / p.pgd_steps, restarts=p.pgd_restarts,
