@@ -10,8 +10,6 @@ ascent steps, a random assignment of samples to generators, re-drawing the weake
 gradient as a second input of φ (one extra forward and backward, the cost of FGSM), clean samples in
 each batch, a warm-up of the bound s.
 """
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
@@ -24,8 +22,7 @@ class Generator:
         g = cfg.generator
         self.model, self.cfg = model, g
         dev = next(model.parameters()).device
-        # a copy of the bank's config: the warm-up ramps bank.cfg.size, the run's config must keep s
-        self.bank = GeneratorBank(dataclasses.replace(g.bank)).to(dev)
+        self.bank = GeneratorBank(g.bank).to(dev)  # the bank copies its config: the warm-up ramps only its own s
         params = self.bank.parameters()
         if g.optimizer == "adam":
             self.opt = torch.optim.Adam(params, lr=g.lr, maximize=True)
