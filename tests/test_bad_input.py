@@ -269,7 +269,7 @@ def test_foreign_pytorch_files_load_weights_only(tmp_path, capsys):
     code, err = _cli(["eval", evil, "--model", "resnet20", "--device", "cpu"], capsys)
     assert code == 2 and "is not a loadable weights-only PyTorch file" in _one_error_line(err)
     raw_pickle = tmp_path / "evil2.pth"
-    raw_pickle.write_bytes(pickle.dumps(_EvilTensorHolder(marker)))   # a bare pickle, not even a zip
+    raw_pickle.write_bytes(pickle.dumps(_EvilTensorHolder(marker), protocol=2))   # a bare pickle, not a zip
     with pytest.raises(CheckpointError, match="not a loadable weights-only PyTorch file"):
         load_model(raw_pickle, model_name="resnet20")
     assert not marker.exists(), "a checkpoint ran code"

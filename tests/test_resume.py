@@ -1,6 +1,7 @@
 """Crash-safe, resumable training: kills, signals, divergence, run folders that hold a run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -341,3 +342,46 @@ def test_cli_run_folder_rules(cli_runs, tmp_path, capsys):
     assert (ref / "model.safetensors").read_bytes() == before   # nothing was overwritten
     assert main(_args(data, ref, "--resume")) == 0               # finished: nothing to do
     assert (ref / "model.safetensors").read_bytes() == before
+
+
+def test_time_budget_ends_early_and_resumes_as_finished(tmp_path):
+    cfg = _copy(CONFIGS["standard"])
+    cfg.time_budget, cfg.schedule = 1e-9, "constant"   # spent after the first step
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    _, rec = train(cfg, *_sets(), out_dir=out, progress=False)
+    assert rec["finished"] and [(r["epoch"], r["steps"]) for r in rec["epochs"]] == [(1, 1)]
+    _, meta = read_state(out / STATE_FILE)
+    assert meta["finished"] and meta["out_of_time"]
+    before = (out / "model.safetensors").read_bytes()
+    _, again = train(_copy(cfg), *_sets(), out_dir=out, progress=False, resume=True)
+    assert again["epochs"] == rec["epochs"] and (out / "model.safetensors").read_bytes() == before
+
+
+def test_reproduce_resumes_a_stopped_stage(tmp_path, monkeypatch, caplog, capsys):
+    from advgen import report
+    smoke = report.PRESETS["smoke"]   # the smoke preset with a 2-step inner PGD: seconds, not half a minute
+    monkeypatch.setitem(report.PRESETS, "smoke2", dataclasses.replace(
+        smoke, attack=AttackConfig(steps=2, step_size=0.05), eval_steps=2))
+    data = write_cifar(tmp_path / "data", per_batch=32, n_test=32)
+    out = tmp_path / "repro"
+    argv = ["reproduce", "--preset", "smoke2", "--data-dir", str(data), "--device", "cpu", "--out", str(out)]
+    base = loop.METHOD_CLASSES["generator"]
+
+    def loss(self, x, y):   # Ctrl-C in the first step of the generator stage
+        if self.step_count == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return base.loss(self, x, y)
+
+    with monkeypatch.context() as m:
+        m.setitem(loop.METHOD_CLASSES, "generator", type("Int", (base,), {"loss": loss}))
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted by SIGINT after epoch 1, step 1/" in err and f"resume with: advgen {' '.join(argv)}" in err
+    _, meta = read_state(out / "generator" / STATE_FILE)
+    assert (meta["epoch"], meta["step"], meta["finished"]) == (1, 1, False)
+    stamp = (out / "minmax" / "model.safetensors").stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    assert any("resuming" in r.message and "generator" in r.message for r in caplog.records)
+    assert (out / "report.md").exists() and (out / "minmax" / "model.safetensors").stat().st_mtime_ns == stamp
