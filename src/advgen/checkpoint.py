@@ -2,8 +2,10 @@
 
 A run folder holds model.safetensors (the classifier; its header metadata repeats the model name, so
 the file stands alone), run.json (config, per-epoch metrics, version, git commit) and, for the
-generator method, generators.safetensors. Every write goes to a temporary file in the same folder,
-is fsynced and then renamed over the target, so a crash leaves the old file or the new one, never half.
+generator method, generators.safetensors; state.safetensors holds the whole training state for
+`--resume` (tensors, and the rest as JSON in its header, so the two can never come from different
+steps). Every write goes to a temporary file in the same folder, is fsynced and then renamed over the
+target (and the folder fsynced), so a crash leaves the old file or the new one, never half.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from .errors import CheckpointError, UserError
 MODEL_FILE = "model.safetensors"
 GENERATORS_FILE = "generators.safetensors"
 RUN_FILE = "run.json"
+STATE_FILE = "state.safetensors"
+RUN_FILES = (STATE_FILE, RUN_FILE, MODEL_FILE, GENERATORS_FILE)   # what makes a folder hold a run
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -35,6 +39,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as e:
         raise UserError(f"cannot write to {path.parent}: {e.strerror or e}") from None
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; give the file the mode open() would
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -46,6 +52,42 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove a file can be written there, before hours of work go into it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".advgen-probe.", suffix=".tmp") as f:
+            f.write(b"x")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
 
 
 def write_json(path: Path, obj) -> None:
@@ -93,9 +135,42 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         n = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8:8 + n])
         meta = json.loads(header.get("__metadata__", {}).get("advgen", "{}"))
-    except (SafetensorError, ValueError, UnicodeDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors checkpoint ({e})") from None
+    except (SafetensorError, ValueError, UnicodeDecodeError, TypeError, AttributeError, OverflowError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors checkpoint ({_one_line(e)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has malformed advgen metadata (not a JSON object)")
     return tensors, meta
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:limit]
+
+
+def flatten_optimizer(prefix: str, state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state_dict into tensors (keys `prefix.state.<param>.<name>`) and JSON."""
+    tensors, state_json = {}, {}
+    for idx, entries in state_dict["state"].items():
+        plain = {}
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.state.{idx}.{name}"] = value
+            else:
+                plain[name] = value
+        state_json[str(idx)] = {"tensors": sorted(n for n, v in entries.items() if isinstance(v, torch.Tensor)),
+                                "plain": plain}
+    return tensors, {"param_groups": state_dict["param_groups"], "state": state_json}
+
+
+def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of flatten_optimizer: a state_dict for Optimizer.load_state_dict."""
+    state = {}
+    for idx, entry in meta["state"].items():
+        values = dict(entry["plain"])
+        for name in entry["tensors"]:
+            values[name] = tensors[f"{prefix}.state.{idx}.{name}"]
+        state[int(idx)] = values
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save_model(path: Path, model: nn.Module, meta: dict) -> None:
@@ -143,6 +218,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> 
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else "mismatch"
         raise CheckpointError(f"{path} does not fit this architecture ({first[:200]})") from None
+    except (TypeError, ValueError) as e:  # e.g. a tensor of another dtype that cannot be copied
+        raise CheckpointError(f"{path} does not fit this architecture ({_one_line(e)})") from None
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -172,6 +249,13 @@ def load_model(path: str | Path, *, model_name: str | None = None, num_classes: 
         name = meta.get("model", model_name)
         if name is None:
             raise CheckpointError(f"{path} does not say which architecture it holds (pass --model)")
-        model = build_model(name, int(meta.get("num_classes", num_classes or 10)))
+        classes = meta.get("num_classes", num_classes or 10)
+        from .models import MODELS
+        if not isinstance(name, str) or name not in MODELS:
+            raise CheckpointError(f"{path} holds an unknown architecture {name!r}; advgen knows "
+                                  f"{', '.join(sorted(MODELS))}")
+        if type(classes) is not int or not 1 <= classes <= 100_000:
+            raise CheckpointError(f"{path} has malformed metadata (num_classes {classes!r})")
+        model = build_model(name, classes)
         load_state(model, tensors, path)
     return model.to(device).eval()

@@ -1,15 +1,19 @@
 """The `advgen` command line: train, eval, reproduce. argparse lives here and nowhere else.
 
-Exit codes: 0 done; 2 a user error (bad argument or value, missing or corrupt data or checkpoint), shown
-as one line on stderr; 1 an internal error (with its traceback).
+Exit codes: 0 done; 2 a user error (bad argument or value, missing or corrupt data or checkpoint, an
+--out folder that holds a run, a diverged run), shown as one line on stderr; 1 an internal error (with
+its traceback); 130 / 143 stopped by SIGINT / SIGTERM (train, reproduce and compare save their state first and
+say how to resume).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import random
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import torch
 from . import __version__
 from .attacks import ATTACKS
 from .config import METHODS, SCHEDULES, AttackConfig, GeneratorTraining, TrainConfig
-from .errors import UserError, check
+from .errors import Interrupted, UserError, check
 from .models import MODELS
 from .models.generators import ASSIGNMENTS, BOUNDS, GeneratorConfig
 
@@ -101,6 +105,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="clock of --time-budget: wall, or CPU seconds of this process (shared machines)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--force", action="store_true", help="overwrite a run folder that already holds a run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last saved state (pass the same arguments)")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="also save the whole training state every STEPS steps (it is always saved at epoch ends)")
     mm = p.add_argument_group("minmax / fgsm")
     mm.add_argument("--attack-norm", default=a.norm, choices=["l2", "linf"])
     mm.add_argument("--attack-eps", type=float, default=a.eps)
@@ -155,24 +163,32 @@ def load_data(args, train: bool = True):
     return train_set, first_n(test_set, args.test_subset)
 
 
-def claim_run_dir(out: Path, force: bool) -> None:
-    """Refuse a folder that already holds a run, unless --force: a result is never overwritten by accident."""
-    from .checkpoint import MODEL_FILE, RUN_FILE
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if not force and any((out / f).exists() for f in (RUN_FILE, MODEL_FILE)):
-        raise UserError(f"--out {out} already holds a run; choose another folder or pass --force")
+def claim_run_dir(out: Path, force: bool, resume: bool = False) -> None:
+    """Refuse a folder that already holds a run (finished or started), unless --resume or --force: a
+    result is never overwritten by accident. Checked before the data are loaded."""
+    from .checkpoint import check_writable
+    from .training.loop import check_run_dir
+    check_run_dir(out, resume=resume, force=force)
+    if resume and not out.is_dir():
+        raise UserError(f"--resume: {out} does not exist; there is no run to resume")
+    check_writable(out)
 
 
 def cmd_train(args) -> int:
     from .training import train
     cfg = train_config_from_args(args)
+    check(args.checkpoint_every is None or args.checkpoint_every >= 1,
+          f"--checkpoint-every must be >= 1 step, got {args.checkpoint_every}")
     out = Path(args.out)
-    claim_run_dir(out, args.force)
+    if cfg.init is not None and not args.resume:
+        from .checkpoint import resolve_model_file
+        check(resolve_model_file(cfg.init).is_file(), f"--init {cfg.init}: no such checkpoint")
+    claim_run_dir(out, args.force, args.resume)
     device = resolve_device(args.device)
     seed_everything(cfg.seed)
     train_set, test_set = load_data(args)
-    model, record = train(cfg, train_set, test_set, out_dir=out, device=device)
+    model, record = train(cfg, train_set, test_set, out_dir=out, device=device, resume=args.resume,
+                          force=args.force, checkpoint_every=args.checkpoint_every)
     last = record["epochs"][-1]
     print(f"{cfg.method}: {cfg.epochs} epochs, {sum(r['seconds'] for r in record['epochs']) / cfg.epochs:.1f} s/epoch, "
           f"test accuracy {100 * last['test_acc']:.2f}% -> {out}")
@@ -185,6 +201,13 @@ def cmd_eval(args) -> int:
     check(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     check(args.restarts >= 1, f"--restarts must be >= 1, got {args.restarts}")
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    check(0 <= args.seed < 2**32, f"--seed must lie in 0..{2**32 - 1}, got {args.seed}")
+    for name in ("step_size", "rel_step"):
+        v = getattr(args, name)
+        check(v is None or (math.isfinite(v) and v > 0), f"--{name.replace('_', '-')} must be > 0, got {v}")
+    if args.out:
+        from .checkpoint import check_writable
+        check_writable(Path(args.out).parent)  # before the attack runs, not after
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model = load_model(args.model_path, model_name=args.model, device=device)
@@ -273,18 +296,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resume_hint(argv: list[str]) -> str:
+    """How to continue a stopped command: train gets --resume (instead of --force); reproduce resumes as is."""
+    if argv and argv[0] == "train":
+        argv = [a for a in argv if a != "--force"] + ([] if "--resume" in argv else ["--resume"])
+    return "advgen " + shlex.join(argv)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help / --version (0) or a bad argument (2, one line printed)
         return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from .training.loop import STOP
+    stoppable = args.command in ("train", "reproduce", "compare")
     try:
-        return args.func(args)
+        with STOP.installed() if stoppable else contextlib.nullcontext():
+            return args.func(args)
     except UserError as e:
-        sys.stderr.write(f"advgen: error: {e}\n")
+        sys.stderr.write(f"advgen: error: {' '.join(str(e).split())}\n")
         return 2
+    except Interrupted as e:
+        if stoppable:
+            what = "resume with" if e.saved else "the last saved state is kept; resume with"
+            sys.stderr.write(f"advgen: {e}; {what}: {_resume_hint(argv)}\n")
+        else:
+            sys.stderr.write(f"advgen: {e}\n")
+        return 128 + e.signum
     except KeyboardInterrupt:
         sys.stderr.write("advgen: interrupted\n")
         return 130

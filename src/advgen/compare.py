@@ -146,7 +146,7 @@ def compare(preset: str, out: Path, *, data_dir=None, download=False, device="cp
                           train_subset=p.train_subset, test_subset=p.test_subset)
         if not run_complete(base, cfg):
             torch.manual_seed(p.seed)
-            train(cfg, train_set, test_set, out_dir=base, device=device)
+            train(cfg, train_set, test_set, out_dir=base, device=device, resume=True)  # continue a stopped run
     rows = {}
     for e in [Entry("base", "base model (standard training)", {}, 0.0)] + p.entries:
         run_dir = base if e.name == "base" else out / e.name
@@ -157,7 +157,7 @@ def compare(preset: str, out: Path, *, data_dir=None, download=False, device="cp
             else:
                 log.info("%s: training for %.0f s (%s clock)", e.name, cfg.time_budget, clock)
                 torch.manual_seed(p.seed)
-                train(cfg, train_set, test_set, out_dir=run_dir, device=device)
+                train(cfg, train_set, test_set, out_dir=run_dir, device=device, resume=True)
         rec = read_json(run_dir / RUN_FILE)
         eval_path = out / f"{e.name}.eval.json"
         settings = {"eps": p.eval_eps, "pgd_steps": p.pgd_steps, "pgd_restarts": p.pgd_restarts,

@@ -95,6 +95,7 @@ class TrainConfig:
         check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
               f"--weight-decay must be >= 0, got {self.weight_decay}")
         check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}")
+        check(0 <= self.seed < 2**32, f"--seed must lie in 0..{2**32 - 1}, got {self.seed}")
         check(self.train_subset is None or self.train_subset >= 1, f"--train-subset must be >= 1, got {self.train_subset}")
         check(self.test_subset is None or self.test_subset >= 1, f"--test-subset must be >= 1, got {self.test_subset}")
         check(self.watch_subset >= 0, f"--watch-subset must be >= 0, got {self.watch_subset}")

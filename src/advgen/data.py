@@ -98,10 +98,17 @@ def _parse_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.nda
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: b'data' must be a uint8 array of shape (n, 3072), got {desc}")
-    if not isinstance(labels, (list, np.ndarray)) or len(labels) != data.shape[0]:
+    if (not isinstance(labels, (list, np.ndarray)) or (isinstance(labels, np.ndarray) and labels.ndim != 1)
+            or len(labels) != data.shape[0]):
         raise DataError(f"{path}: {label_key!r} must be a list of {data.shape[0]} labels")
-    try:
-        y = np.asarray(labels, dtype=np.int64)
+    try:  # integers only: floats, bools, strings or nested lists are corruption, not labels to round
+        if isinstance(labels, list) and not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                                 for v in labels):
+            raise TypeError
+        y = np.asarray(labels)
+        if y.dtype.kind not in "iu":
+            raise TypeError
+        y = y.astype(np.int64)
     except (TypeError, ValueError, OverflowError):
         raise DataError(f"{path}: labels are not integers") from None
     if y.ndim != 1 or (y.size and (y.min() < 0 or y.max() >= num_classes)):
@@ -226,6 +233,17 @@ def first_n(ds: Dataset, n: int | None) -> Dataset:
     return Dataset(ds.images[:n], ds.labels[:n], ds.num_classes)
 
 
+def _augment_draws(b: int, generator: torch.Generator | None, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers of augmenting b images: offsets (2, b) in [0, 2*pad] and flip coins (b,).
+
+    They come from a CPU generator so the stream is the same on every device; Batches replays them to
+    fast-forward an epoch to a given batch (exact resume).
+    """
+    offs = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    return offs, flip
+
+
 def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
     """Random crop (zero padding `pad`) and horizontal flip of a uint8 batch (B, C, H, W), in one gather.
 
@@ -235,9 +253,8 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad:
     b, c, h, w = images.shape
     dev = images.device
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    # random numbers come from a CPU generator so the stream is the same on every device
-    offs = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(dev)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    offs, flip = _augment_draws(b, generator, pad)
+    offs, flip = offs.to(dev), flip.to(dev)
     ar_h = torch.arange(h, device=dev)
     ar_w = torch.arange(w, device=dev)
     rows = offs[0, :, None] + ar_h  # (B, H)
@@ -267,11 +284,26 @@ class Batches:
         n = len(self.ds)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def epoch(self, epoch: int, start: int = 0):
-        """Yield (x float (B, 3, 32, 32) in [0, 1], y int64 (B,)) for batches start, start+1, ..."""
+    def position(self, epoch: int, start: int = 0) -> tuple[torch.Tensor, torch.Generator]:
+        """(order (N,) on the CPU, augmentation generator) as they stand before batch `start` of `epoch`.
+
+        The generator seeded with (seed, epoch) draws the permutation, then the augmentation of batch 0,
+        1, ...; the draws of the batches before `start` are replayed, so a resumed epoch continues the
+        very same random stream as an uninterrupted one.
+        """
+        if not 0 <= start <= len(self):
+            raise ValueError(f"batch {start} is outside epoch of {len(self)} batches")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.ds)
         order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        if self.train:
+            for i in range(start):
+                _augment_draws(order[i * self.batch_size:(i + 1) * self.batch_size].numel(), g)
+        return order, g
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Yield (x float (B, 3, 32, 32) in [0, 1], y int64 (B,)) for batches start, start+1, ..."""
+        order, g = self.position(epoch, start)
         dev = self.ds.images.device
         order = order.to(dev)
         for i in range(start, len(self)):

@@ -13,6 +13,25 @@ class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or for another architecture."""
 
 
+class RunDirError(UserError):
+    """--out names a folder that already holds a run (and neither --resume nor --force was given)."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became non-finite; the run stopped and the last good state was kept."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped a run; `saved` says whether the state of the last step was written.
+
+    Not a UserError: the CLI exits with 128 + signum (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, message: str, saved: bool = False):
+        super().__init__(message)
+        self.signum, self.saved = signum, saved
+
+
 def check(condition: bool, message: str) -> None:
     """Raise UserError(message) unless condition holds; for validating values where they enter."""
     if not condition:

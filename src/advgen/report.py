@@ -120,7 +120,8 @@ def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, 
         else:
             log.info("stage %s: training", name)
             torch.manual_seed(p.seed)
-            train(cfgs[name], train_set, test_set, out_dir=run_dir, device=device)
+            # resume=True: a stage stopped part-way continues from its state (a fresh folder starts afresh)
+            train(cfgs[name], train_set, test_set, out_dir=run_dir, device=device, resume=True)
         runs[name] = read_json(run_dir / RUN_FILE)
         eval_path = run_dir / "eval.json"
         settings = {"attack": "pgd-l2", "eps": p.eval_eps, "steps": p.eval_steps, "n": len(test_set)}
