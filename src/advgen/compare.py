@@ -51,16 +51,16 @@ def _minmax(k: int, eps: float = 0.5) -> dict:
 L2_BANK = {"bound": "l2", "size": 0.5}
 ENTRIES = [
     Entry("pgd10", "min-max PGD-10 (L2 0.5)", _minmax(10), 5.0),
-    Entry("pgd2", "min-max PGD-2 (L2 0.5)", _minmax(2), 1.0),
+    Entry("gen_grad", "generators seeing the input gradient, L2 0.5, Adam 1e-3",
+          _gen({**L2_BANK, "grad_input": True}, optimizer="adam", lr=1e-3), 1.0),
     Entry("fgsm_rs", "FGSM-RS (Wong et al. 2020, L2 0.5)",
           {"method": "fgsm", "attack": AttackConfig(norm="l2", eps=0.5, steps=1)}, 1.0),
     Entry("gen_paper", "generators as in the paper (box s=0.2, SGD 0.005)",
           _gen({"bound": "box", "size": 0.2}, optimizer="sgd", lr=0.005), 1.0),
     Entry("gen_l2", "generators, L2 bound 0.5, Adam 1e-3", _gen(L2_BANK, optimizer="adam", lr=1e-3), 1.0),
-    Entry("gen_grad", "generators seeing the input gradient, L2 0.5, Adam 1e-3",
-          _gen({**L2_BANK, "grad_input": True}, optimizer="adam", lr=1e-3), 1.0),
     Entry("gen_grad_skip", "gradient generators starting at the FGSM step (grad skip), L2 0.5, Adam 1e-3",
           _gen({**L2_BANK, "grad_input": True, "grad_skip": True}, optimizer="adam", lr=1e-3), 1.0),
+    Entry("pgd2", "min-max PGD-2 (L2 0.5)", _minmax(2), 1.0),
 ]
 
 
