@@ -109,7 +109,7 @@ def test_compare_smoke_writes_table_and_plot(tmp_path, capsys):
     code, _, _ = run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)
     assert code == 0
     res = json.loads((out / "compare.json").read_text())
-    assert list(res["rows"]) == ["base", "pgd2", "gen_l2"]
+    assert list(res["rows"]) == ["base", "gen_l2", "pgd2"]
     for name, row in res["rows"].items():
         assert set(row["pgd"]) == set(row["autoattack"]) == {"0.25", "0.5"}
         assert any(c["name"].startswith("PGD within") for c in row["checks"])
