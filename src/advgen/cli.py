@@ -156,11 +156,9 @@ def train_config_from_args(args) -> TrainConfig:
 
 
 def load_data(args, train: bool = True):
-    from .data import balanced_subset, first_n, load_cifar
-    train_set, test_set = load_cifar(args.dataset, args.data_dir, download=args.download)
-    if train and args.train_subset is not None:
-        train_set = balanced_subset(train_set, args.train_subset, args.seed)
-    return train_set, first_n(test_set, args.test_subset)
+    from .data import load_subsets
+    return load_subsets(args.dataset, args.data_dir, download=args.download, test_subset=args.test_subset,
+                        train_subset=args.train_subset if train else None, seed=args.seed)
 
 
 def claim_run_dir(out: Path, force: bool, resume: bool = False) -> None:

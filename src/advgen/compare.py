@@ -129,16 +129,14 @@ def evaluate_entry(model, x, y, p: ComparePreset) -> dict:
 def compare(preset: str, out: Path, *, data_dir=None, download=False, device="cpu", base: Path | None = None,
             clock: str = "wall") -> Path:
     """Run every missing stage of the comparison into `out`; return the path of compare.md."""
-    from .data import balanced_subset, first_n, load_cifar
+    from .data import load_subsets
     from .training import train
 
     p = COMPARE_PRESETS[preset]
     device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
-    train_set, test_set = load_cifar("cifar10", data_dir, download=download)
-    if p.train_subset is not None:
-        train_set = balanced_subset(train_set, p.train_subset, p.seed)
-    test_set = first_n(test_set, p.test_subset)
+    train_set, test_set = load_subsets("cifar10", data_dir, download=download, train_subset=p.train_subset,
+                                       test_subset=p.test_subset, seed=p.seed)
     x, y = test_set.float_images().to(device), test_set.labels.to(device)
 
     if base is None:

@@ -207,6 +207,16 @@ def load_cifar(name: str = "cifar10", data_dir: str | Path | None = None, *,
     return splits[0], splits[1]
 
 
+def load_subsets(name: str = "cifar10", data_dir: str | Path | None = None, *, download: bool = False,
+                 train_subset: int | None = None, test_subset: int | None = None,
+                 seed: int = 0) -> tuple[Dataset, Dataset]:
+    """load_cifar, then a seeded class-balanced subset of the training set and the first test images."""
+    train, test = load_cifar(name, data_dir, download=download)
+    if train_subset is not None:
+        train = balanced_subset(train, train_subset, seed)
+    return train, first_n(test, test_subset)
+
+
 def balanced_subset(ds: Dataset, n: int, seed: int) -> Dataset:
     """n images, as equal a share of every class as possible, chosen with a seeded permutation."""
     if not 1 <= n <= len(ds):

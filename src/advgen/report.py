@@ -99,17 +99,15 @@ def machine_description(device: torch.device) -> str:
 def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, device="cpu") -> Path:
     """Run every missing stage of the reproduction into `out`; return the path of report.md."""
     from .checkpoint import load_model
-    from .data import balanced_subset, first_n, load_cifar
+    from .data import load_subsets
     from .evaluate import evaluate
     from .training import train
 
     p = PRESETS[preset]
     device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
-    train_set, test_set = load_cifar("cifar10", data_dir, download=download)
-    if p.train_subset is not None:
-        train_set = balanced_subset(train_set, p.train_subset, p.seed)
-    test_set = first_n(test_set, p.test_subset)
+    train_set, test_set = load_subsets("cifar10", data_dir, download=download, train_subset=p.train_subset,
+                                       test_subset=p.test_subset, seed=p.seed)
 
     cfgs = stage_configs(p, out)
     runs, curves = {}, {}
