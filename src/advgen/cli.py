@@ -109,6 +109,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its last saved state (pass the same arguments)")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                    help="also save the whole training state every STEPS steps (it is always saved at epoch ends)")
+    sp = p.add_argument_group("speed (benchmarks/README.md)")
+    sp.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
+                    help="NHWC memory layout of the classifier and batches (auto: on for the CPU)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the classifier (CPU: needs a C++ compiler)")
+    sp.add_argument("--amp", action="store_true",
+                    help="bf16 autocast of the forward passes (for CUDA; on CPUs with bf16 units it is faster too)")
+    sp.add_argument("--fold-bn-attack", type=_bool, default=d.fold_bn_attack,
+                    help="minmax/fgsm: attack a BatchNorm-folded copy of the classifier (same function)")
     mm = p.add_argument_group("minmax / fgsm")
     mm.add_argument("--attack-norm", default=a.norm, choices=["l2", "linf"])
     mm.add_argument("--attack-eps", type=float, default=a.eps)
@@ -150,6 +158,8 @@ def train_config_from_args(args) -> TrainConfig:
                       train_subset=args.train_subset, test_subset=args.test_subset, watch_subset=watch,
                       watch_norm=args.watch_norm, watch_eps=args.watch_eps, init=args.init, attack=attack,
                       time_budget=args.time_budget, budget_clock=args.budget_clock,
+                      channels_last={"auto": None, "true": True, "false": False}[args.channels_last],
+                      compile=args.compile, amp=args.amp, fold_bn_attack=args.fold_bn_attack,
                       generator=gen)
     cfg.validate()
     return cfg

@@ -81,6 +81,11 @@ class TrainConfig:
     # the clock of time_budget: "wall" (seconds elapsed) or "process" (CPU seconds of this process, all
     # threads: on a shared machine, a single-threaded run's budget is then not eaten by other jobs)
     budget_clock: str = "wall"
+    # speed settings (benchmarks/README.md): the same training up to float rounding, except amp
+    channels_last: bool | None = None  # NHWC layout of the classifier and its batches; None: on for the CPU only
+    compile: bool = False              # torch.compile the classifier (on the CPU it needs a C++ compiler)
+    amp: bool = False                  # bf16 autocast of the forward passes (meant for CUDA; works on the CPU)
+    fold_bn_attack: bool = True        # minmax / fgsm: attack a BatchNorm-folded copy of the classifier
     attack: AttackConfig = field(default_factory=AttackConfig)
     generator: GeneratorTraining = field(default_factory=GeneratorTraining)
 
@@ -105,6 +110,10 @@ class TrainConfig:
         check(self.time_budget is None or (math.isfinite(self.time_budget) and self.time_budget > 0),
               f"--time-budget must be > 0 seconds, got {self.time_budget}")
         check(self.budget_clock in ("wall", "process"), f"--budget-clock must be wall or process, got {self.budget_clock!r}")
+        for name in ("compile", "amp", "fold_bn_attack"):
+            check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        check(self.channels_last in (None, True, False),
+              f"channels_last must be true, false or None (auto), got {self.channels_last!r}")
         if self.method in ("minmax", "fgsm"):
             self.attack.validate()
         if self.method == "generator":

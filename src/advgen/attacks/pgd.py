@@ -124,13 +124,17 @@ class PGD:
             best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
             best_hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             for r in range(self.restarts):
-                self._run(ops, x, y, r, best, best_loss, best_hit)
+                best, best_loss, best_hit = self._run(ops, x, y, r, best, best_loss, best_hit)
                 if best_hit.all():
                     break
         return best
 
-    def _run(self, ops, x, y, restart, best, best_loss, best_hit) -> None:
-        """One restart; updates best / best_loss / best_hit in place for samples not yet fooled."""
+    def _run(self, ops, x, y, restart, best, best_loss, best_hit):
+        """One restart -> (best, best_loss, best_hit), updated for the samples not yet fooled.
+
+        The bookkeeping uses torch.where rather than masked writes (best[better] = ...): most samples
+        improve at most steps, and the where is ~1.5x cheaper than gather + scatter of them
+        (benchmarks/README.md)."""
         sign = -1.0 if self.targeted else 1.0
         if self.random_start:
             g = torch.Generator().manual_seed(self.seed * 7919 + restart)
@@ -146,11 +150,11 @@ class PGD:
             with torch.no_grad():
                 hit = (logits.argmax(1) == y) if self.targeted else (logits.argmax(1) != y)
                 better = ~best_hit & (hit | (sign * loss > best_loss))
-                best[better] = (x + delta)[better]
-                best_loss[better] = (sign * loss)[better]
-                best_hit |= hit & better
+                best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x + delta, best)
+                best_loss = torch.where(better, sign * loss, best_loss)
+                best_hit = best_hit | (hit & better)
             if t == self.steps or best_hit.all():
-                return
+                return best, best_loss, best_hit
             (grad,) = torch.autograd.grad(loss.sum(), delta)
             with torch.no_grad():
                 delta = ops.project(delta.detach() + sign * alpha * ops.direction(grad), self.eps)

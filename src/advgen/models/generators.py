@@ -114,7 +114,7 @@ class GeneratorBank(nn.Module):
         m = -(-b // n)
         if m * n > b:  # pad the last slot row; those outputs are dropped
             src = torch.cat([src, src.new_zeros(m * n - b, cin, h, w)])
-        psi = self.psi(src.reshape(m, n * cin, h, w)).view(m * n, c, h, w)[:b]
+        psi = self.psi(src.reshape(m, n * cin, h, w)).reshape(m * n, c, h, w)[:b]  # reshape: channels-last input
         if self.cfg.grad_skip:
             psi = psi + src[:b, c:]
         k = torch.arange(b, device=x.device) % n

@@ -23,6 +23,8 @@ class Generator:
         self.model, self.cfg = model, g
         dev = next(model.parameters()).device
         self.bank = GeneratorBank(g.bank).to(dev)  # the bank copies its config: the warm-up ramps only its own s
+        if getattr(cfg, "channels_last", False) and next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+            self.bank.to(memory_format=torch.channels_last)  # grouped convs ~0.7x the time in NHWC on the CPU
         params = self.bank.parameters()
         if g.optimizer == "adam":
             self.opt = torch.optim.Adam(params, lr=g.lr, maximize=True)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -57,6 +59,52 @@ FINITE_CHECK_EVERY = 25
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Seconds of training steps: CUDA events on CUDA (device time, no host sync to start), else perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start()
+
+    def start(self) -> None:
+        if self.cuda:
+            self.t0 = torch.cuda.Event(enable_timing=True)
+            self.t0.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since start(); on CUDA it waits for the recorded work to finish."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return self.t0.elapsed_time(end) / 1000
+        return time.perf_counter() - self.t0
+
+
+def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """cfg.channels_last, where None (auto) means on for the CPU: NHWC was ~0.77x the time of a
+    ResNet-20 training step there (benchmarks/README.md); unmeasured elsewhere, so off."""
+    return device.type == "cpu" if cfg.channels_last is None else cfg.channels_last
+
+
+def check_speed_options(cfg: TrainConfig, device: torch.device) -> None:
+    """UserError when --compile or --amp cannot work here (before any data is touched)."""
+    if cfg.compile:
+        import shutil
+        if not hasattr(torch, "compile") or not hasattr(nn.Module, "compile"):
+            raise UserError(f"--compile: torch {torch.__version__} has no torch.compile (needs torch >= 2.2)")
+        try:
+            importlib.import_module("torch._dynamo")
+        except Exception as e:  # e.g. an unsupported Python version
+            raise UserError(f"--compile: torch.compile is unavailable here ({type(e).__name__}: {e})") from None
+        if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+            raise UserError("--compile on the CPU needs a C++ compiler (g++, c++ or clang++, or $CXX); none found")
+    if cfg.amp and not torch.amp.is_autocast_available(device.type):
+        raise UserError(f"--amp: autocast is not available on {device.type}")
 
 
 class StopRequest:
@@ -218,6 +266,11 @@ class _Run:
         self.train_set, self.test_set = train_set.to(device), test_set.to(device)
         self.model = (build_classifier(cfg, self.num_classes, device) if fresh
                       else build_model(cfg.model, self.num_classes).to(device))
+        self.channels_last = use_channels_last(cfg, device)
+        if self.channels_last:  # parameters keep this layout through load_state_dict (copy_)
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.compile:  # compiles forward in place: the state dict keeps its keys
+            self.model.compile()
         self.batches = Batches(self.train_set, cfg.batch_size, seed=cfg.seed, train=True)
         self.steps_per_epoch = spe = len(self.batches)
         self.method = METHOD_CLASSES[cfg.method](self.model, cfg, spe)
@@ -238,6 +291,16 @@ class _Run:
         self.budget_clock = time.process_time if cfg.budget_clock == "process" else time.perf_counter
         self.reset_metrics()
         self.saved_at: tuple[int, int] | None = None
+
+    def method_loss(self, x, y):
+        if not self.cfg.compile:
+            return self.method.loss(x, y)
+        try:
+            return self.method.loss(x, y)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            first = " ".join(str(e).split())[:300]
+            raise UserError(f"--compile: torch.compile failed ({type(e).__name__}: {first}); "
+                            "train without --compile") from None
 
     def reset_metrics(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
@@ -340,16 +403,18 @@ class _Run:
         after_step = getattr(method, "after_step", None)
         check_every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
         bad = torch.zeros((), dtype=torch.bool, device=device)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
         model.train()
-        _sync(device)
-        t0, c0 = time.perf_counter(), self.budget_clock()   # time since then is not yet in seconds / spent
+        timer, c0 = StepTimer(device), self.budget_clock()   # time since then is not yet in seconds / spent
         bar = tqdm(self.batches.epoch(self.epoch, self.step), total=spe, initial=self.step,
                    desc=f"{cfg.method} epoch {self.epoch}/{cfg.epochs}", disable=None if progress else True,
                    leave=False)  # disable=None: off when not a terminal
         STOP.armed = True
         try:
             for x, y in bar:
-                loss, logits, labels = method.loss(x, y)
+                with autocast:  # forward passes only; the backward runs in the dtypes autocast chose
+                    loss, logits, labels = self.method_loss(x.contiguous(memory_format=fmt), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -371,10 +436,11 @@ class _Run:
                     self.out_of_time = True  # the epoch ends here; it is evaluated and saved as usual
                 if self.out is not None and (due or stop):
                     _sync(device)
-                    self.seconds += time.perf_counter() - t0
+                    self.seconds += timer.elapsed()
                     self.spent += self.budget_clock() - c0
                     self.save_state()
-                    t0, c0 = time.perf_counter(), self.budget_clock()   # the save is not training time
+                    timer.start()
+                    c0 = self.budget_clock()   # the save is not training time
                 if stop:
                     name = signal.Signals(STOP.signum).name
                     where = f"after {self.where()}"
@@ -387,8 +453,8 @@ class _Run:
         finally:
             STOP.armed = False
             bar.close()
+            self.seconds += timer.elapsed()
             _sync(device)
-            self.seconds += time.perf_counter() - t0
             self.spent += self.budget_clock() - c0
         if bool(bad):
             raise self.diverged("the training loss is not finite")
@@ -469,6 +535,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     Interrupted after saving the state of the current step.
     """
     cfg.validate()
+    check_speed_options(cfg, torch.device(device))
     check(checkpoint_every is None or (type(checkpoint_every) is int and checkpoint_every >= 1),
           f"--checkpoint-every must be a number of steps >= 1, got {checkpoint_every}")
     check(cfg.watch_subset <= len(test_set),
@@ -491,7 +558,8 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
                 (out / f).unlink(missing_ok=True)
     if state is not None:
         tensors, meta = state
-        changes = _config_changes(meta.get("config") or {}, cfg.to_dict())
+        # settings added since the state was written count as their defaults
+        changes = _config_changes({**TrainConfig().to_dict(), **(meta.get("config") or {})}, cfg.to_dict())
         if changes:
             raise CheckpointError(f"--resume: {out} was started with other settings: {'; '.join(changes[:4])}"
                                   f"{' ...' if len(changes) > 4 else ''}; pass the same arguments, or --force to "

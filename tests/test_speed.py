@@ -1,0 +1,204 @@
+"""The speed options: BatchNorm folding per batch, channels-last, bf16 autocast, torch.compile guard,
+and benchmarks/bench.py end to end on tiny inputs (no speed assertions)."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from synth_cifar import tiny_dataset
+
+import advgen
+from advgen.cli import main
+from advgen.config import AttackConfig, TrainConfig
+from advgen.errors import UserError
+from advgen.models import build_model
+from advgen.speed import BNFolder, inference_copy
+from advgen.training import loop
+from advgen.training.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sgd_steps(model, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(n):
+        x, y = torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_folder_tracks_the_live_model(channels_last):
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    folder = BNFolder(model, channels_last=channels_last)
+    assert folder.exact and len(folder.pairs) == 19
+    x = torch.rand(8, 3, 32, 32)
+    for seed in range(2):  # the copy follows the weights and running statistics after every update
+        _sgd_steps(model, seed=seed)
+        fast = folder.refresh()
+        ref = inference_copy(model, channels_last=channels_last)
+        model.eval()
+        with torch.no_grad():
+            want = model(x)
+            assert torch.equal(fast(x), ref(x))  # the very folding evaluate uses
+            assert torch.allclose(fast(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        assert model.training is False and not any(p.requires_grad for p in fast.parameters())
+        model.train()
+
+
+def _data():
+    return tiny_dataset(64, 1), tiny_dataset(32, 2)
+
+
+def test_minmax_attacks_the_folded_copy_and_trains_in_train_mode():
+    train_set, test_set = _data()
+    cfg = TrainConfig(method="minmax", epochs=1, batch_size=16, lr=0.01, seed=0,
+                      attack=AttackConfig(norm="l2", eps=0.5, steps=3, step_size=0.2))
+    torch.manual_seed(0)
+    folded, _ = train(cfg, train_set, test_set, progress=False)
+    torch.manual_seed(0)
+    plain, _ = train(TrainConfig(**{**cfg.__dict__, "fold_bn_attack": False}), train_set, test_set, progress=False)
+    init = build_model("resnet20").state_dict()
+    for k, v in folded.state_dict().items():
+        assert torch.allclose(v.float(), plain.state_dict()[k].float(), rtol=1e-2, atol=1e-2), k  # rounding only
+    # the classifier trained in train mode: its BatchNorm statistics moved
+    assert not torch.equal(folded.state_dict()["1.bn1.running_mean"], init["1.bn1.running_mean"])
+
+
+def test_channels_last_layout_of_model_and_batches():
+    train_set, test_set = _data()
+    seen = []
+    orig = loop.METHOD_CLASSES["standard"].loss
+
+    def spy(self, x, y):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return orig(self, x, y)
+
+    for flag, want in ((True, True), (False, False), (None, True)):  # None: auto, on for the CPU
+        seen.clear()
+        loop.METHOD_CLASSES["standard"].loss = spy
+        try:
+            model, _ = train(TrainConfig(epochs=1, batch_size=16, channels_last=flag), train_set, test_set,
+                             progress=False)
+        finally:
+            loop.METHOD_CLASSES["standard"].loss = orig
+        assert seen and all(s == want for s in seen)
+        w = model[1].conv1.weight
+        assert (w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()) == want
+
+
+def test_generator_with_channels_last_matches_contiguous():
+    train_set, test_set = _data()
+    out = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        out[flag], _ = train(TrainConfig(method="generator", epochs=1, batch_size=32, lr=0.01, channels_last=flag),
+                             train_set, test_set, progress=False)
+    for k, v in out[False].state_dict().items():
+        assert torch.allclose(v.float(), out[True].state_dict()[k].float(), atol=1e-4), k
+
+
+@pytest.mark.parametrize("method", ["standard", "generator", "minmax"])
+def test_amp_runs_the_forward_passes_in_bf16_autocast(method):
+    train_set, test_set = _data()
+    seen = []
+
+    def hook(module, inp, out):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype))
+
+    real = loop.build_classifier
+
+    def build(cfg, num_classes, device):
+        model = real(cfg, num_classes, device)
+        model[1].conv1.register_forward_hook(hook)
+        return model
+
+    loop.build_classifier = build
+    try:
+        cfg = TrainConfig(method=method, epochs=1, batch_size=32, lr=0.01, amp=True,
+                          attack=AttackConfig(norm="l2", eps=0.5, steps=2, step_size=0.3))
+        train(cfg, train_set, test_set, progress=False)
+    finally:
+        loop.build_classifier = real
+    train_seen = [s for s in seen if s[0]]
+    assert train_seen and all(s[1] == torch.bfloat16 and s[2] == torch.bfloat16 for s in train_seen)
+    assert any(not s[0] and s[2] == torch.float32 for s in seen)  # the evaluation after the epoch: fp32
+
+
+def test_compile_is_wired(monkeypatch):
+    called = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: called.append(type(self).__name__))
+    train_set, test_set = _data()
+    train(TrainConfig(epochs=1, batch_size=32, compile=True), train_set, test_set, progress=False)
+    assert called == ["Sequential"]
+
+
+def test_compile_without_a_compiler_is_a_user_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    train_set, test_set = _data()
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+        train(TrainConfig(epochs=1, batch_size=32, compile=True), train_set, test_set, progress=False)
+    from synth_cifar import write_cifar
+    data = write_cifar(tmp_path / "data")
+    rc = main(["train", "--method", "standard", "--epochs", "1", "--compile", "--data-dir", str(data),
+               "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert rc == 2 and "C++ compiler" in capsys.readouterr().err
+
+
+def test_compile_failure_is_a_user_error(monkeypatch):
+    import torch._dynamo.exc as dexc
+
+    def boom(self, x, y):
+        raise dexc.TorchDynamoException("no luck")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
+    monkeypatch.setattr(loop.METHOD_CLASSES["standard"], "loss", boom)
+    train_set, test_set = _data()
+    with pytest.raises(UserError, match="--compile: torch.compile failed"):
+        train(TrainConfig(epochs=1, batch_size=32, compile=True), train_set, test_set, progress=False)
+
+
+def test_cli_speed_flags_reach_the_config(tmp_path):
+    from advgen.cli import build_parser, train_config_from_args
+    args = build_parser().parse_args(["train", "--method", "minmax", "--out", str(tmp_path), "--channels-last",
+                                      "false", "--amp", "--fold-bn-attack", "false"])
+    cfg = train_config_from_args(args)
+    assert (cfg.channels_last, cfg.amp, cfg.compile, cfg.fold_bn_attack) == (False, True, False, False)
+    cfg = train_config_from_args(build_parser().parse_args(["train", "--method", "standard", "--out", str(tmp_path)]))
+    assert (cfg.channels_last, cfg.amp, cfg.compile, cfg.fold_bn_attack) == (None, False, False, True)
+
+
+def test_bench_runs_end_to_end_on_tiny_inputs(shared_data, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results"
+    assert bench.main(["--data-dir", str(shared_data), "--train-subset", "256", "--reps", "1", "--eval-n", "20",
+                       "--base-epochs", "1", "--base-subset", "256", "--out", str(out)]) == 0
+    r = json.loads((out / "bench.json").read_text())
+    assert {"machine", "train_subset", "batch_size", "reps", "training", "standard_throughput", "eval"} <= set(r)
+    t = r["training"]
+    assert set(t["seconds_per_epoch"]) == {"standard", "generator", "fgsm_rs", "minmax_pgd10", "minmax_pgd40"}
+    assert set(t["ratios"]) == {"generator/standard", "minmax_pgd10/generator", "minmax_pgd40/generator",
+                                "fgsm_rs/generator"}
+    for v in list(t["seconds_per_epoch"].values()) + list(t["ratios"].values()):
+        assert {"median", "min", "max", "runs"} <= set(v) and v["median"] > 0
+    assert r["standard_throughput"]["images_per_second"] > 0
+    e = r["eval"]
+    assert {"eps", "steps", "rel_step", "n", "accuracy", "seconds", "foolbox/advgen"} <= set(e) and e["n"] == 20
+    try:
+        import foolbox  # noqa: F401
+        assert e["foolbox/advgen"]["median"] > 0 and 0 <= e["accuracy"]["foolbox"] <= 1
+    except ImportError:
+        assert e["foolbox/advgen"] is None
+    assert "advgen" in (out / "bench.md").read_text()
