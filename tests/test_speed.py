@@ -183,8 +183,8 @@ def test_bench_runs_end_to_end_on_tiny_inputs(shared_data, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "results"
-    assert bench.main(["--data-dir", str(shared_data), "--train-subset", "256", "--reps", "1", "--eval-n", "20",
-                       "--base-epochs", "1", "--base-subset", "256", "--out", str(out)]) == 0
+    assert bench.main(["--data-dir", str(shared_data), "--train-subset", "128", "--batch-size", "64", "--reps", "1", "--eval-n", "20",
+                       "--base-epochs", "1", "--base-subset", "128", "--out", str(out)]) == 0
     r = json.loads((out / "bench.json").read_text())
     assert {"machine", "train_subset", "batch_size", "reps", "training", "standard_throughput", "eval"} <= set(r)
     t = r["training"]
