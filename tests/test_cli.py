@@ -117,3 +117,14 @@ def test_compare_smoke_writes_table_and_plot(tmp_path, capsys):
     rec = json.loads((out / "gen_l2" / "run.json").read_text())
     assert rec["finished"] and len(rec["epochs"]) < 1000 and rec["config"]["time_budget"] == 1.0
     assert (out / "pareto.png").exists() and "| gen_l2 |" in (out / "compare.md").read_text()
+
+
+def test_generator_presets_and_flag_overrides():
+    from advgen.cli import build_parser, train_config_from_args
+    parse = lambda *a: train_config_from_args(build_parser().parse_args(["train", "--method", "generator", "--out", "x", *a]))
+    paper = parse().generator
+    assert (paper.bank.n, paper.bank.bound, paper.bank.size, paper.optimizer, paper.lr) == (32, "box", 0.2, "sgd", 0.005)
+    grad = parse("--gen-preset", "gradient").generator
+    assert grad.bank.grad_input and grad.bank.grad_skip and grad.bank.bound == "l2" and grad.optimizer == "adam"
+    mixed = parse("--gen-preset", "gradient", "--gen-bound", "1.0", "--generators", "8", "--gen-lr", "0.01").generator
+    assert (mixed.bank.size, mixed.bank.n, mixed.lr, mixed.bank.grad_skip) == (1.0, 8, 0.01, True)

@@ -22,10 +22,10 @@ import torch
 
 from . import __version__
 from .attacks import ATTACKS
-from .config import METHODS, SCHEDULES, AttackConfig, GeneratorTraining, TrainConfig
+from .config import GENERATOR_PRESETS, METHODS, SCHEDULES, AttackConfig, TrainConfig, generator_preset
 from .errors import Interrupted, UserError, check
 from .models import MODELS
-from .models.generators import ASSIGNMENTS, BOUNDS, GeneratorConfig
+from .models.generators import ASSIGNMENTS, BOUNDS
 
 log = logging.getLogger("advgen")
 
@@ -85,7 +85,7 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    d, a, g, b = TrainConfig(), AttackConfig(), GeneratorTraining(), GeneratorConfig()
+    d, a = TrainConfig(), AttackConfig()
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--model", default=d.model, choices=sorted(MODELS))
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -122,33 +122,42 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     mm.add_argument("--attack-eps", type=float, default=a.eps)
     mm.add_argument("--attack-steps", type=int, default=a.steps)
     mm.add_argument("--attack-step-size", type=float, default=a.step_size)
-    gen = p.add_argument_group("generator")
-    gen.add_argument("--generators", type=int, default=b.n, help="number of generator networks N")
-    gen.add_argument("--gen-bound", type=float, default=b.size, help="s: the bound size in [0,1] pixel units")
-    gen.add_argument("--gen-bound-type", default=b.bound, choices=BOUNDS,
-                     help="box: eq. (3); l2: s*psi/||psi||_2; linf: s*tanh(psi)")
-    gen.add_argument("--gen-depth", type=int, default=b.depth)
-    gen.add_argument("--gen-width", type=int, default=b.width)
-    gen.add_argument("--gen-residual", type=_bool, default=b.residual, help="phi(x) = x + psi(x) (true) or psi(x)")
-    gen.add_argument("--gen-grad-input", type=_bool, default=b.grad_input,
+    gen = p.add_argument_group("generator (each flag overrides --gen-preset)")
+    gen.add_argument("--gen-preset", default="paper", choices=GENERATOR_PRESETS,
+                     help="paper: Jung 2024 (box s=0.2, SGD 0.005); gradient: advgen's recommendation "
+                          "(input gradient + grad skip, L2 bound 0.5, Adam 1e-3)")
+    gen.add_argument("--generators", type=int, help="number of generator networks N")
+    gen.add_argument("--gen-bound", type=float, help="s: the bound size in [0,1] pixel units")
+    gen.add_argument("--gen-bound-type", choices=BOUNDS, help="box: eq. (3); l2: s*psi/||psi||_2; linf: s*tanh(psi)")
+    gen.add_argument("--gen-depth", type=int)
+    gen.add_argument("--gen-width", type=int)
+    gen.add_argument("--gen-residual", type=_bool, help="phi(x) = x + psi(x) (true) or psi(x)")
+    gen.add_argument("--gen-grad-input", type=_bool,
                      help="phi also sees the input gradient (one extra forward+backward per step)")
-    gen.add_argument("--gen-assign", default=b.assign, choices=ASSIGNMENTS)
-    gen.add_argument("--gen-lr", type=float, default=g.lr)
-    gen.add_argument("--gen-optimizer", default=g.optimizer, choices=["sgd", "adam"])
-    gen.add_argument("--gen-momentum", type=float, default=g.momentum)
-    gen.add_argument("--gen-steps", type=int, default=g.steps, help="generator ascent steps per classifier step")
-    gen.add_argument("--gen-warmup", type=float, default=g.warmup_epochs, help="epochs of linear warm-up of s")
-    gen.add_argument("--gen-reinit-every", type=int, default=g.reinit_every)
-    gen.add_argument("--clean-fraction", type=float, default=g.clean_fraction)
+    gen.add_argument("--gen-grad-skip", type=_bool,
+                     help="with --gen-grad-input: psi = gradient + net, so the bank starts as the FGSM step")
+    gen.add_argument("--gen-assign", choices=ASSIGNMENTS)
+    gen.add_argument("--gen-lr", type=float)
+    gen.add_argument("--gen-optimizer", choices=["sgd", "adam"])
+    gen.add_argument("--gen-momentum", type=float)
+    gen.add_argument("--gen-steps", type=int, help="generator ascent steps per classifier step")
+    gen.add_argument("--gen-warmup", type=float, help="epochs of linear warm-up of s")
+    gen.add_argument("--gen-reinit-every", type=int)
+    gen.add_argument("--clean-fraction", type=float)
 
 
 def train_config_from_args(args) -> TrainConfig:
-    bank = GeneratorConfig(n=args.generators, bound=args.gen_bound_type, size=args.gen_bound, depth=args.gen_depth,
-                           width=args.gen_width, residual=args.gen_residual, grad_input=args.gen_grad_input,
-                           assign=args.gen_assign)
-    gen = GeneratorTraining(bank=bank, optimizer=args.gen_optimizer, lr=args.gen_lr, momentum=args.gen_momentum,
-                            steps=args.gen_steps, clean_fraction=args.clean_fraction,
-                            warmup_epochs=args.gen_warmup, reinit_every=args.gen_reinit_every)
+    gen = generator_preset(args.gen_preset)
+    for flag, field in (("generators", "n"), ("gen_bound", "size"), ("gen_bound_type", "bound"),
+                        ("gen_depth", "depth"), ("gen_width", "width"), ("gen_residual", "residual"),
+                        ("gen_grad_input", "grad_input"), ("gen_grad_skip", "grad_skip"), ("gen_assign", "assign")):
+        if getattr(args, flag) is not None:
+            setattr(gen.bank, field, getattr(args, flag))
+    for flag, field in (("gen_lr", "lr"), ("gen_optimizer", "optimizer"), ("gen_momentum", "momentum"),
+                        ("gen_steps", "steps"), ("gen_warmup", "warmup_epochs"), ("gen_reinit_every", "reinit_every"),
+                        ("clean_fraction", "clean_fraction")):
+        if getattr(args, flag) is not None:
+            setattr(gen, field, getattr(args, flag))
     attack = AttackConfig(norm=args.attack_norm, eps=args.attack_eps, steps=args.attack_steps,
                           step_size=args.attack_step_size)
     watch = args.watch_subset if args.watch_subset is not None else (256 if args.method == "fgsm" else 0)

@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .errors import check
+from .errors import UserError, check
 from .models.generators import GeneratorConfig
 
 METHODS = ("standard", "minmax", "fgsm", "generator")
@@ -52,6 +52,22 @@ class GeneratorTraining:
         check(0 <= self.clean_fraction < 1, f"--clean-fraction must lie in [0, 1), got {self.clean_fraction}")
         check(self.warmup_epochs >= 0, f"--gen-warmup must be >= 0, got {self.warmup_epochs}")
         check(self.reinit_every >= 0, f"--gen-reinit-every must be >= 0, got {self.reinit_every}")
+
+
+def generator_preset(name: str) -> GeneratorTraining:
+    """Named generator settings. "paper": Jung 2024 as published (32 generators, box bound s = 0.2, SGD
+    0.005). "gradient": advgen's recommendation from its equal-time comparison (README): the generators
+    also see the input gradient and start as the FGSM-L2 step they learn to correct (grad_skip), with
+    the L2 bound at the evaluation's eps (0.5) and Adam 1e-3; one more forward and backward per step."""
+    if name == "paper":
+        return GeneratorTraining(bank=GeneratorConfig(n=32, bound="box", size=0.2), optimizer="sgd", lr=0.005)
+    if name == "gradient":
+        return GeneratorTraining(bank=GeneratorConfig(n=32, bound="l2", size=0.5, grad_input=True, grad_skip=True),
+                                 optimizer="adam", lr=1e-3)
+    raise UserError(f"unknown generator preset {name!r}; choose from {', '.join(GENERATOR_PRESETS)}")
+
+
+GENERATOR_PRESETS = ("paper", "gradient")
 
 
 @dataclass
