@@ -212,7 +212,7 @@ def pareto(rows: dict, eps: float, path: Path) -> None:
 def render(results: dict, p: ComparePreset) -> str:
     rows = results["rows"]
     eps = [str(e) for e in p.eval_eps]
-    head = ["entry", "seconds", "clean"] + [f"PGD {e}" for e in eps] + [f"AA {e}" for e in eps] + \
+    head = ["entry", "seconds", "steps", "clean"] + [f"PGD {e}" for e in eps] + [f"AA {e}" for e in eps] + \
            [f"PGD−AA {eps[-1]}", "checks", "what"]
     lines = [f"# advgen compare, preset `{results['preset']}`", "",
              f"advgen {results['version']} (commit {results['git_commit'] or 'unknown'}); machine: {results['machine']}; "
@@ -229,7 +229,7 @@ def render(results: dict, p: ComparePreset) -> str:
         gap = r["pgd"][eps[-1]] - r["autoattack"][eps[-1]]
         failed = [c["name"] for c in r["checks"] if not c["passed"]]
         verdict = "FAILED: " + "; ".join(failed) if failed else "ok"
-        cells = [name, f"{r['seconds']:.0f}", f"{100 * r['clean']:.1f}"] + \
+        cells = [name, f"{r['seconds']:.0f}", str(r["steps"]), f"{100 * r['clean']:.1f}"] + \
                 [f"{100 * r['pgd'][e]:.1f}" for e in eps] + [f"{100 * r['autoattack'][e]:.1f}" for e in eps] + \
                 [f"{100 * gap:+.1f}", verdict, r["label"]]
         lines.append("| " + " | ".join(cells) + " |")
