@@ -128,3 +128,11 @@ def test_generator_presets_and_flag_overrides():
     assert grad.bank.grad_input and grad.bank.grad_skip and grad.bank.bound == "l2" and grad.optimizer == "adam"
     mixed = parse("--gen-preset", "gradient", "--gen-bound", "1.0", "--generators", "8", "--gen-lr", "0.01").generator
     assert (mixed.bank.size, mixed.bank.n, mixed.lr, mixed.bank.grad_skip) == (1.0, 8, 0.01, True)
+
+
+def test_gap_check_allows_exactly_three_points_and_flags_more():
+    from advgen.compare import gap_check
+    n = 200
+    ev = lambda pgd, aa: {"pgd": {"0.5": pgd / n}, "autoattack": {"0.5": aa / n}}
+    assert gap_check(ev(62, 56), n)["passed"]          # 3.0 points: not "more than 3"
+    assert not gap_check(ev(63, 56), n)["passed"]      # 3.5 points

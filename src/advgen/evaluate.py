@@ -50,7 +50,7 @@ def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     the monotonicity check means something); samples misclassified when clean are not attacked.
     memory_format: layout of the batches (channels_last for a model from speed.inference_copy).
     """
-    correct = torch.zeros(len(epsilons), device=labels.device)
+    correct = torch.zeros(len(epsilons), device=labels.device, dtype=torch.long)  # counts: exact fractions
     for i in range(0, images.shape[0], batch_size):
         x = _as_float(images[i:i + batch_size]).contiguous(memory_format=memory_format)
         y = labels[i:i + batch_size]
@@ -64,7 +64,7 @@ def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                 attack.seed = attack.seed + i  # a different random start for every batch, reproducibly
             x_adv = attack(x[ok], y[ok])
             correct[j] += (predict(model, x_adv, batch_size) == y[ok]).sum()
-    return (correct / images.shape[0]).tolist()
+    return [c / images.shape[0] for c in correct.tolist()]
 
 
 def sanity_checks(norm: str, epsilons, accs, fgsm_accs, large_eps_acc, n: int) -> list[dict]:
