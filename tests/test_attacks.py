@@ -369,3 +369,23 @@ def test_autoattack_eps_zero_and_apgd(trained_tiny):
     assert advgen.accuracy(model, adv, y) < 0.25
     assert all(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_keep_last_returns_the_final_iterate_at_full_strength(trained_tiny):
+    """Training attacks (keep="last") take every step even on samples fooled early: the final iterate sits
+    on the eps-sphere for L2 when nothing is clipped, and its loss is at least the worst-case one's on
+    samples the worst-case mode froze at their first fooling iterate."""
+    import torch.nn.functional as F
+    model, x, y = trained_tiny.model, trained_tiny.x_test[:64], trained_tiny.y_test[:64]
+    kw = dict(norm="l2", eps=1.0, steps=10, rel_step=0.25, random_start=False)
+    worst = PGD(model, keep="worst", **kw)(x, y)
+    last = PGD(model, keep="last", **kw)(x, y)
+    with torch.no_grad():
+        lw = F.cross_entropy(model.eval()(worst), y, reduction="none")
+        ll = F.cross_entropy(model(last), y, reduction="none")
+    fooled_early = model(worst).argmax(1) != y
+    assert fooled_early.any()
+    assert (ll[fooled_early] >= lw[fooled_early] - 1e-4).float().mean() > 0.9
+    assert ((last - x).flatten(1).norm(dim=1) <= 1.0 + 1e-5).all()
+    with pytest.raises(UserError):
+        PGD(model, keep="best")

@@ -79,34 +79,42 @@ class PGD:
 
     Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks".
     Maximises the cross-entropy of model(x + δ) over ‖δ‖ ≤ eps (descends it towards `y` if targeted),
-    with x + δ clipped to [0, 1] at every iterate. Each sample keeps its worst case: the first iterate
-    that fools the model, else the iterate of highest loss, over all steps and restarts.
+    with x + δ clipped to [0, 1] at every iterate. keep="worst" (evaluation): each sample keeps its worst
+    case, the first iterate that fools the model, else the iterate of highest loss, over all steps and
+    restarts. keep="last" (adversarial training, as Madry et al.): every step is taken and the final
+    iterate is returned (of the last restart): a sample fooled early is still pushed further, so the
+    classifier trains on full-strength perturbations.
 
     Args (keyword-only): norm "l2" | "linf"; eps radius in [0, 1] pixel units; steps ≥ 1;
     step_size absolute, or rel_step × eps (default 2.5 / steps, Madry's choice); random_start;
-    restarts ≥ 1; targeted (then y holds the target classes); seed for the random starts.
+    restarts ≥ 1; targeted (then y holds the target classes); keep "worst" | "last"; seed for the
+    random starts.
     x: (B, C, H, W) float in [0, 1]; y: (B,) int64. The model runs in eval mode; its mode, its
     parameters' .grad and x are left as they were.
     """
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, steps: int = 10,
                  step_size: float | None = None, rel_step: float | None = None,
-                 random_start: bool = True, restarts: int = 1, targeted: bool = False, seed: int = 0):
+                 random_start: bool = True, restarts: int = 1, targeted: bool = False, keep: str = "worst",
+                 seed: int = 0):
         check(norm in NORMS, f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
         check(math.isfinite(eps) and eps >= 0, f"eps must be a finite number >= 0, got {eps}")
         check(steps >= 1, f"steps must be >= 1, got {steps}")
         check(restarts >= 1, f"restarts must be >= 1, got {restarts}")
+        check(keep in ("worst", "last"), f"keep must be worst or last, got {keep!r}")
         check(step_size is None or rel_step is None, "give step_size or rel_step, not both")
         for name, v in (("step size", step_size), ("relative step", rel_step)):
             check(v is None or (math.isfinite(v) and v > 0), f"{name} must be > 0, got {v}")
         self.model, self.norm, self.eps, self.steps = model, norm, float(eps), steps
         self.step_size, self.rel_step = step_size, rel_step
         self.random_start, self.restarts, self.targeted, self.seed = random_start, restarts, targeted, seed
+        self.keep = keep
 
     def settings(self) -> dict:
         """The attack's settings as plain values (for results files)."""
         return {"norm": self.norm, "eps": self.eps, "steps": self.steps, "step_size": self.alpha,
-                "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted}
+                "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted,
+                "keep": self.keep}
 
     @property
     def alpha(self) -> float:
@@ -125,7 +133,7 @@ class PGD:
             best_hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             for r in range(self.restarts):
                 best, best_loss, best_hit = self._run(ops, x, y, r, best, best_loss, best_hit)
-                if best_hit.all():
+                if best_hit.all() and self.keep == "worst":
                     break
         return best
 
@@ -143,6 +151,10 @@ class PGD:
         else:
             delta = torch.zeros_like(x)
         alpha = self.alpha
+        if self.keep == "last":
+            for _ in range(self.steps):
+                delta = self._step(ops, x, y, delta, sign, alpha)
+            return (x + delta).detach(), best_loss, best_hit
         for t in range(self.steps + 1):
             delta.requires_grad_(True)
             logits = self.model(x + delta)
@@ -161,10 +173,21 @@ class PGD:
                 delta = (x + delta).clamp(0, 1) - x
 
 
+    def _step(self, ops, x, y, delta, sign, alpha):
+        """One ascent step from delta (keep="last": no bookkeeping, no early stop)."""
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(self.model(x + delta), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = ops.project(delta.detach() + sign * alpha * ops.direction(grad), self.eps)
+            return (x + delta).clamp(0, 1) - x
+
+
 def FGSM(model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, random_start: bool = False,
-         rel_step: float | None = None, seed: int = 0) -> PGD:
+         rel_step: float | None = None, keep: str = "worst", seed: int = 0) -> PGD:
     """Fast gradient (sign) method, Goodfellow et al. 2015: one step of size eps (L2: along the normalised
     gradient). With random_start and rel_step=1.25 it is the FGSM-RS of Wong et al. 2020."""
     if rel_step is None:
         rel_step = 1.25 if random_start else 1.0
-    return PGD(model, norm=norm, eps=eps, steps=1, rel_step=rel_step, random_start=random_start, seed=seed)
+    return PGD(model, norm=norm, eps=eps, steps=1, rel_step=rel_step, random_start=random_start, keep=keep,
+               seed=seed)

@@ -1,7 +1,8 @@
 """Min-max adversarial training (Madry et al. 2018; eq. 1 of Jung 2024) and FGSM-RS (Wong et al. 2020).
 
 Each batch: PGD finds δ against the current classifier (K forward and backward passes, model in eval
-mode), then the classifier descends CE(f(x + δ), y). FGSM-RS is the K = 1 case with a random start and
+mode), then the classifier descends CE(f(x + δ), y) on PGD's final iterate (keep="last", as Madry et
+al.: a sample fooled at an early step is still pushed to full strength). FGSM-RS is the K = 1 case with a random start and
 a step of 1.25·eps.
 
 With cfg.fold_bn_attack (default) the attack runs on a BatchNorm-folded copy of the classifier,
@@ -29,7 +30,7 @@ class MinMax:
         a = cfg.attack
         self.model = model
         self.attack = PGD(model, norm=a.norm, eps=a.eps, steps=a.steps, step_size=a.step_size,
-                          random_start=a.random_start, seed=cfg.seed)
+                          random_start=a.random_start, keep="last", seed=cfg.seed)
         self.calls = 0
         self._set_folder(model, cfg)
 
@@ -54,5 +55,5 @@ class FGSMRS(MinMax):
     def __init__(self, model, cfg, steps_per_epoch: int):
         a = cfg.attack
         self.model = model
-        self.attack = FGSM(model, norm=a.norm, eps=a.eps, random_start=True, seed=cfg.seed)
+        self.attack = FGSM(model, norm=a.norm, eps=a.eps, random_start=True, keep="last", seed=cfg.seed)
         self._set_folder(model, cfg)
