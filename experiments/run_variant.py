@@ -26,6 +26,7 @@ from advgen.evaluate import evaluate
 from advgen.models.generators import GeneratorConfig
 from advgen.training import loop as loop_mod
 from advgen.training.generator import Generator
+from advgen.training.minmax import FGSMRS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 480.0
@@ -53,6 +54,9 @@ VARIANTS = {
     "gen_l2_adam_gradinput": gen(dict(L2, grad_input=True), optimizer="adam", lr=ADAM_LR),
     "gen_l2_adam_gradinput_skip": gen(dict(L2, grad_input=True, grad_skip=True), optimizer="adam", lr=ADAM_LR),
     "fgsm_rs": dict(method="fgsm", attack=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5),
+    # control for grad_input(+skip): FGSM along the L2-normalised gradient, step = eps, NO random start
+    # (what the grad_skip bank is at initialisation); method "fgsm" with the attack swapped, see main()
+    "fgsm_nors_l2": dict(method="fgsm", attack=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5, _no_rs=True),
     "pgd2_T5": mm(2, T / 5),
     "pgd5_T5": mm(5, T / 5),
     "pgd10_T5": mm(10, T / 5),
@@ -98,6 +102,15 @@ class Probe(Generator):
 
 loop_mod.METHOD_CLASSES["generator"] = Probe
 
+
+class FGSMNoRS(FGSMRS):
+    """FGSM without a random start: one step of eps along ∇x/‖∇x‖₂ (L2)."""
+
+    def __init__(self, model, cfg, steps_per_epoch):
+        a = cfg.attack
+        self.model = model
+        self.attack = FGSM(model, norm=a.norm, eps=a.eps, random_start=False, seed=cfg.seed)
+
 # The budget clock: this machine's 2 cores are shared (load 3-5 during these runs), so wall-clock
 # seconds would measure the other jobs' load. The loop's timer is pointed at this process's CPU time
 # instead (one thread: equal to wall-clock on a dedicated core). Only loop.py's view of `time` changes.
@@ -141,6 +154,7 @@ def main():
     for name in sys.argv[1:]:
         torch.manual_seed(0)
         v = dict(VARIANTS[name])
+        loop_mod.METHOD_CLASSES["fgsm"] = FGSMNoRS if v.pop("_no_rs", False) else FGSMRS
         if "BUDGET_S" in os.environ:
             v["time_budget"] = float(os.environ["BUDGET_S"])
         cfg = TrainConfig(init=os.path.join(ROOT, "exp/base"), lr=0.01, schedule="constant", epochs=50,
