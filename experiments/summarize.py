@@ -32,7 +32,7 @@ def settings(c):
 rows = []
 for p in sorted(glob.glob(os.path.join(R, "*.json"))):
     n = os.path.basename(p)[:-5]
-    if n in ("base",) or n.startswith("aa_"):
+    if n in ("base",) or n.startswith(("aa_", "ablation")):
         continue
     d = json.load(open(p))
     aa = os.path.join(R, f"aa_{n}.json")
