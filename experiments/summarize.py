@@ -38,7 +38,9 @@ for p in sorted(glob.glob(os.path.join(R, "*.json"))):
     aa = os.path.join(R, f"aa_{n}.json")
     aa = json.load(open(aa)) if os.path.exists(aa) else None
     ab = d.get("ablation")
-    rows.append((n, settings(d["config"]), d["trained_s"], d["steps"], d["clean"], d["pgd_0.25"], d["pgd_0.5"],
+    label = {"fgsm_nors_l2": "FGSM l2 eps 0.5, step eps, no random start (library: first fooling iterate)",
+             "fgsm_full_l2": "x + 0.5·∇/‖∇‖₂ on every sample (no RS, no early stop)"}.get(n) or settings(d["config"])
+    rows.append((n, label, d["trained_s"], d["steps"], d["clean"], d["pgd_0.25"], d["pgd_0.5"],
                  aa, ab, d["eval_pgd_l2"]["checks"]))
 
 lines = ["| run | settings | budget s (CPU) | trained s | steps | clean | PGD-L2 0.25 | PGD-L2 0.5 | AA (n, PGD on same n) | checks |",
