@@ -40,7 +40,7 @@ for name in sys.argv[1:]:
            "apgd_t_targets": TARGETS, "n_iter": 100, "eps": 0.5, "norm": "L2"},
            "clean": pgd["results"][0]["accuracy"], "pgd20_l2_0.5": pgd["results"][1]["accuracy"],
            "autoattack_l2_0.5": acc_aa, "aa_seconds": time.time() - t0}
-    out["pgd_minus_aa_pts"] = 100 * (out["pgd20_l2_0.5"] - acc_aa)
+    out["pgd_minus_aa_pts"] = round(100 * (out["pgd20_l2_0.5"] - acc_aa), 2)
     out["masking_flag"] = out["pgd_minus_aa_pts"] > 3
     json.dump(out, open(os.path.join(ROOT, "experiments/results", f"aa_{name}.json"), "w"), indent=1)
     print(json.dumps(out), flush=True)

@@ -26,6 +26,7 @@ from advgen.evaluate import evaluate
 from advgen.models.generators import GeneratorConfig
 from advgen.training import loop as loop_mod
 from advgen.training.generator import Generator
+from advgen.training.minmax import FGSMRS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 480.0
@@ -53,6 +54,13 @@ VARIANTS = {
     "gen_l2_adam_gradinput": gen(dict(L2, grad_input=True), optimizer="adam", lr=ADAM_LR),
     "gen_l2_adam_gradinput_skip": gen(dict(L2, grad_input=True, grad_skip=True), optimizer="adam", lr=ADAM_LR),
     "fgsm_rs": dict(method="fgsm", attack=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5),
+    # control for grad_input(+skip): FGSM along the L2-normalised gradient, step = eps, NO random start
+    # (what the grad_skip bank is at initialisation); method "fgsm" with the attack swapped, see main()
+    "fgsm_nors_l2": dict(method="fgsm", attack=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5, _no_rs=True),
+    # the same, but EVERY sample gets the full step (the library's PGD/FGSM keep the first iterate that
+    # fools the model, so with no random start a sample misclassified when clean is trained clean):
+    # exactly the grad_skip bank's perturbation at initialisation, with no generator
+    "fgsm_full_l2": dict(method="fgsm", attack=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5, _full=True),
     "pgd2_T5": mm(2, T / 5),
     "pgd5_T5": mm(5, T / 5),
     "pgd10_T5": mm(10, T / 5),
@@ -98,6 +106,30 @@ class Probe(Generator):
 
 loop_mod.METHOD_CLASSES["generator"] = Probe
 
+
+class FGSMFull(FGSMRS):
+    """x + eps · ∇x/‖∇x‖₂ for every sample (no early stop, no random start), clipped to [0, 1]."""
+
+    def __init__(self, model, cfg, steps_per_epoch):
+        self.model, self.eps = model, cfg.attack.eps
+
+    def loss(self, x, y):
+        xg = x.detach().requires_grad_(True)
+        with eval_mode(self.model):
+            (g,) = torch.autograd.grad(F.cross_entropy(self.model(xg), y, reduction="sum"), xg)
+        g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        logits = self.model((x + self.eps * g).clamp(0, 1))
+        return F.cross_entropy(logits, y), logits, y
+
+
+class FGSMNoRS(FGSMRS):
+    """FGSM without a random start: one step of eps along ∇x/‖∇x‖₂ (L2)."""
+
+    def __init__(self, model, cfg, steps_per_epoch):
+        a = cfg.attack
+        self.model = model
+        self.attack = FGSM(model, norm=a.norm, eps=a.eps, random_start=False, seed=cfg.seed)
+
 # The budget clock: this machine's 2 cores are shared (load 3-5 during these runs), so wall-clock
 # seconds would measure the other jobs' load. The loop's timer is pointed at this process's CPU time
 # instead (one thread: equal to wall-clock on a dedicated core). Only loop.py's view of `time` changes.
@@ -141,6 +173,8 @@ def main():
     for name in sys.argv[1:]:
         torch.manual_seed(0)
         v = dict(VARIANTS[name])
+        loop_mod.METHOD_CLASSES["fgsm"] = (FGSMNoRS if v.pop("_no_rs", False) else
+                                           FGSMFull if v.pop("_full", False) else FGSMRS)
         if "BUDGET_S" in os.environ:
             v["time_budget"] = float(os.environ["BUDGET_S"])
         cfg = TrainConfig(init=os.path.join(ROOT, "exp/base"), lr=0.01, schedule="constant", epochs=50,

@@ -32,21 +32,28 @@ def settings(c):
 rows = []
 for p in sorted(glob.glob(os.path.join(R, "*.json"))):
     n = os.path.basename(p)[:-5]
-    if n in ("base",) or n.startswith("aa_"):
+    if n in ("base",) or n.startswith(("aa_", "ablation")):
         continue
     d = json.load(open(p))
     aa = os.path.join(R, f"aa_{n}.json")
     aa = json.load(open(aa)) if os.path.exists(aa) else None
     ab = d.get("ablation")
-    rows.append((n, settings(d["config"]), d["trained_s"], d["steps"], d["clean"], d["pgd_0.25"], d["pgd_0.5"],
+    label = {"fgsm_nors_l2": "FGSM l2 eps 0.5, step eps, no random start (library: first fooling iterate)",
+             "fgsm_full_l2": "x + 0.5·∇/‖∇‖₂ on every sample (no RS, no early stop)"}.get(n) or settings(d["config"])
+    rows.append((n, label, d["trained_s"], d["steps"], d["clean"], d["pgd_0.25"], d["pgd_0.5"],
                  aa, ab, d["eval_pgd_l2"]["checks"]))
 
 lines = ["| run | settings | budget s (CPU) | trained s | steps | clean | PGD-L2 0.25 | PGD-L2 0.5 | AA (n, PGD on same n) | checks |",
          "|---|---|---|---|---|---|---|---|---|---|"]
+b = json.load(open(os.path.join(R, "base.json")))
+if "eval_pgd_l2" in b:
+    r = [x["accuracy"] for x in b["eval_pgd_l2"]["results"]]
+    lines.append(f"| base | standard, 15 epochs, lr 0.1 cosine (clean on all 10,000 test: {100*b['test_acc_10000']:.1f}) | - | "
+                 f"{sum(e['seconds'] for e in b['epochs']):.0f} (wall) | {15 * 78} | {100*r[0]:.1f} | {100*r[1]:.1f} | {100*r[2]:.1f} | | |")
 for n, s, t, st, c, p1, p2, aa, ab, ch in rows:
     b = json.load(open(os.path.join(R, n + ".json")))["config"]["time_budget"]
     aas = "" if aa is None else (f"{100*aa['autoattack_l2_0.5']:.1f} (n={aa['n']}, PGD {100*aa['pgd20_l2_0.5']:.1f})"
-                                 + (" MASKING?" if aa["masking_flag"] else ""))
+                                 + (" MASKING?" if round(100 * (aa["pgd20_l2_0.5"] - aa["autoattack_l2_0.5"]), 2) > 3 else ""))
     chs = "ok" if all(x["passed"] for x in ch) else "; ".join(x["name"] for x in ch if not x["passed"])
     lines.append(f"| {n} | {s} | {b:.0f} | {t:.0f} | {st} | {100*c:.1f} | {100*p1:.1f} | {100*p2:.1f} | {aas} | {chs} |")
 
