@@ -1,6 +1,7 @@
 """A tiny CIFAR-10 in the official python layout (protocol-4 pickles), for tests that need files."""
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -34,3 +35,23 @@ def tiny_dataset(n: int, seed: int) -> Dataset:
     d = batch_dict(n, seed)
     return Dataset(torch.from_numpy(d[b"data"].reshape(-1, 3, 32, 32).copy()),
                    torch.tensor(d[b"labels"], dtype=torch.long), 10)
+
+
+class Touch:
+    """A pickle payload: unpickling it would create a file (arbitrary code execution)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class System:
+    """A pickle payload: unpickling it would run a shell command that creates a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))

@@ -1,7 +1,6 @@
 """Checkpoints: safetensors round trip, corrupt and foreign files, atomic writes, no unpickling."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from advgen.checkpoint import atomic_write, read_json, read_tensors, save_model,
 from advgen.errors import CheckpointError, UserError
 from advgen.models import Normalize, build_model
 from advgen.models.resnet_cifar import CifarResNet
+from synth_cifar import System, Touch
 
 
 def trained_looking(name="resnet20", num_classes=10, seed=0) -> nn.Module:
@@ -180,23 +180,7 @@ def test_foreign_file_that_is_not_a_state_dict(tmp_path):
         advgen.load_model(tmp_path / "junk.pt", model_name="resnet20")
 
 
-class _Touch:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-class _System:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
-@pytest.mark.parametrize("evil", [_Touch, _System])
+@pytest.mark.parametrize("evil", [Touch, System])
 @pytest.mark.parametrize("wrap", [False, True])
 def test_malicious_pt_is_refused_without_side_effect(tmp_path, evil, wrap):
     marker = tmp_path / "pwned"

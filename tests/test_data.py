@@ -1,7 +1,6 @@
 """CIFAR loading (format, safety, validation), subsets, augmentation and batching."""
 from __future__ import annotations
 
-import os
 import pickle
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 import advgen
 from advgen.data import Batches, Dataset, augment, balanced_subset, first_n, load_cifar
 from advgen.errors import DataError, UserError
+from synth_cifar import System, Touch
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -87,25 +87,7 @@ def test_load_protocol_4_pickles_too(tmp_path):
     assert train.labels.tolist() == [i % 10 for i in range(20)]
 
 
-class _Touch:
-    """Unpickling this would create a file (arbitrary code execution)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-class _System:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
-@pytest.mark.parametrize("evil", [_Touch, _System])
+@pytest.mark.parametrize("evil", [Touch, System])
 @pytest.mark.parametrize("where", ["top", "inside"])
 def test_malicious_pickle_is_refused_without_side_effect(tmp_path, evil, where):
     folder = write_cifar(tmp_path)
