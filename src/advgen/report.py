@@ -7,7 +7,6 @@ then DIR/figure2.png, DIR/figure3.png, DIR/results.json and DIR/report.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import platform

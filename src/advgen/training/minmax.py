@@ -31,7 +31,6 @@ class MinMax:
         self.model = model
         self.attack = PGD(model, norm=a.norm, eps=a.eps, steps=a.steps, step_size=a.step_size,
                           random_start=a.random_start, keep="last", seed=cfg.seed)
-        self.calls = 0
         self._set_folder(model, cfg)
 
     def _set_folder(self, model, cfg):
