@@ -18,12 +18,13 @@ from ..models.generators import GeneratorBank
 
 
 class Generator:
-    def __init__(self, model, cfg, steps_per_epoch: int, device=None):
+    def __init__(self, model, cfg, steps_per_epoch: int):
         g = cfg.generator
         self.model, self.cfg = model, g
-        dev = next(model.parameters()).device
+        first = next(model.parameters())
+        dev = first.device
         self.bank = GeneratorBank(g.bank).to(dev)  # the bank copies its config: the warm-up ramps only its own s
-        if getattr(cfg, "channels_last", False) and next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+        if getattr(cfg, "channels_last", False) and first.is_contiguous(memory_format=torch.channels_last):
             self.bank.to(memory_format=torch.channels_last)  # grouped convs ~0.7x the time in NHWC on the CPU
         params = self.bank.parameters()
         if g.optimizer == "adam":
