@@ -24,7 +24,8 @@ class Generator:
         first = next(model.parameters())
         dev = first.device
         self.bank = GeneratorBank(g.bank).to(dev)  # the bank copies its config: the warm-up ramps only its own s
-        if getattr(cfg, "channels_last", False) and first.is_contiguous(memory_format=torch.channels_last):
+        # follow the classifier's layout as training decided it (cfg.channels_last is None under "auto")
+        if first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous():
             self.bank.to(memory_format=torch.channels_last)  # grouped convs ~0.7x the time in NHWC on the CPU
         params = self.bank.parameters()
         if g.optimizer == "adam":
