@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from advgen.attacks.pgd import PGD, L2, eval_mode
 from advgen.data import augment
 from advgen.models import build_model
-from advgen.models.generators import GeneratorBank, GeneratorConfig
+from advgen.models.generators import GeneratorBank, BankConfig
 from advgen.speed import BNFolder, inference_copy
 
 B = 128
@@ -225,7 +225,7 @@ def lever_bank_channels_last():
     """Generator bank (N=32) forward + backward: NCHW vs channels_last input/weights."""
     torch.manual_seed(0)
     x, _ = batch()
-    bank_a = GeneratorBank(GeneratorConfig())
+    bank_a = GeneratorBank(BankConfig())
     bank_b = copy.deepcopy(bank_a).to(memory_format=torch.channels_last)
     xb = x.contiguous(memory_format=torch.channels_last)
 
@@ -248,8 +248,8 @@ def _epoch(method: str, **kw):
     if not _DATA:
         tr, te = load_cifar("cifar10", Path(__file__).resolve().parents[2] / "shared" / "data")
         _DATA.update(train=balanced_subset(tr, 1280, 0), test=first_n(te, 100))
-    attack = AttackConfig(norm="l2", eps=0.5, steps=10, step_size=0.125)
-    cfg = TrainConfig(method=method, epochs=1, lr=0.01, seed=0, attack=attack, **kw)
+    options = AttackConfig(norm="l2", eps=0.5, steps=10, step_size=0.125) if method == "minmax" else None
+    cfg = TrainConfig(method=method, options=options, epochs=1, lr=0.01, seed=0, **kw)
 
     def run():
         torch.manual_seed(0)

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 from advgen.attacks.pgd import eval_mode
 from advgen.checkpoint import load_model
 from advgen.data import Batches, balanced_subset, load_cifar
-from advgen.models.generators import GeneratorBank, GeneratorConfig
+from advgen.models.generators import GeneratorBank, BankConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = int(os.environ.get("ABL_STEPS", "120"))
@@ -52,7 +52,7 @@ for name, bank_kw, lr in (("d3w16_adam1e-3", dict(depth=3, width=16), 1e-3),
                           ("d3w16_adam1e-2", dict(depth=3, width=16), 1e-2),
                           ("d6w64_adam1e-3", dict(depth=6, width=64), 1e-3)):
     torch.manual_seed(0)
-    bank = GeneratorBank(GeneratorConfig(bound="l2", size=0.5, **bank_kw))
+    bank = GeneratorBank(BankConfig(bound="l2", size=0.5, **bank_kw))
     opt = torch.optim.Adam(bank.parameters(), lr=lr, maximize=True)
     batches = Batches(train_set, 128, seed=0, train=True)
     curve, step, t0 = [{"step": 0, **score(bank)}], 0, time.process_time()

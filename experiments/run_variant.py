@@ -20,12 +20,13 @@ torch.set_num_threads(1)
 
 from advgen.attacks import FGSM
 from advgen.attacks.pgd import eval_mode
-from advgen.config import AttackConfig, GeneratorTraining, TrainConfig
+from advgen.config import AttackConfig, TrainConfig
+from advgen.training.generator import GeneratorOptions
 from advgen.data import balanced_subset, first_n, load_cifar
 from advgen.evaluate import evaluate
-from advgen.models.generators import GeneratorConfig
-from advgen.training import loop as loop_mod
-from advgen.training.generator import Generator
+from advgen.models.generators import BankConfig
+from advgen.training import registered, train
+from advgen.training.generator import GeneratorMethod
 from advgen.training.minmax import FGSMRS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,11 +35,11 @@ ADAM_LR = float(os.environ.get("ADAM_LR", "1e-3"))
 
 
 def gen(bank, budget=T / 5, **kw):
-    return dict(method="generator", generator=GeneratorTraining(bank=GeneratorConfig(**bank), **kw), time_budget=budget)
+    return dict(method="generator", options=GeneratorOptions(bank=BankConfig(**bank), **kw), time_budget=budget)
 
 
 def mm(k, budget):
-    return dict(method="minmax", attack=AttackConfig(norm="l2", eps=0.5, steps=k, step_size=2.5 * 0.5 / k),
+    return dict(method="minmax", options=AttackConfig(norm="l2", eps=0.5, steps=k, step_size=2.5 * 0.5 / k),
                 time_budget=budget)
 
 
@@ -53,14 +54,14 @@ VARIANTS = {
     "gen_l2_adam_clean0.5": gen(L2, optimizer="adam", lr=ADAM_LR, clean_fraction=0.5),
     "gen_l2_adam_gradinput": gen(dict(L2, grad_input=True), optimizer="adam", lr=ADAM_LR),
     "gen_l2_adam_gradinput_skip": gen(dict(L2, grad_input=True, grad_skip=True), optimizer="adam", lr=ADAM_LR),
-    "fgsm_rs": dict(method="fgsm", attack=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5),
+    "fgsm_rs": dict(method="fgsm", options=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5),
     # control for grad_input(+skip): FGSM along the L2-normalised gradient, step = eps, NO random start
     # (what the grad_skip bank is at initialisation); method "fgsm" with the attack swapped, see main()
-    "fgsm_nors_l2": dict(method="fgsm", attack=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5, _no_rs=True),
+    "fgsm_nors_l2": dict(method="fgsm", options=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5, _no_rs=True),
     # the same, but EVERY sample gets the full step (the library's PGD/FGSM keep the first iterate that
     # fools the model, so with no random start a sample misclassified when clean is trained clean):
     # exactly the grad_skip bank's perturbation at initialisation, with no generator
-    "fgsm_full_l2": dict(method="fgsm", attack=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5, _full=True),
+    "fgsm_full_l2": dict(method="fgsm", options=AttackConfig(norm="l2", eps=0.5), time_budget=T / 5, _full=True),
     "pgd2_T5": mm(2, T / 5),
     "pgd5_T5": mm(5, T / 5),
     "pgd10_T5": mm(10, T / 5),
@@ -68,7 +69,7 @@ VARIANTS = {
 }
 
 
-class Probe(Generator):
+class Probe(GeneratorMethod):
     """The generator method plus cheap diagnostics every 10 steps (no_grad; one eval-mode forward)."""
     last = None
 
@@ -82,7 +83,7 @@ class Probe(Generator):
         out = super().loss(x, y)
         if self.step_count % 10 == 0:
             with torch.no_grad():
-                x_adv, _, _ = self._generate(x, y) if not self.cfg.bank.grad_input else (None, None, None)
+                x_adv, _, _ = self._generate(x, y) if not self.options.bank.grad_input else (None, None, None)
             if x_adv is None:
                 with torch.enable_grad():
                     x_adv, _, _ = self._generate(x, y)
@@ -104,14 +105,12 @@ class Probe(Generator):
         return out
 
 
-loop_mod.METHOD_CLASSES["generator"] = Probe
-
-
 class FGSMFull(FGSMRS):
     """x + eps · ∇x/‖∇x‖₂ for every sample (no early stop, no random start), clipped to [0, 1]."""
 
-    def __init__(self, model, cfg, steps_per_epoch):
-        self.model, self.eps = model, cfg.attack.eps
+    def __init__(self, model, options, setup):
+        super().__init__(model, options, setup)
+        self.eps = options.radius
 
     def loss(self, x, y):
         xg = x.detach().requires_grad_(True)
@@ -125,17 +124,8 @@ class FGSMFull(FGSMRS):
 class FGSMNoRS(FGSMRS):
     """FGSM without a random start: one step of eps along ∇x/‖∇x‖₂ (L2)."""
 
-    def __init__(self, model, cfg, steps_per_epoch):
-        a = cfg.attack
-        self.model = model
-        self.attack = FGSM(model, norm=a.norm, eps=a.eps, random_start=False, seed=cfg.seed)
-
-# The budget clock: this machine's 2 cores are shared (load 3-5 during these runs), so wall-clock
-# seconds would measure the other jobs' load. The loop's timer is pointed at this process's CPU time
-# instead (one thread: equal to wall-clock on a dedicated core). Only loop.py's view of `time` changes.
-import types
-loop_mod.time = types.SimpleNamespace(perf_counter=time.process_time)
-
+    def make_attack(self, model, a, seed):
+        return FGSM(model, norm=a.norm, eps=a.radius, random_start=False, seed=seed)
 
 def direction_ablation(model, method, x, y):
     """Against the final classifier: accuracy/CE of the generator's perturbation as trained, and of its
@@ -173,15 +163,17 @@ def main():
     for name in sys.argv[1:]:
         torch.manual_seed(0)
         v = dict(VARIANTS[name])
-        loop_mod.METHOD_CLASSES["fgsm"] = (FGSMNoRS if v.pop("_no_rs", False) else
-                                           FGSMFull if v.pop("_full", False) else FGSMRS)
+        fgsm = FGSMNoRS if v.pop("_no_rs", False) else FGSMFull if v.pop("_full", False) else FGSMRS
         if "BUDGET_S" in os.environ:
             v["time_budget"] = float(os.environ["BUDGET_S"])
+        # the budget clock: this machine's 2 cores are shared (load 3-5 during these runs), so the budget
+        # counts this process's CPU seconds (one thread: equal to wall-clock on a dedicated core)
         cfg = TrainConfig(init=os.path.join(ROOT, "exp/base"), lr=0.01, schedule="constant", epochs=50,
-                          batch_size=128, seed=0, **v)
+                          batch_size=128, seed=0, budget_clock="process", **v)
         Probe.last = None
         t0, c0 = time.time(), time.process_time()
-        model, rec = loop_mod.train(cfg, train_set, watch_test, out_dir=os.path.join(ROOT, "exp", name), progress=False)
+        with registered("generator", Probe), registered("fgsm", fgsm):
+            model, rec = train(cfg, train_set, watch_test, out_dir=os.path.join(ROOT, "exp", name), progress=False)
         wall, cpu = time.time() - t0, time.process_time() - c0
         trained = sum(e["seconds"] for e in rec["epochs"])
         steps = sum(e["steps"] for e in rec["epochs"])

@@ -36,7 +36,7 @@ def test_train_generator_from_init_then_eval(tmp_path, capsys):
     assert code == 0
     assert (gen / "model.safetensors").exists() and (gen / "generators.safetensors").exists()
     cfg = json.loads((gen / "run.json").read_text())["config"]
-    assert cfg["generator"]["bank"]["n"] == 8 and cfg["init"] == str(base)
+    assert cfg["options"]["bank"]["n"] == 8 and cfg["init"] == str(base)
 
     out_json = tmp_path / "eval.json"
     code, out, _ = run(["eval", gen, "--data-dir", DATA, "--attack", "pgd-l2", "--eps", "0,0.5", "--steps", "3",
@@ -122,11 +122,11 @@ def test_compare_smoke_writes_table_and_plot(tmp_path, capsys):
 def test_generator_presets_and_flag_overrides():
     from advgen.cli import build_parser, train_config_from_args
     parse = lambda *a: train_config_from_args(build_parser().parse_args(["train", "--method", "generator", "--out", "x", *a]))
-    paper = parse().generator
+    paper = parse().options
     assert (paper.bank.n, paper.bank.bound, paper.bank.size, paper.optimizer, paper.lr) == (32, "box", 0.2, "sgd", 0.005)
-    grad = parse("--gen-preset", "gradient").generator
+    grad = parse("--gen-preset", "gradient").options
     assert grad.bank.grad_input and grad.bank.grad_skip and grad.bank.bound == "l2" and grad.optimizer == "adam"
-    mixed = parse("--gen-preset", "gradient", "--gen-bound", "1.0", "--generators", "8", "--gen-lr", "0.01").generator
+    mixed = parse("--gen-preset", "gradient", "--gen-bound", "1.0", "--generators", "8", "--gen-lr", "0.01").options
     assert (mixed.bank.size, mixed.bank.n, mixed.lr, mixed.bank.grad_skip) == (1.0, 8, 0.01, True)
 
 

@@ -9,14 +9,15 @@ import torch.nn.functional as F
 
 import advgen
 from advgen.errors import UserError
-from advgen.models.generators import GeneratorBank, GeneratorConfig
-from advgen.training.generator import Generator
+from advgen.models.generators import GeneratorBank, BankConfig
+from advgen.training.generator import GeneratorMethod
+from advgen.training.method import Setup
 
 
 def make_bank(seed=0, **kw) -> GeneratorBank:
     torch.manual_seed(seed)
     kw = {"n": 4, "width": 5, "depth": 3, **kw}
-    return GeneratorBank(GeneratorConfig(**kw))
+    return GeneratorBank(BankConfig(**kw))
 
 
 def ref_psi(bank: GeneratorBank, k: int, inp: torch.Tensor) -> torch.Tensor:
@@ -201,20 +202,24 @@ def test_generator_config_validation():
     for bad in (dict(n=0), dict(bound="sphere"), dict(size=0.0), dict(size=float("nan")), dict(depth=0),
                 dict(width=0), dict(assign="roundrobin")):
         with pytest.raises(UserError):
-            GeneratorBank(GeneratorConfig(**bad))
+            GeneratorBank(BankConfig(**bad))
 
 
 # ------------------------------------------------------------------------------------------ the method
 
+def _setup(model, steps_per_epoch=10):
+    return Setup(device=torch.device("cpu"), steps_per_epoch=steps_per_epoch, seed=0)
+
+
 def generator_method(model, n=8, size=0.05, lr=0.05, **gen):
     cfg = advgen.TrainConfig(method="generator", seed=0)
-    cfg.generator.lr = lr
-    cfg.generator.bank = GeneratorConfig(n=n, size=size)
+    cfg.options.lr = lr
+    cfg.options.bank = BankConfig(n=n, size=size)
     for k, v in gen.items():
-        setattr(cfg.generator, k, v)
+        setattr(cfg.options, k, v)
     cfg.validate()
     torch.manual_seed(0)
-    return Generator(model, cfg, steps_per_epoch=10)
+    return GeneratorMethod(model, cfg.options, _setup(model))
 
 
 def measured_loss(method, model, x, y):
@@ -271,7 +276,7 @@ def test_loss_runs_the_classifier_once(trained_tiny):
     x, y = trained_tiny.x_test[:64], trained_tiny.y_test[:64]
     cfg = advgen.TrainConfig(method="generator")
     cfg.validate()
-    method = Generator(model, cfg, steps_per_epoch=10)
+    method = GeneratorMethod(model, cfg.options, _setup(model))
     loss, _, _ = method.loss(x, y)
     assert calls == [64]
     loss.backward()
@@ -298,10 +303,10 @@ def test_input_gradient_variant_and_clean_fraction(trained_tiny):
     calls = []
     model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     cfg = advgen.TrainConfig(method="generator")
-    cfg.generator.bank = GeneratorConfig(n=4, grad_input=True)
-    cfg.generator.clean_fraction = 0.25
+    cfg.options.bank = BankConfig(n=4, grad_input=True)
+    cfg.options.clean_fraction = 0.25
     cfg.validate()
-    method = Generator(model, cfg, steps_per_epoch=10)
+    method = GeneratorMethod(model, cfg.options, _setup(model))
     x, y = trained_tiny.x_test[:32], trained_tiny.y_test[:32]
     loss, logits, labels = method.loss(x, y)
     assert calls == [24, 32]                                  # gradient pass on the adversarial part, then one pass
@@ -318,7 +323,7 @@ def test_train_loop_with_generator_method(tmp_path):
     g = torch.Generator().manual_seed(0)
     ds = Dataset(torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(64) % 10, 10)
     cfg = advgen.TrainConfig(method="generator", epochs=1, batch_size=32, lr=0.01)
-    cfg.generator.bank = GeneratorConfig(n=4, width=4)
+    cfg.options.bank = BankConfig(n=4, width=4)
     torch.manual_seed(0)
     model, record = advgen.train(cfg, ds, first_16(ds), out_dir=tmp_path, progress=False)
     assert not model.training
@@ -326,7 +331,7 @@ def test_train_loop_with_generator_method(tmp_path):
     assert 0 <= record["epochs"][0]["test_acc"] <= 1
     tensors, meta = read_tensors(tmp_path / "generators.safetensors")
     assert set(tensors) == {f"convs.{i}.{w}" for i in range(3) for w in ("weight", "bias")}
-    assert meta["generator"]["n"] == 4
+    assert meta["config"]["n"] == 4
     assert (tmp_path / "run.json").exists() and (tmp_path / "model.safetensors").exists()
 
 
@@ -338,28 +343,28 @@ def first_16(ds):
 def test_warmup_ramps_the_bound_without_touching_the_config(tiny_model):
     model = tiny_model().train()
     cfg = advgen.TrainConfig(method="generator")
-    cfg.generator.warmup_epochs = 1.0
-    cfg.generator.bank = GeneratorConfig(n=4, size=0.2)
-    method = Generator(model, cfg, steps_per_epoch=10)
+    cfg.options.warmup_epochs = 1.0
+    cfg.options.bank = BankConfig(n=4, size=0.2)
+    method = GeneratorMethod(model, cfg.options, _setup(model))
     x, y = torch.rand(8, 3, 32, 32), torch.arange(8)
     sizes = []
     for _ in range(12):
         loss, _, _ = method.loss(x, y)
         sizes.append(method.bank.cfg.size)
-        assert cfg.generator.bank.size == 0.2                  # the run's config still says s
+        assert cfg.options.bank.size == 0.2                  # the run's config still says s
         loss.backward()
         method.after_step()
     assert sizes[:3] == pytest.approx([0.02, 0.04, 0.06])
     assert sizes[9:] == pytest.approx([0.2] * 3)
-    assert cfg.to_dict()["generator"]["bank"]["size"] == 0.2
+    assert cfg.to_dict()["options"]["bank"]["size"] == 0.2
 
 
 def test_reinit_bookkeeping(tiny_model):
     model = tiny_model().train()
     cfg = advgen.TrainConfig(method="generator")
-    cfg.generator.reinit_every = 2
-    cfg.generator.bank = GeneratorConfig(n=4)
-    method = Generator(model, cfg, steps_per_epoch=10)
+    cfg.options.reinit_every = 2
+    cfg.options.bank = BankConfig(n=4)
+    method = GeneratorMethod(model, cfg.options, _setup(model))
     x, y = torch.rand(8, 3, 32, 32), torch.arange(8)
     loss, _, _ = method.loss(x, y)
     assert method.gen_seen.tolist() == [2, 2, 2, 2]

@@ -16,13 +16,14 @@ from safetensors.torch import load_file
 from synth_cifar import tiny_dataset, write_cifar
 
 import advgen
-from advgen.checkpoint import STATE_FILE
+from advgen.checkpoint import STATE_FILE, read_tensors
 from advgen.cli import main
-from advgen.config import AttackConfig, GeneratorTraining, TrainConfig
+from advgen.config import AttackConfig, TrainConfig
+from advgen.training.generator import GeneratorOptions
 from advgen.errors import CheckpointError, RunDirError, TrainingDiverged
-from advgen.models.generators import GeneratorConfig
-from advgen.training import loop
-from advgen.training.loop import read_state, train
+from advgen.models.generators import BankConfig
+from advgen.training import METHODS, metrics, registered, train
+from advgen.training.state import read_state
 
 torch.set_num_threads(1)
 SRC = Path(advgen.__file__).resolve().parents[1]
@@ -31,10 +32,10 @@ SRC = Path(advgen.__file__).resolve().parents[1]
 CONFIGS = {
     "standard": TrainConfig(method="standard", epochs=2, batch_size=16, seed=3),
     "minmax": TrainConfig(method="minmax", epochs=2, batch_size=16, lr=0.05,
-                          attack=AttackConfig(steps=2, eps=0.5, step_size=0.3)),
-    "fgsm": TrainConfig(method="fgsm", epochs=2, batch_size=16, attack=AttackConfig(norm="linf", eps=8 / 255)),
-    "generator": TrainConfig(method="generator", epochs=2, batch_size=16, generator=GeneratorTraining(
-        bank=GeneratorConfig(n=4, assign="random", grad_input=True, width=4, depth=2), momentum=0.9, steps=2,
+                          options=AttackConfig(steps=2, eps=0.5, step_size=0.3)),
+    "fgsm": TrainConfig(method="fgsm", epochs=2, batch_size=16, options=AttackConfig(norm="linf", eps=8 / 255)),
+    "generator": TrainConfig(method="generator", epochs=2, batch_size=16, options=GeneratorOptions(
+        bank=BankConfig(n=4, assign="random", grad_input=True, width=4, depth=2), momentum=0.9, steps=2,
         warmup_epochs=1, reinit_every=2, clean_fraction=0.25)),
 }
 
@@ -76,9 +77,10 @@ def reference(method: str, tmp_path_factory) -> Path:
     return _REFERENCE[method]
 
 
-def _crashing(monkeypatch, method: str, at_call: int) -> None:
-    """Make the method's loss() raise Crash on its at_call-th call (mid-step: that step is lost)."""
-    base = loop.METHOD_CLASSES[method]
+def _crashing(method: str, at_call: int):
+    """The method with a loss() that raises Crash on its at_call-th call (mid-step: that step is lost),
+    registered in its place for a `with` block."""
+    base = METHODS[method].cls
     calls = {"n": 0}
 
     def loss(self, x, y):
@@ -87,7 +89,7 @@ def _crashing(monkeypatch, method: str, at_call: int) -> None:
             raise Crash()
         return base.loss(self, x, y)
 
-    monkeypatch.setitem(loop.METHOD_CLASSES, method, type("Crashing", (base,), {"loss": loss}))
+    return registered(method, type("Crashing", (base,), {"loss": loss}))
 
 
 def _compare_runs(ref: Path, out: Path) -> None:
@@ -103,11 +105,10 @@ def _compare_runs(ref: Path, out: Path) -> None:
     ("fgsm", 1, 2),
     ("generator", 2, 5),     # bank, its momentum, its rng, re-draws (global rng), warm-up, attack seed
 ])
-def test_crash_then_resume_is_bit_identical(method, every, crash_at, tmp_path, tmp_path_factory, monkeypatch):
+def test_crash_then_resume_is_bit_identical(method, every, crash_at, tmp_path, tmp_path_factory):
     ref = reference(method, tmp_path_factory)
     out = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _crashing(m, method, crash_at)
+    with _crashing(method, crash_at):
         torch.manual_seed(0)
         with pytest.raises(Crash):
             train(_copy(CONFIGS[method]), *_sets(), out_dir=out, progress=False, checkpoint_every=every)
@@ -146,7 +147,7 @@ def test_kill_during_a_save_and_during_evaluation(tmp_path, tmp_path_factory, mo
     assert (meta["epoch"], meta["step"]) == (2, 0)   # step 3 + eval of epoch 1 saved; step 4 (epoch 2) lost
 
     with monkeypatch.context() as m:   # now die in the evaluation of epoch 2
-        m.setattr(loop, "accuracy", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+        m.setattr(metrics, "accuracy", lambda *a, **k: (_ for _ in ()).throw(Crash()))   # fault injection
         with pytest.raises(Crash):
             train(_copy(CONFIGS["generator"]), *_sets(), out_dir=out, progress=False, resume=True)
     _, meta = read_state(out / STATE_FILE)
@@ -162,7 +163,7 @@ def test_kill_during_a_save_and_during_evaluation(tmp_path, tmp_path_factory, mo
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_state(tmp_path, monkeypatch):
-    base = loop.METHOD_CLASSES["standard"]
+    base = METHODS["standard"].cls
     calls = {"n": 0}
 
     def loss(self, x, y):
@@ -170,21 +171,21 @@ def test_nonfinite_loss_stops_and_keeps_last_good_state(tmp_path, monkeypatch):
         value, logits, labels = base.loss(self, x, y)
         return (value * float("nan") if calls["n"] == 5 else value), logits, labels
 
-    monkeypatch.setitem(loop.METHOD_CLASSES, "standard", type("NaN", (base,), {"loss": loss}))
     out = tmp_path / "run"
     torch.manual_seed(0)
-    with pytest.raises(TrainingDiverged) as e:
+    with registered("standard", type("NaN", (base,), {"loss": loss})), pytest.raises(TrainingDiverged) as e:
         train(_copy(CONFIGS["standard"]), *_sets(), out_dir=out, progress=False, checkpoint_every=1)
     msg = str(e.value)
     assert "epoch 2, step 2/3" in msg and "loss is nan" in msg and "(epoch 2, step 1/3) is kept" in msg
-    tensors, meta = read_state(out / STATE_FILE)
+    _, meta = read_state(out / STATE_FILE)
     assert (meta["epoch"], meta["step"]) == (2, 1)
+    tensors, _ = read_tensors(out / STATE_FILE)
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if t.is_floating_point())
     assert json.loads((out / "run.json").read_text())["epochs"][0]["epoch"] == 1  # epoch 1's result stays
 
 
 def test_nonfinite_weight_is_never_saved(tmp_path, monkeypatch):
-    base = loop.METHOD_CLASSES["standard"]
+    base = METHODS["standard"].cls
     calls = {"n": 0}
 
     def after_step(self):
@@ -192,10 +193,10 @@ def test_nonfinite_weight_is_never_saved(tmp_path, monkeypatch):
         if calls["n"] == 2:
             self.model[1].bn1.running_var.fill_(float("inf"))  # train-mode loss stays finite
 
-    monkeypatch.setitem(loop.METHOD_CLASSES, "standard", type("Inf", (base,), {"after_step": after_step}))
     out = tmp_path / "run"
     torch.manual_seed(0)
-    with pytest.raises(TrainingDiverged, match=r"weights became non-finite \(1.bn1.running_var\)"):
+    with registered("standard", type("Inf", (base,), {"after_step": after_step})), \
+            pytest.raises(TrainingDiverged, match=r"weights became non-finite \(1.bn1.running_var\)"):
         train(_copy(CONFIGS["standard"]), *_sets(), out_dir=out, progress=False, checkpoint_every=1)
     _, meta = read_state(out / STATE_FILE)
     assert (meta["epoch"], meta["step"]) == (1, 1)
@@ -292,7 +293,7 @@ def test_sigterm_saves_and_says_how_to_resume(cli_runs):
 def test_sigint_in_process_finishes_the_step_then_exits_130(cli_runs, monkeypatch, capsys):
     root, data = cli_runs
     out = root / "int"
-    base = loop.METHOD_CLASSES["generator"]
+    base = METHODS["generator"].cls
     calls = {"n": 0}
 
     def loss(self, x, y):
@@ -302,8 +303,7 @@ def test_sigint_in_process_finishes_the_step_then_exits_130(cli_runs, monkeypatc
         return base.loss(self, x, y)
 
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with monkeypatch.context() as m:
-        m.setitem(loop.METHOD_CLASSES, "generator", type("Int", (base,), {"loss": loss}))
+    with registered("generator", type("Int", (base,), {"loss": loss})):
         assert main(_args(data, out)) == 130
     err = capsys.readouterr().err
     assert "interrupted by SIGINT after epoch 1, step 2/5" in err and "--resume" in err
@@ -366,15 +366,14 @@ def test_reproduce_resumes_a_stopped_stage(tmp_path, monkeypatch, caplog, capsys
     data = write_cifar(tmp_path / "data", per_batch=32, n_test=32)
     out = tmp_path / "repro"
     argv = ["reproduce", "--preset", "smoke2", "--data-dir", str(data), "--device", "cpu", "--out", str(out)]
-    base = loop.METHOD_CLASSES["generator"]
+    base = METHODS["generator"].cls
 
     def loss(self, x, y):   # Ctrl-C in the first step of the generator stage
         if self.step_count == 0:
             os.kill(os.getpid(), signal.SIGINT)
         return base.loss(self, x, y)
 
-    with monkeypatch.context() as m:
-        m.setitem(loop.METHOD_CLASSES, "generator", type("Int", (base,), {"loss": loss}))
+    with registered("generator", type("Int", (base,), {"loss": loss})):
         assert main(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted by SIGINT after epoch 1, step 1/" in err and f"resume with: advgen {' '.join(argv)}" in err

@@ -18,7 +18,7 @@ from advgen.config import AttackConfig, TrainConfig
 from advgen.errors import UserError
 from advgen.models import build_model
 from advgen.speed import BNFolder, inference_copy
-from advgen.training import loop
+from advgen.training import METHODS, registered
 from advgen.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def _data():
 def test_minmax_attacks_the_folded_copy_and_trains_in_train_mode():
     train_set, test_set = _data()
     cfg = TrainConfig(method="minmax", epochs=1, batch_size=16, lr=0.01, seed=0,
-                      attack=AttackConfig(norm="l2", eps=0.5, steps=3, step_size=0.2))
+                      options=AttackConfig(norm="l2", eps=0.5, steps=3, step_size=0.2))
     torch.manual_seed(0)
     folded, _ = train(cfg, train_set, test_set, progress=False)
     torch.manual_seed(0)
@@ -78,20 +78,18 @@ def test_minmax_attacks_the_folded_copy_and_trains_in_train_mode():
 def test_channels_last_layout_of_model_and_batches():
     train_set, test_set = _data()
     seen = []
-    orig = loop.METHOD_CLASSES["standard"].loss
+    base = METHODS["standard"].cls
 
-    def spy(self, x, y):
-        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        return orig(self, x, y)
+    class Spy(base):
+        def loss(self, x, y):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return super().loss(x, y)
 
     for flag, want in ((True, True), (False, False), (None, True)):  # None: auto, on for the CPU
         seen.clear()
-        loop.METHOD_CLASSES["standard"].loss = spy
-        try:
+        with registered("standard", Spy):
             model, _ = train(TrainConfig(epochs=1, batch_size=16, channels_last=flag), train_set, test_set,
                              progress=False)
-        finally:
-            loop.METHOD_CLASSES["standard"].loss = orig
         assert seen and all(s == want for s in seen)
         w = model[1].conv1.weight
         assert (w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()) == want
@@ -116,20 +114,11 @@ def test_amp_runs_the_forward_passes_in_bf16_autocast(method):
     def hook(module, inp, out):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype))
 
-    real = loop.build_classifier
-
-    def build(cfg, num_classes, device):
-        model = real(cfg, num_classes, device)
-        model[1].conv1.register_forward_hook(hook)
-        return model
-
-    loop.build_classifier = build
-    try:
-        cfg = TrainConfig(method=method, epochs=1, batch_size=32, lr=0.01, amp=True,
-                          attack=AttackConfig(norm="l2", eps=0.5, steps=2, step_size=0.3))
-        train(cfg, train_set, test_set, progress=False)
-    finally:
-        loop.build_classifier = real
+    model = build_model("resnet20")
+    model[1].conv1.register_forward_hook(hook)
+    options = AttackConfig(norm="l2", eps=0.5, steps=2, step_size=0.3) if method == "minmax" else None
+    cfg = TrainConfig(method=method, options=options, epochs=1, batch_size=32, lr=0.01, amp=True)
+    train(cfg, train_set, test_set, progress=False, model=model)
     train_seen = [s for s in seen if s[0]]
     assert train_seen and all(s[1] == torch.bfloat16 and s[2] == torch.bfloat16 for s in train_seen)
     assert any(not s[0] and s[2] == torch.float32 for s in seen)  # the evaluation after the epoch: fp32
@@ -162,9 +151,9 @@ def test_compile_failure_is_a_user_error(monkeypatch):
         raise dexc.TorchDynamoException("no luck")
 
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
-    monkeypatch.setattr(loop.METHOD_CLASSES["standard"], "loss", boom)
     train_set, test_set = _data()
-    with pytest.raises(UserError, match="--compile: torch.compile failed"):
+    with registered("standard", type("Boom", (METHODS["standard"].cls,), {"loss": boom})), \
+            pytest.raises(UserError, match="compile failed \\(TorchDynamoException: no luck\\)"):
         train(TrainConfig(epochs=1, batch_size=32, compile=True), train_set, test_set, progress=False)
 
 
@@ -188,9 +177,10 @@ def test_bench_runs_end_to_end_on_tiny_inputs(shared_data, tmp_path):
     r = json.loads((out / "bench.json").read_text())
     assert {"machine", "train_subset", "batch_size", "reps", "training", "standard_throughput", "eval"} <= set(r)
     t = r["training"]
-    assert set(t["seconds_per_epoch"]) == {"standard", "generator", "fgsm_rs", "minmax_pgd10", "minmax_pgd40"}
+    assert set(t["seconds_per_epoch"]) == {"standard", "generator", "fgsm_rs", "minmax_pgd10", "minmax_pgd40",
+                                           "plain_pytorch"}
     assert set(t["ratios"]) == {"generator/standard", "minmax_pgd10/generator", "minmax_pgd40/generator",
-                                "fgsm_rs/generator"}
+                                "fgsm_rs/generator", "plain_pytorch/standard"}
     for v in list(t["seconds_per_epoch"].values()) + list(t["ratios"].values()):
         assert {"median", "min", "max", "runs"} <= set(v) and v["median"] > 0
     assert r["standard_throughput"]["images_per_second"] > 0

@@ -147,32 +147,6 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return text[:limit]
 
 
-def flatten_optimizer(prefix: str, state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer's state_dict into tensors (keys `prefix.state.<param>.<name>`) and JSON."""
-    tensors, state_json = {}, {}
-    for idx, entries in state_dict["state"].items():
-        plain = {}
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.state.{idx}.{name}"] = value
-            else:
-                plain[name] = value
-        state_json[str(idx)] = {"tensors": sorted(n for n, v in entries.items() if isinstance(v, torch.Tensor)),
-                                "plain": plain}
-    return tensors, {"param_groups": state_dict["param_groups"], "state": state_json}
-
-
-def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """The inverse of flatten_optimizer: a state_dict for Optimizer.load_state_dict."""
-    state = {}
-    for idx, entry in meta["state"].items():
-        values = dict(entry["plain"])
-        for name in entry["tensors"]:
-            values[name] = tensors[f"{prefix}.state.{idx}.{name}"]
-        state[int(idx)] = values
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 def save_model(path: Path, model: nn.Module, meta: dict) -> None:
     """Save a classifier; meta must hold "model" (registry name) and "num_classes"."""
     save_tensors(path, model, meta)

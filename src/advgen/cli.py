@@ -13,7 +13,9 @@ import logging
 import math
 import random
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +23,13 @@ import torch
 
 from . import __version__
 from .attacks import ATTACKS
-from .config import GENERATOR_PRESETS, METHODS, SCHEDULES, AttackConfig, TrainConfig, generator_preset
-from .errors import Interrupted, UserError, check
+from .config import SCHEDULES, AttackConfig, NoOptions, TrainConfig
+from .errors import ConfigError, Interrupted, UserError, check
 from .models import MODELS
 from .models.generators import ASSIGNMENTS, BOUNDS
+from .training import METHODS
+from .training.control import STOP
+from .training.generator import GENERATOR_PRESETS, GeneratorOptions, generator_preset
 
 log = logging.getLogger("advgen")
 
@@ -85,7 +90,8 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     d, a = TrainConfig(), AttackConfig()
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=sorted(METHODS),
+                   help="; ".join(f"{k}: {v.summary}" for k, v in sorted(METHODS.items())))
     p.add_argument("--model", default=d.model, choices=sorted(MODELS))
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -116,11 +122,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                     help="bf16 autocast of the forward passes (for CUDA; on CPUs with bf16 units it is faster too)")
     sp.add_argument("--fold-bn-attack", type=_bool, default=d.fold_bn_attack,
                     help="minmax/fgsm: attack a BatchNorm-folded copy of the classifier (same function)")
-    mm = p.add_argument_group("minmax / fgsm")
+    mm = p.add_argument_group("attack methods (minmax, fgsm)")
     mm.add_argument("--attack-norm", default=a.norm, choices=["l2", "linf"])
-    mm.add_argument("--attack-eps", type=float, default=a.eps)
+    mm.add_argument("--attack-eps", type=float, help="radius in [0,1] pixel units (default: 0.05 for l2, 8/255 for linf)")
     mm.add_argument("--attack-steps", type=int, default=a.steps)
-    mm.add_argument("--attack-step-size", type=float, default=a.step_size)
+    mm.add_argument("--attack-step-size", type=float, help="PGD step size (default: 2.5 * eps / steps)")
     gen = p.add_argument_group("generator (each flag overrides --gen-preset)")
     gen.add_argument("--gen-preset", default="paper", choices=GENERATOR_PRESETS,
                      help="paper: Jung 2024 (box s=0.2, SGD 0.005); gradient: advgen's recommendation "
@@ -145,30 +151,60 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--clean-fraction", type=float)
 
 
-def train_config_from_args(args) -> TrainConfig:
+# library config fields whose flag is not "--" + the field with dashes
+FLAGS = {"attack.norm": "--attack-norm", "attack.eps": "--attack-eps", "attack.steps": "--attack-steps",
+         "attack.step_size": "--attack-step-size", "bank.n": "--generators", "bank.size": "--gen-bound",
+         "bank.bound": "--gen-bound-type", "bank.depth": "--gen-depth", "bank.width": "--gen-width",
+         "bank.assign": "--gen-assign", "bank.grad_skip": "--gen-grad-skip", "bank.grad_input": "--gen-grad-input",
+         "generator.optimizer": "--gen-optimizer", "generator.lr": "--gen-lr", "generator.momentum": "--gen-momentum",
+         "generator.steps": "--gen-steps", "generator.clean_fraction": "--clean-fraction",
+         "generator.warmup_epochs": "--gen-warmup", "generator.reinit_every": "--gen-reinit-every",
+         "checkpoint_every": "--checkpoint-every"}
+
+
+def flag_of(field: str) -> str:
+    return FLAGS.get(field, "--" + field.replace("_", "-").replace(".", "-"))
+
+
+def _generator_options(args) -> GeneratorOptions:
     gen = generator_preset(args.gen_preset)
-    for flag, field in (("generators", "n"), ("gen_bound", "size"), ("gen_bound_type", "bound"),
-                        ("gen_depth", "depth"), ("gen_width", "width"), ("gen_residual", "residual"),
-                        ("gen_grad_input", "grad_input"), ("gen_grad_skip", "grad_skip"), ("gen_assign", "assign")):
+    for flag, name in (("generators", "n"), ("gen_bound", "size"), ("gen_bound_type", "bound"),
+                       ("gen_depth", "depth"), ("gen_width", "width"), ("gen_residual", "residual"),
+                       ("gen_grad_input", "grad_input"), ("gen_grad_skip", "grad_skip"), ("gen_assign", "assign")):
         if getattr(args, flag) is not None:
-            setattr(gen.bank, field, getattr(args, flag))
-    for flag, field in (("gen_lr", "lr"), ("gen_optimizer", "optimizer"), ("gen_momentum", "momentum"),
-                        ("gen_steps", "steps"), ("gen_warmup", "warmup_epochs"), ("gen_reinit_every", "reinit_every"),
-                        ("clean_fraction", "clean_fraction")):
+            setattr(gen.bank, name, getattr(args, flag))
+    for flag, name in (("gen_lr", "lr"), ("gen_optimizer", "optimizer"), ("gen_momentum", "momentum"),
+                       ("gen_steps", "steps"), ("gen_warmup", "warmup_epochs"), ("gen_reinit_every", "reinit_every"),
+                       ("clean_fraction", "clean_fraction")):
         if getattr(args, flag) is not None:
-            setattr(gen, field, getattr(args, flag))
-    attack = AttackConfig(norm=args.attack_norm, eps=args.attack_eps, steps=args.attack_steps,
-                          step_size=args.attack_step_size)
+            setattr(gen, name, getattr(args, flag))
+    return gen
+
+
+def method_options(args):
+    """The typed options of --method from its flag group (flags of other methods are ignored)."""
+    kind = METHODS[args.method].options
+    if kind is GeneratorOptions:
+        return _generator_options(args)
+    if kind is AttackConfig:
+        return AttackConfig(norm=args.attack_norm, eps=args.attack_eps, steps=args.attack_steps,
+                            step_size=args.attack_step_size)
+    if kind is NoOptions:
+        return NoOptions()
+    raise UserError(f"--method {args.method}: the command line has no flags for its options ({kind.__name__}); "
+                    "train it through the Python API")
+
+
+def train_config_from_args(args) -> TrainConfig:
     watch = args.watch_subset if args.watch_subset is not None else (256 if args.method == "fgsm" else 0)
-    cfg = TrainConfig(method=args.method, model=args.model, dataset=args.dataset, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+    cfg = TrainConfig(method=args.method, options=method_options(args), model=args.model, dataset=args.dataset,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
                       train_subset=args.train_subset, test_subset=args.test_subset, watch_subset=watch,
-                      watch_norm=args.watch_norm, watch_eps=args.watch_eps, init=args.init, attack=attack,
+                      watch_norm=args.watch_norm, watch_eps=args.watch_eps, init=args.init,
                       time_budget=args.time_budget, budget_clock=args.budget_clock,
                       channels_last={"auto": None, "true": True, "false": False}[args.channels_last],
-                      compile=args.compile, amp=args.amp, fold_bn_attack=args.fold_bn_attack,
-                      generator=gen)
+                      compile=args.compile, amp=args.amp, fold_bn_attack=args.fold_bn_attack)
     cfg.validate()
     return cfg
 
@@ -183,7 +219,7 @@ def claim_run_dir(out: Path, force: bool, resume: bool = False) -> None:
     """Refuse a folder that already holds a run (finished or started), unless --resume or --force: a
     result is never overwritten by accident. Checked before the data are loaded."""
     from .checkpoint import check_writable
-    from .training.loop import check_run_dir
+    from .training.rundir import check_run_dir
     check_run_dir(out, resume=resume, force=force)
     if resume and not out.is_dir():
         raise UserError(f"--resume: {out} does not exist; there is no run to resume")
@@ -194,7 +230,7 @@ def cmd_train(args) -> int:
     from .training import train
     cfg = train_config_from_args(args)
     check(args.checkpoint_every is None or args.checkpoint_every >= 1,
-          f"--checkpoint-every must be >= 1 step, got {args.checkpoint_every}")
+          f"--checkpoint-every must be >= 1 step, got {args.checkpoint_every}")   # before the data load
     out = Path(args.out)
     if cfg.init is not None and not args.resume:
         from .checkpoint import resolve_model_file
@@ -205,9 +241,9 @@ def cmd_train(args) -> int:
     train_set, test_set = load_data(args)
     model, record = train(cfg, train_set, test_set, out_dir=out, device=device, resume=args.resume,
                           force=args.force, checkpoint_every=args.checkpoint_every)
-    last = record["epochs"][-1]
-    print(f"{cfg.method}: {cfg.epochs} epochs, {sum(r['seconds'] for r in record['epochs']) / cfg.epochs:.1f} s/epoch, "
-          f"test accuracy {100 * last['test_acc']:.2f}% -> {out}")
+    rows = record["epochs"]
+    print(f"{cfg.method}: {len(rows)} epochs, {sum(r['seconds'] for r in rows) / len(rows):.1f} s/epoch, "
+          f"test accuracy {100 * rows[-1]['test_acc']:.2f}% -> {out}")
     return 0
 
 
@@ -319,6 +355,29 @@ def _resume_hint(argv: list[str]) -> str:
     return "advgen " + shlex.join(argv)
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT / SIGTERM while training: the loop finishes its step, saves and raises Interrupted (through
+    the library's STOP flag); outside the training steps, or at a second signal, Interrupted at once."""
+    def handler(signum, frame):
+        if STOP.request(signum):
+            log.warning("%s received: finishing the current step, then saving", signal.Signals(signum).name)
+            return
+        raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name}", saved=False)
+
+    STOP.reset()
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        STOP.reset()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -327,11 +386,13 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .training.loop import STOP
     stoppable = args.command in ("train", "reproduce", "compare")
     try:
-        with STOP.installed() if stoppable else contextlib.nullcontext():
+        with stop_on_signals() if stoppable else contextlib.nullcontext():
             return args.func(args)
+    except ConfigError as e:
+        sys.stderr.write(f"advgen: error: {flag_of(e.field)} {' '.join(e.problem.split())}\n")
+        return 2
     except UserError as e:
         sys.stderr.write(f"advgen: error: {' '.join(str(e).split())}\n")
         return 2

@@ -10,6 +10,7 @@ the budget.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ import torch
 from . import __version__
 from .attacks import FGSM, PGD, AutoAttack
 from .checkpoint import RUN_FILE, atomic_write, git_commit, load_model, read_json, write_json
-from .config import AttackConfig, GeneratorTraining, TrainConfig
+from .config import AttackConfig, TrainConfig
 from .evaluate import LARGE_EPS, accuracy, robust_accuracy, sanity_checks
-from .models.generators import GeneratorConfig
+from .models.generators import BankConfig
+from .training.generator import GeneratorOptions
 from .speed import inference_copy
 from .report import DATA_CAVEAT, machine_description, run_complete
 
@@ -42,11 +44,11 @@ class Entry:
 
 
 def _gen(bank: dict, **train) -> dict:
-    return {"method": "generator", "generator": GeneratorTraining(bank=GeneratorConfig(**bank), **train)}
+    return {"method": "generator", "options": GeneratorOptions(bank=BankConfig(**bank), **train)}
 
 
 def _minmax(k: int, eps: float = 0.5) -> dict:
-    return {"method": "minmax", "attack": AttackConfig(norm="l2", eps=eps, steps=k, step_size=2.5 * eps / k)}
+    return {"method": "minmax", "options": AttackConfig(norm="l2", eps=eps, steps=k, step_size=2.5 * eps / k)}
 
 
 L2_BANK = {"bound": "l2", "size": 0.5}
@@ -57,7 +59,7 @@ ENTRIES = [
     Entry("gen_grad_skip", "gradient generators starting at the FGSM step (grad skip), L2 0.5, Adam 1e-3",
           _gen({**L2_BANK, "grad_input": True, "grad_skip": True}, optimizer="adam", lr=1e-3), 1.0),
     Entry("fgsm_rs", "FGSM-RS (Wong et al. 2020, L2 0.5)",
-          {"method": "fgsm", "attack": AttackConfig(norm="l2", eps=0.5, steps=1)}, 1.0),
+          {"method": "fgsm", "options": AttackConfig(norm="l2", eps=0.5, steps=1)}, 1.0),
     Entry("gen_paper", "generators as in the paper (box s=0.2, SGD 0.005)",
           _gen({"bound": "box", "size": 0.2}, optimizer="sgd", lr=0.005), 1.0),
     Entry("gen_l2", "generators, L2 bound 0.5, Adam 1e-3", _gen(L2_BANK, optimizer="adam", lr=1e-3), 1.0),
@@ -97,7 +99,7 @@ COMPARE_PRESETS = {
 
 
 def entry_config(p: ComparePreset, e: Entry, base: Path, clock: str) -> TrainConfig:
-    fields = {k: (dataclasses.replace(v) if dataclasses.is_dataclass(v) else v) for k, v in e.overrides.items()}
+    fields = {k: (copy.deepcopy(v)) for k, v in e.overrides.items()}
     return TrainConfig(model="resnet20", epochs=1000, lr=p.lr, schedule="constant", batch_size=p.batch_size,
                        seed=p.seed, train_subset=p.train_subset, test_subset=p.test_subset, init=str(base),
                        watch_subset=p.watch_subset, time_budget=p.unit_seconds * e.budget_units,

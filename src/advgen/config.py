@@ -1,78 +1,69 @@
-"""Typed configuration of a training run. The CLI fills these; library code never sees argparse."""
+"""Typed configuration of a training run. The CLI fills these; library code never sees argparse.
+
+A run's settings are a TrainConfig: what every method shares (model, data, optimizer, schedule, speed
+decisions) plus `options`, the typed options of its method, whose class the method registers beside
+itself (training/method.py). Validation happens here, once; errors name the config field
+(ConfigError.field), and the CLI maps fields to its flags.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
+from typing import Any
 
-from .errors import UserError, check
-from .models.generators import GeneratorConfig
+from .errors import ConfigError, UserError, check_field
 
-METHODS = ("standard", "minmax", "fgsm", "generator")
 SCHEDULES = ("cosine", "constant")
+NORMS = ("l2", "linf")
+# each norm's radius when none is given: the paper's min-max eps for L2, the field's 8/255 for Linf
+DEFAULT_EPS = {"l2": 0.05, "linf": 8 / 255}
+
+
+@dataclass
+class NoOptions:
+    """Options of a method that has none (standard training)."""
+
+    def validate(self) -> None:
+        pass
 
 
 @dataclass
 class AttackConfig:
-    """The inner maximiser of min-max training (eq. 1). Paper preset: L2, eps 0.05, 40 steps of 0.005."""
+    """A training attack: the inner maximiser of min-max training (eq. 1) and of its one-step peers.
+
+    Pixels in [0, 1]. eps None: DEFAULT_EPS of the norm. step_size None: 2.5·eps/steps (Madry et al.).
+    Paper preset of min-max: L2, eps 0.05, 40 steps of 0.005.
+    """
 
     norm: str = "l2"
-    eps: float = 0.05
+    eps: float | None = None
     steps: int = 40
-    step_size: float | None = 0.005
+    step_size: float | None = None
     random_start: bool = True
 
-    def validate(self) -> None:
-        check(self.norm in ("l2", "linf"), f"--attack-norm must be l2 or linf, got {self.norm!r}")
-        check(math.isfinite(self.eps) and self.eps > 0, f"--attack-eps must be > 0, got {self.eps}")
-        check(self.steps >= 1, f"--attack-steps must be >= 1, got {self.steps}")
-        check(self.step_size is None or (math.isfinite(self.step_size) and self.step_size > 0),
-              f"--attack-step-size must be > 0, got {self.step_size}")
+    @property
+    def radius(self) -> float:
+        return DEFAULT_EPS[self.norm] if self.eps is None else self.eps
 
-
-@dataclass
-class GeneratorTraining:
-    """How the generator bank is trained (eq. 5) and the variants beyond the paper."""
-
-    bank: GeneratorConfig = field(default_factory=GeneratorConfig)
-    optimizer: str = "sgd"          # sgd | adam
-    lr: float = 0.005               # paper: SGD 0.005
-    momentum: float = 0.0           # SGD momentum of the generators
-    steps: int = 1                  # generator ascent steps per classifier step (>1 costs passes)
-    clean_fraction: float = 0.0     # share of each batch left clean (eq. 2 uses 0)
-    warmup_epochs: float = 0.0      # linear ramp of the bound size s from 0 over this many epochs
-    reinit_every: int = 0           # every this many steps, re-draw the weakest generator (0: never)
+    @property
+    def step(self) -> float:
+        return 2.5 * self.radius / self.steps if self.step_size is None else self.step_size
 
     def validate(self) -> None:
-        self.bank.validate()
-        check(self.optimizer in ("sgd", "adam"), f"--gen-optimizer must be sgd or adam, got {self.optimizer!r}")
-        check(math.isfinite(self.lr) and self.lr > 0, f"--gen-lr must be > 0, got {self.lr}")
-        check(0 <= self.momentum < 1, f"--gen-momentum must lie in [0, 1), got {self.momentum}")
-        check(self.steps >= 1, f"--gen-steps must be >= 1, got {self.steps}")
-        check(0 <= self.clean_fraction < 1, f"--clean-fraction must lie in [0, 1), got {self.clean_fraction}")
-        check(self.warmup_epochs >= 0, f"--gen-warmup must be >= 0, got {self.warmup_epochs}")
-        check(self.reinit_every >= 0, f"--gen-reinit-every must be >= 0, got {self.reinit_every}")
-
-
-def generator_preset(name: str) -> GeneratorTraining:
-    """Named generator settings. "paper": Jung 2024 as published (32 generators, box bound s = 0.2, SGD
-    0.005). "gradient": advgen's recommendation from its equal-time comparison (README): the generators
-    also see the input gradient and start as the FGSM-L2 step they learn to correct (grad_skip), with
-    the L2 bound at the evaluation's eps (0.5) and Adam 1e-3; one more forward and backward per step."""
-    if name == "paper":
-        return GeneratorTraining(bank=GeneratorConfig(n=32, bound="box", size=0.2), optimizer="sgd", lr=0.005)
-    if name == "gradient":
-        return GeneratorTraining(bank=GeneratorConfig(n=32, bound="l2", size=0.5, grad_input=True, grad_skip=True),
-                                 optimizer="adam", lr=1e-3)
-    raise UserError(f"unknown generator preset {name!r}; choose from {', '.join(GENERATOR_PRESETS)}")
-
-
-GENERATOR_PRESETS = ("paper", "gradient")
+        check_field(self.norm in NORMS, "attack.norm", f"must be l2 or linf, got {self.norm!r}")
+        check_field(self.eps is None or (math.isfinite(self.eps) and self.eps > 0), "attack.eps",
+                    f"must be > 0, got {self.eps}")
+        check_field(self.steps >= 1, "attack.steps", f"must be >= 1, got {self.steps}")
+        check_field(self.step_size is None or (math.isfinite(self.step_size) and self.step_size > 0),
+                    "attack.step_size", f"must be > 0, got {self.step_size}")
 
 
 @dataclass
 class TrainConfig:
     method: str = "standard"
+    options: Any = None              # the method's options (its registered class); None: its defaults
     model: str = "resnet20"
     dataset: str = "cifar10"
     epochs: int = 10
@@ -101,47 +92,81 @@ class TrainConfig:
     channels_last: bool | None = None  # NHWC layout of the classifier and its batches; None: on for the CPU only
     compile: bool = False              # torch.compile the classifier (on the CPU it needs a C++ compiler)
     amp: bool = False                  # bf16 autocast of the forward passes (meant for CUDA; works on the CPU)
-    fold_bn_attack: bool = True        # minmax / fgsm: attack a BatchNorm-folded copy of the classifier
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    generator: GeneratorTraining = field(default_factory=GeneratorTraining)
+    fold_bn_attack: bool = True        # attack methods: attack a BatchNorm-folded copy of the classifier
+
+    def __post_init__(self):
+        if self.options is None and isinstance(self.method, str):
+            spec = _method_spec(self.method, strict=False)
+            if spec is not None:
+                self.options = spec.options()
 
     def validate(self) -> None:
         from .models import MODELS
-        check(self.method in METHODS, f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        check(self.model in MODELS, f"unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}")
-        check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        check(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        check(0 <= self.momentum < 1, f"--momentum must lie in [0, 1), got {self.momentum}")
-        check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-              f"--weight-decay must be >= 0, got {self.weight_decay}")
-        check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}")
-        check(0 <= self.seed < 2**32, f"--seed must lie in 0..{2**32 - 1}, got {self.seed}")
-        check(self.train_subset is None or self.train_subset >= 1, f"--train-subset must be >= 1, got {self.train_subset}")
-        check(self.test_subset is None or self.test_subset >= 1, f"--test-subset must be >= 1, got {self.test_subset}")
-        check(self.watch_subset >= 0, f"--watch-subset must be >= 0, got {self.watch_subset}")
-        check(self.watch_norm in ("l2", "linf"), f"--watch-norm must be l2 or linf, got {self.watch_norm!r}")
-        check(math.isfinite(self.watch_eps) and self.watch_eps > 0, f"--watch-eps must be > 0, got {self.watch_eps}")
-        check(self.watch_steps >= 1, f"--watch-steps must be >= 1, got {self.watch_steps}")
-        check(self.time_budget is None or (math.isfinite(self.time_budget) and self.time_budget > 0),
-              f"--time-budget must be > 0 seconds, got {self.time_budget}")
-        check(self.budget_clock in ("wall", "process"), f"--budget-clock must be wall or process, got {self.budget_clock!r}")
+        spec = _method_spec(self.method)
+        check_field(isinstance(self.options, spec.options), "options",
+                    f"of method {self.method} must be {spec.options.__name__}, got {type(self.options).__name__}")
+        check_field(self.model in MODELS, "model", f"unknown: {self.model!r}; choose from {', '.join(sorted(MODELS))}")
+        check_field(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check_field(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check_field(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check_field(0 <= self.momentum < 1, "momentum", f"must lie in [0, 1), got {self.momentum}")
+        check_field(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+                    f"must be >= 0, got {self.weight_decay}")
+        check_field(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
+        check_field(0 <= self.seed < 2**32, "seed", f"must lie in 0..{2**32 - 1}, got {self.seed}")
+        check_field(self.train_subset is None or self.train_subset >= 1, "train_subset",
+                    f"must be >= 1, got {self.train_subset}")
+        check_field(self.test_subset is None or self.test_subset >= 1, "test_subset",
+                    f"must be >= 1, got {self.test_subset}")
+        check_field(self.watch_subset >= 0, "watch_subset", f"must be >= 0, got {self.watch_subset}")
+        check_field(self.watch_norm in NORMS, "watch_norm", f"must be l2 or linf, got {self.watch_norm!r}")
+        check_field(math.isfinite(self.watch_eps) and self.watch_eps > 0, "watch_eps", f"must be > 0, got {self.watch_eps}")
+        check_field(self.watch_steps >= 1, "watch_steps", f"must be >= 1, got {self.watch_steps}")
+        check_field(self.time_budget is None or (math.isfinite(self.time_budget) and self.time_budget > 0),
+                    "time_budget", f"must be > 0 seconds, got {self.time_budget}")
+        check_field(self.budget_clock in ("wall", "process"), "budget_clock",
+                    f"must be wall or process, got {self.budget_clock!r}")
         for name in ("compile", "amp", "fold_bn_attack"):
-            check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        check(self.channels_last in (None, True, False),
-              f"channels_last must be true, false or None (auto), got {self.channels_last!r}")
-        if self.method in ("minmax", "fgsm"):
-            self.attack.validate()
-        if self.method == "generator":
-            self.generator.validate()
+            check_field(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
+        check_field(self.channels_last in (None, True, False), "channels_last",
+                    f"must be true, false or None (auto), got {self.channels_last!r}")
+        self.options.validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The inverse of to_dict; also reads the configs of advgen 0.1 run folders (`attack` and
+        `generator` beside the common fields)."""
         d = dict(d)
-        attack = AttackConfig(**d.pop("attack", {}))
-        gen = dict(d.pop("generator", {}))
-        bank = GeneratorConfig(**gen.pop("bank", {}))
-        return cls(attack=attack, generator=GeneratorTraining(bank=bank, **gen), **d)
+        method = d.get("method", "standard")
+        legacy = {"attack": d.pop("attack", None), "generator": d.pop("generator", None)}
+        options = d.pop("options", None)
+        if options is None:
+            options = legacy["generator"] if method == "generator" else legacy["attack"]
+        spec = _method_spec(method)
+        return cls(options=from_dict(spec.options, options or {}), **d)
+
+
+def from_dict(kind: type, d: dict):
+    """Build dataclass `kind` from a dict (nested dataclass fields too); unknown keys are an error."""
+    hints = typing.get_type_hints(kind)
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"unknown {kind.__name__} settings: {', '.join(unknown)}")
+    values = {}
+    for k, v in d.items():
+        t = hints[k]
+        values[k] = from_dict(t, v) if dataclasses.is_dataclass(t) and isinstance(v, dict) else v
+    return kind(**values)
+
+
+def _method_spec(name: str, strict: bool = True):
+    from .training.method import METHODS
+    if name in METHODS:
+        return METHODS[name]
+    if strict:
+        raise ConfigError("method", f"unknown: {name!r}; choose from {', '.join(sorted(METHODS))}")
+    return None

@@ -1,8 +1,17 @@
-"""The one exception type for mistakes the user can fix (exit code 2 in the CLI)."""
+"""The exception types for mistakes the user can fix (exit code 2 in the CLI)."""
 
 
 class UserError(Exception):
     """Bad argument, missing or corrupt data or checkpoint: shown as one line, exit code 2."""
+
+
+class ConfigError(UserError):
+    """A configuration value is out of range. `field` is its path in the config ("attack.eps"), so a
+    front end can name its own spelling of it (the CLI: --attack-eps)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
 
 
 class DataError(UserError):
@@ -36,3 +45,9 @@ def check(condition: bool, message: str) -> None:
     """Raise UserError(message) unless condition holds; for validating values where they enter."""
     if not condition:
         raise UserError(message)
+
+
+def check_field(condition: bool, field: str, problem: str) -> None:
+    """Raise ConfigError(field, problem) unless condition holds."""
+    if not condition:
+        raise ConfigError(field, problem)

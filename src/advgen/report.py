@@ -6,6 +6,7 @@ then DIR/figure2.png, DIR/figure3.png, DIR/results.json and DIR/report.md.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -18,7 +19,8 @@ import torch
 
 from . import __version__
 from .checkpoint import GENERATORS_FILE, RUN_FILE, atomic_write, git_commit, read_json, read_tensors, write_json
-from .config import AttackConfig, GeneratorTraining, TrainConfig
+from .config import AttackConfig, TrainConfig
+from .training.generator import GeneratorOptions, generator_preset
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,9 @@ class Preset:
     robust_lr: float = 0.005
     batch_size: int = 128
     seed: int = 0
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    generator: GeneratorTraining = field(default_factory=GeneratorTraining)
+    # the paper's min-max: PGD-L2, eps 0.05, 40 steps of 0.005; its generators: 32, box s = 0.2, SGD 0.005
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(norm="l2", eps=0.05, steps=40, step_size=0.005))
+    generator: GeneratorOptions = field(default_factory=lambda: generator_preset("paper"))
 
 
 PRESETS = {
@@ -67,8 +70,8 @@ def stage_configs(p: Preset, out: Path) -> dict[str, TrainConfig]:
     base = TrainConfig(method="standard", epochs=p.base_epochs, lr=p.base_lr, **common)
     robust = dict(epochs=p.robust_epochs, lr=p.robust_lr, init=str(out / "base"), **common)
     return {"base": base,
-            "minmax": TrainConfig(method="minmax", attack=dataclasses.replace(p.attack), **robust),
-            "generator": TrainConfig(method="generator", generator=dataclasses.replace(p.generator), **robust)}
+            "minmax": TrainConfig(method="minmax", options=dataclasses.replace(p.attack), **robust),
+            "generator": TrainConfig(method="generator", options=copy.deepcopy(p.generator), **robust)}
 
 
 def run_complete(run_dir: Path, cfg: TrainConfig) -> bool:
@@ -162,10 +165,10 @@ def figure2(gen_file: Path, test_set, path: Path, images: int = 6, generators: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .models.generators import GeneratorBank, GeneratorConfig
+    from .models.generators import BankConfig, GeneratorBank
 
     tensors, meta = read_tensors(gen_file)
-    cfg = GeneratorConfig(**{**meta["generator"], "assign": "all"})
+    cfg = BankConfig(**{**meta.get("config", meta.get("generator", {})), "assign": "all"})
     bank = GeneratorBank(cfg)
     bank.load_state_dict(tensors)
     x = test_set.float_images()[:images]

@@ -2,7 +2,7 @@
 from torch import nn
 
 from ..errors import UserError
-from .generators import GeneratorBank, GeneratorConfig
+from .generators import BankConfig, GeneratorBank
 from .normalize import Normalize
 from .resnet_cifar import CifarResNet, PreActResNet18
 
@@ -34,4 +34,4 @@ def build_model(name: str, num_classes: int = 10) -> nn.Module:
     return MODELS[name](num_classes)
 
 
-__all__ = ["MODELS", "build_model", "Normalize", "GeneratorBank", "GeneratorConfig"]
+__all__ = ["MODELS", "build_model", "Normalize", "GeneratorBank", "BankConfig"]

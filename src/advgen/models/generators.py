@@ -29,7 +29,7 @@ ASSIGNMENTS = ("split", "random", "all")
 
 
 @dataclass
-class GeneratorConfig:
+class BankConfig:
     """Architecture and bound of the generator bank. Paper preset: n=32, bound='box', size=0.2."""
 
     n: int = 32                 # number of generators
@@ -43,20 +43,21 @@ class GeneratorConfig:
     assign: str = "split"       # split: batch cut in N parts; random: random parts; all: every generator on every sample
 
     def validate(self) -> None:
-        from ..errors import check
-        check(self.n >= 1, f"--generators must be >= 1, got {self.n}")
-        check(self.bound in BOUNDS, f"unknown generator bound {self.bound!r}; choose from {', '.join(BOUNDS)}")
-        check(math.isfinite(self.size) and self.size > 0, f"--gen-bound must be > 0, got {self.size}")
-        check(self.depth >= 1, f"--gen-depth must be >= 1, got {self.depth}")
-        check(self.width >= 1, f"--gen-width must be >= 1, got {self.width}")
-        check(self.assign in ASSIGNMENTS, f"unknown assignment {self.assign!r}; choose from {', '.join(ASSIGNMENTS)}")
-        check(not self.grad_skip or self.grad_input, "--gen-grad-skip needs --gen-grad-input")
+        from ..errors import check_field
+        check_field(self.n >= 1, "bank.n", f"must be >= 1, got {self.n}")
+        check_field(self.bound in BOUNDS, "bank.bound", f"unknown: {self.bound!r}; choose from {', '.join(BOUNDS)}")
+        check_field(math.isfinite(self.size) and self.size > 0, "bank.size", f"must be > 0, got {self.size}")
+        check_field(self.depth >= 1, "bank.depth", f"must be >= 1, got {self.depth}")
+        check_field(self.width >= 1, "bank.width", f"must be >= 1, got {self.width}")
+        check_field(self.assign in ASSIGNMENTS, "bank.assign",
+                    f"unknown: {self.assign!r}; choose from {', '.join(ASSIGNMENTS)}")
+        check_field(not self.grad_skip or self.grad_input, "bank.grad_skip", "needs bank.grad_input")
 
 
 class GeneratorBank(nn.Module):
     """N generators as grouped convolutions. forward(x (B,C,H,W) in [0,1], grad=None) -> (x_adv, sample->generator)."""
 
-    def __init__(self, cfg: GeneratorConfig, channels: int = 3):
+    def __init__(self, cfg: BankConfig, channels: int = 3):
         super().__init__()
         cfg.validate()
         # a private copy: the training loop's warm-up changes self.cfg.size, not the run's config

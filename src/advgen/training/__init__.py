@@ -1,4 +1,7 @@
-"""Training methods: standard, min-max (PGD), FGSM-RS and the generator method, over one shared loop."""
-from .loop import METHOD_CLASSES, train
+"""Training: one shared loop (loop.py) and one small module per method, registered in method.METHODS."""
+from . import generator, minmax, standard  # noqa: F401  (each registers its methods)
+from .control import STOP, StopFlag
+from .loop import Run, train
+from .method import METHODS, Method, Setup, register, registered
 
-__all__ = ["train", "METHOD_CLASSES"]
+__all__ = ["train", "Run", "METHODS", "Method", "Setup", "register", "registered", "STOP", "StopFlag"]

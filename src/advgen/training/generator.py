@@ -1,43 +1,108 @@
 """Adversarial training with a bank of generator networks (Jung 2024, eq. 2-5).
 
 Every step: x_adv = g_ω(x) from the bank, one forward of the classifier on it, one backward of
-L = CE(f(x_adv), y). The classifier's optimizer descends L (θ' = θ − η ∂L/∂θ); the generators'
-optimizer is built with maximize=True, so the same gradients make it ascend L (ω' = ω + η ∂L/∂ω).
-Both come from ONE forward and ONE backward pass.
+L = CE(f(x_adv), y). The classifier's optimizer descends L (θ' = θ − η ∂L/∂θ); the bank's optimizer
+is built with maximize=True, so the same gradients make it ascend L (ω' = ω + η ∂L/∂ω). Both come
+from ONE forward and ONE backward pass.
 
-Variants beyond the paper (GeneratorTraining): the bound shaped by the threat model, Adam, several
+Variants beyond the paper (GeneratorOptions): the bound shaped by the threat model, Adam, several
 ascent steps, a random assignment of samples to generators, re-drawing the weakest generator, an input
 gradient as a second input of φ (one extra forward and backward, the cost of FGSM), clean samples in
 each batch, a warm-up of the bound s.
+
+Names: the method is GeneratorMethod ("generator"), its options GeneratorOptions, the networks a
+GeneratorBank configured by a BankConfig, the RNG that assigns samples to generators `assign_rng`.
 """
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
 from ..attacks.pgd import eval_mode
-from ..models.generators import GeneratorBank
+from ..errors import UserError, check_field
+from ..models.generators import BankConfig, GeneratorBank
+from .method import Method, register
 
 
-class Generator:
-    def __init__(self, model, cfg, steps_per_epoch: int):
-        g = cfg.generator
-        self.model, self.cfg = model, g
-        first = next(model.parameters())
-        dev = first.device
-        self.bank = GeneratorBank(g.bank).to(dev)  # the bank copies its config: the warm-up ramps only its own s
-        # follow the classifier's layout as training decided it (cfg.channels_last is None under "auto")
-        if first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous():
+@dataclass
+class GeneratorOptions:
+    """How the generator bank is trained (eq. 5) and the variants beyond the paper."""
+
+    bank: BankConfig = field(default_factory=BankConfig)
+    optimizer: str = "sgd"          # sgd | adam
+    lr: float = 0.005               # paper: SGD 0.005
+    momentum: float = 0.0           # SGD momentum of the generators
+    steps: int = 1                  # generator ascent steps per classifier step (>1 costs passes)
+    clean_fraction: float = 0.0     # share of each batch left clean (eq. 2 uses 0)
+    warmup_epochs: float = 0.0      # linear ramp of the bound size s from 0 over this many epochs
+    reinit_every: int = 0           # every this many steps, re-draw the weakest generator (0: never)
+
+    def validate(self) -> None:
+        self.bank.validate()
+        check_field(self.optimizer in ("sgd", "adam"), "generator.optimizer", f"must be sgd or adam, got {self.optimizer!r}")
+        check_field(math.isfinite(self.lr) and self.lr > 0, "generator.lr", f"must be > 0, got {self.lr}")
+        check_field(0 <= self.momentum < 1, "generator.momentum", f"must lie in [0, 1), got {self.momentum}")
+        check_field(self.steps >= 1, "generator.steps", f"must be >= 1, got {self.steps}")
+        check_field(0 <= self.clean_fraction < 1, "generator.clean_fraction",
+                    f"must lie in [0, 1), got {self.clean_fraction}")
+        check_field(self.warmup_epochs >= 0, "generator.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        check_field(self.reinit_every >= 0, "generator.reinit_every", f"must be >= 0, got {self.reinit_every}")
+
+
+GENERATOR_PRESETS = ("paper", "gradient")
+
+
+def generator_preset(name: str) -> GeneratorOptions:
+    """Named generator settings. "paper": Jung 2024 as published (32 generators, box bound s = 0.2, SGD
+    0.005). "gradient": advgen's recommendation from its equal-time comparison (README): the generators
+    also see the input gradient and start as the FGSM-L2 step they learn to correct (grad_skip), with
+    the L2 bound at the evaluation's eps (0.5) and Adam 1e-3; one more forward and backward per step."""
+    if name == "paper":
+        return GeneratorOptions(bank=BankConfig(n=32, bound="box", size=0.2), optimizer="sgd", lr=0.005)
+    if name == "gradient":
+        return GeneratorOptions(bank=BankConfig(n=32, bound="l2", size=0.5, grad_input=True, grad_skip=True),
+                                optimizer="adam", lr=1e-3)
+    raise UserError(f"unknown generator preset {name!r}; choose from {', '.join(GENERATOR_PRESETS)}")
+
+
+@register("generator", GeneratorOptions, "a bank of generator networks trained by gradient ascent (Jung 2024)")
+class GeneratorMethod(Method):
+    def __init__(self, model, options: GeneratorOptions, setup):
+        super().__init__(model, options, setup)
+        g = options
+        # the bank keeps a copy of its config: the warm-up ramps only the bank's own s
+        self.bank = GeneratorBank(dataclasses.replace(g.bank), channels=setup.in_channels).to(setup.device)
+        if setup.channels_last:
             self.bank.to(memory_format=torch.channels_last)  # grouped convs ~0.7x the time in NHWC on the CPU
         params = self.bank.parameters()
         if g.optimizer == "adam":
             self.opt = torch.optim.Adam(params, lr=g.lr, maximize=True)
         else:
             self.opt = torch.optim.SGD(params, lr=g.lr, momentum=g.momentum, maximize=True)
-        self.size = g.bank.size
-        self.warmup_steps = g.warmup_epochs * steps_per_epoch
+        self.warmup_steps = g.warmup_epochs * setup.steps_per_epoch
         self.step_count = 0
-        self.rng = torch.Generator().manual_seed(cfg.seed + 17)
-        self.gen_loss = torch.zeros(g.bank.n, device=dev)   # per-generator loss since the last re-draw
-        self.gen_seen = torch.zeros(g.bank.n, device=dev)
+        self.assign_rng = torch.Generator().manual_seed(setup.seed + 17)
+        self.gen_loss = torch.zeros(g.bank.n, device=setup.device)   # per-generator loss since the last re-draw
+        self.gen_seen = torch.zeros(g.bank.n, device=setup.device)
+
+    def modules(self):
+        return {"generators": self.bank}
+
+    def state_dict(self) -> dict:
+        return {"bank": self.bank.state_dict(), "opt": self.opt.state_dict(), "step_count": self.step_count,
+                "assign_rng": self.assign_rng.get_state(), "gen_loss": self.gen_loss, "gen_seen": self.gen_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank.load_state_dict(state["bank"])
+        self.opt.load_state_dict(state["opt"])
+        self.step_count = int(state["step_count"])
+        self.assign_rng.set_state(state["assign_rng"])
+        self.gen_loss.copy_(state["gen_loss"])
+        self.gen_seen.copy_(state["gen_seen"])
 
     def _input_grad(self, x, y):
         """∇x CE(f(x), y), scaled to unit RMS per sample (the extra input of gradient-informed φ).
@@ -53,16 +118,18 @@ class Generator:
         return grad / rms.view(-1, 1, 1, 1)
 
     def _generate(self, x, y):
-        grad = self._input_grad(x, y) if self.cfg.bank.grad_input else None
-        x_adv, k = self.bank(x, grad, generator=self.rng)
-        if self.cfg.bank.assign == "all":
-            y = y.repeat(self.cfg.bank.n)
+        bank = self.options.bank
+        grad = self._input_grad(x, y) if bank.grad_input else None
+        x_adv, k = self.bank(x, grad, generator=self.assign_rng)
+        if bank.assign == "all":
+            y = y.repeat(bank.n)
         return x_adv, y, k
 
     def loss(self, x, y):
+        g = self.options
         if self.warmup_steps:
-            self.bank.cfg.size = self.size * min(1.0, (self.step_count + 1) / self.warmup_steps)
-        for _ in range(self.cfg.steps - 1):  # extra ascent steps on the generators alone
+            self.bank.cfg.size = g.bank.size * min(1.0, (self.step_count + 1) / self.warmup_steps)
+        for _ in range(g.steps - 1):  # extra ascent steps on the generators alone
             x_adv, ya, _ = self._generate(x, y)
             loss = F.cross_entropy(self.model(x_adv), ya)
             self.opt.zero_grad(set_to_none=True)
@@ -70,13 +137,13 @@ class Generator:
             for p, gr in zip(self.bank.parameters(), grads):
                 p.grad = gr
             self.opt.step()
-        n_clean = int(round(self.cfg.clean_fraction * x.shape[0]))
+        n_clean = int(round(g.clean_fraction * x.shape[0]))
         x_adv, ya, k = self._generate(x[n_clean:], y[n_clean:])
         inputs = torch.cat([x[:n_clean], x_adv]) if n_clean else x_adv
         labels = torch.cat([y[:n_clean], ya]) if n_clean else ya
         logits = self.model(inputs)
         per_sample = F.cross_entropy(logits, labels, reduction="none")
-        if self.cfg.reinit_every:
+        if g.reinit_every:
             with torch.no_grad():
                 adv_loss = per_sample[n_clean:]
                 self.gen_loss.index_add_(0, k, adv_loss)
@@ -88,7 +155,7 @@ class Generator:
         """Called after the joint backward: the generators' ascent step (and an occasional re-draw)."""
         self.opt.step()
         self.step_count += 1
-        if self.cfg.reinit_every and self.step_count % self.cfg.reinit_every == 0:
+        if self.options.reinit_every and self.step_count % self.options.reinit_every == 0:
             weakest = int(torch.argmin(self.gen_loss / self.gen_seen.clamp_min(1)))
             self.bank.reset_generator([weakest])
             for p in self.bank.parameters():  # forget that generator's optimizer history with the rest

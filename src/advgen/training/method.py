@@ -1,0 +1,110 @@
+"""What a training method is, and the registry of them.
+
+A method turns a batch into the loss the classifier descends. The loop (loop.py) owns the classifier's
+optimizer, schedule, data order, timing and saving; a method owns only what is its own (an attack's
+seed, a generator bank and its optimizer) and hands it over as plain tensors and numbers, the way
+torch optimizers do:
+
+    loss(x, y) -> (loss, logits, labels)   x: (B, C, H, W) pixels in [0, 1], y: (B,) int64; loss is
+                                           the scalar to minimise, logits/labels feed the metrics
+    after_step()                           after the classifier's optimizer step
+    state_dict() / load_state_dict(state)  everything needed to resume bit for bit: nested dicts and
+                                           lists of tensors, numbers, strings, None
+    modules()                              {name: module} saved beside the classifier (e.g. "generators")
+
+A new method is one module: a class derived from Method, decorated with @register(name, Options),
+where Options is a dataclass with validate(); then one import line in training/__init__.py.
+Methods get the unwrapped classifier and a Setup of decisions already made, never the raw config.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the loop decided before building the method.
+
+    device: where the classifier lives; channels_last: the classifier and its batches are NHWC;
+    fold_bn: attacks may run on a BatchNorm-folded copy (off under torch.compile); steps_per_epoch
+    and epochs: the schedule; seed: the run's seed (methods derive their own RNGs from it);
+    in_channels: channels of the images.
+    """
+
+    device: torch.device
+    channels_last: bool = False
+    fold_bn: bool = True
+    steps_per_epoch: int = 1
+    epochs: int = 1
+    seed: int = 0
+    in_channels: int = 3
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+class Method:
+    """Base class of the training methods: defaults for everything but loss()."""
+
+    def __init__(self, model: nn.Module, options, setup: Setup):
+        self.model, self.options, self.setup = model, options, setup
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        pass
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    cls: type
+    options: type
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(name: str, options: type, summary: str):
+    """Class decorator: make a Method available as `name` (TrainConfig.method, advgen train --method)."""
+    def deco(cls):
+        if name in METHODS:
+            raise ValueError(f"training method {name!r} is registered twice")
+        METHODS[name] = MethodSpec(cls, options, summary)
+        return cls
+    return deco
+
+
+@contextlib.contextmanager
+def registered(name: str, cls: type, options: type | None = None, summary: str = ""):
+    """Register `cls` as `name` for the duration of the block, replacing an entry of that name and
+    restoring it after (extensions, experiments and tests)."""
+    old = METHODS.get(name)
+    METHODS[name] = MethodSpec(cls, options or (old.options if old else None), summary or (old.summary if old else ""))
+    try:
+        yield
+    finally:
+        if old is None:
+            METHODS.pop(name, None)
+        else:
+            METHODS[name] = old
+
+
+def build_method(name: str, model: nn.Module, options, setup: Setup) -> Method:
+    return METHODS[name].cls(model, options, setup)

@@ -1,0 +1,79 @@
+"""What a run measures: the training loss and accuracy of an epoch, and the epoch-end evaluation.
+
+The meter accumulates on the device, so the step loop has no host sync; the numbers are read once per
+epoch. The evaluation after an epoch: clean accuracy on the test set and, with a watch, PGD accuracy on
+its first images (for FGSM training this is the catastrophic-overfitting check of Wong et al. 2020).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..attacks import PGD
+from ..evaluate import accuracy
+
+log = logging.getLogger(__name__)
+
+
+class EpochMeter:
+    """Sum of the loss, count of correct predictions and of samples, and the seconds of training steps."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.bad = torch.zeros((), device=self.device, dtype=torch.bool)
+        self.seen, self.seconds = 0, 0.0
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.loss_sum += loss * labels.shape[0]
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += labels.shape[0]
+        self.bad |= ~torch.isfinite(loss)
+
+    def summary(self) -> dict:
+        seen = max(self.seen, 1)
+        return {"seconds": self.seconds, "train_loss": self.loss_sum.item() / seen,
+                "train_acc": self.correct.item() / seen}
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.correct = state["correct"].to(self.device)
+        self.seen, self.seconds = int(state["seen"]), float(state["seconds"])
+
+
+def evaluate_epoch(model: nn.Module, test_images: torch.Tensor, test_labels: torch.Tensor, *,
+                   watch: int, watch_norm: str, watch_eps: float, watch_steps: int) -> dict:
+    """{"test_acc"[, "watch_acc"]}: clean accuracy on the uint8 test images, PGD accuracy on the first
+    `watch` of them (PGD with `watch_steps` steps of 2.5·eps/steps; only those images are converted)."""
+    row = {"test_acc": accuracy(model, test_images, test_labels)}
+    if watch:
+        x = test_images[:watch].float().div(255)
+        y = test_labels[:watch]
+        attack = PGD(model, norm=watch_norm, eps=watch_eps, steps=watch_steps, rel_step=2.5 / watch_steps)
+        row["watch_acc"] = accuracy(model, attack(x, y), y)
+    return row
+
+
+def warn_on_overfitting(rows: list[dict], row: dict) -> None:
+    """Warn when the watched PGD accuracy halves: possible catastrophic overfitting."""
+    prev = [r["watch_acc"] for r in rows if "watch_acc" in r]
+    if "watch_acc" in row and prev and row["watch_acc"] < 0.5 * max(prev) - 0.02:
+        log.warning("PGD accuracy on the watched images fell from %.1f%% to %.1f%%: possible catastrophic "
+                    "overfitting (Wong et al. 2020)", 100 * max(prev), 100 * row["watch_acc"])
+
+
+def log_epoch(method: str, row: dict) -> None:
+    log.info("%s epoch %d: %.1f s, loss %.4f, train acc %.2f%%, test acc %.2f%%%s", method, row["epoch"],
+             row["seconds"], row["train_loss"], 100 * row["train_acc"], 100 * row["test_acc"],
+             f", PGD acc {100 * row['watch_acc']:.2f}%" if "watch_acc" in row else "")
