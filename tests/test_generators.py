@@ -384,3 +384,67 @@ def test_reinit_bookkeeping(tiny_model):
     moved = (conv.weight.detach() - weights["convs.0.weight"]).abs()
     others = torch.cat([moved[k * cout:(k + 1) * cout] for k in range(4) if k != weakest])
     assert moved[sl].mean() > 10 * others.mean()
+
+
+# ------------------------------------------------------------------- variants beyond one gradient step
+
+def _variant(model, **opts):
+    cfg = advgen.TrainConfig(method="generator", seed=0)
+    cfg.options.bank = BankConfig(n=4, bound="l2", size=0.5, grad_input=True, grad_skip=True, width=4)
+    for k, v in opts.items():
+        setattr(cfg.options, k, v)
+    cfg.validate()
+    torch.manual_seed(0)
+    return GeneratorMethod(model, cfg.options, _setup(model))
+
+
+@pytest.mark.parametrize("opts, gradients", [
+    (dict(recursions=2), 2), (dict(recursions=3), 3), (dict(step_after=True), 2),
+    (dict(recursions=2, step_after=True, step_size=0.2), 3)])
+def test_variants_stay_in_the_ball_cost_their_passes_and_train_the_bank(trained_tiny, opts, gradients):
+    model = copy.deepcopy(trained_tiny.model).train()
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(1))
+    method = _variant(model, **opts)
+    x, y = trained_tiny.x_test[:16], trained_tiny.y_test[:16]
+    x_adv, _, _ = method._generate(x, y)
+    assert len(calls) == gradients and method.passes == gradients + 1
+    assert ((x_adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-4).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    calls.clear()
+    loss, _, _ = method.loss(x, y)
+    assert len(calls) == gradients + 1
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.bank.parameters())
+
+
+def test_the_step_after_the_bank_moves_its_sample_along_the_gradient(trained_tiny):
+    model = copy.deepcopy(trained_tiny.model).train()
+    x, y = trained_tiny.x_test[:16], trained_tiny.y_test[:16]
+    plain = _variant(model)
+    stepped = _variant(model, step_after=True, step_size=0.25)
+    start, _, _ = plain._generate(x, y)               # same seed: the same bank, so the same start
+    end, _, _ = stepped._generate(x, y)
+    assert not torch.allclose(start, end)
+    ce = lambda t: F.cross_entropy(model.eval()(t.detach()), y).item()  # noqa: E731
+    assert ce(end) > ce(start)                        # a gradient step from the start raises the loss
+
+
+def test_recursions_need_the_input_gradient():
+    cfg = advgen.TrainConfig(method="generator")
+    cfg.options.recursions = 2
+    with pytest.raises(UserError, match="recursions above 1 needs bank.grad_input"):
+        cfg.validate()
+
+
+def test_random_assignment_is_kept_across_recursions(trained_tiny):
+    """Both applications of the bank use one shuffle: k follows that draw, and the RNG advanced by one."""
+    model = copy.deepcopy(trained_tiny.model).train()
+    method = _variant(model, recursions=2)
+    method.options.bank.assign = method.bank.cfg.assign = "random"
+    x, y = trained_tiny.x_test[:16], trained_tiny.y_test[:16]
+    ref = torch.Generator()
+    ref.set_state(method.assign_rng.get_state())
+    perm = torch.randperm(16, generator=ref)
+    _, _, k = method._generate(x, y)
+    assert torch.equal(k, (torch.arange(16) % 4)[torch.argsort(perm)])
+    assert torch.equal(method.assign_rng.get_state(), ref.get_state())

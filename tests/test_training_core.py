@@ -192,3 +192,12 @@ def test_old_run_configs_still_read():
     assert cfg.options == AttackConfig(norm="l2", eps=0.05, steps=40, step_size=0.005)
     gen = TrainConfig.from_dict({**old, "method": "generator"})
     assert gen.options.bank.n == 32 and gen.options.lr == 0.005
+
+
+def test_a_budget_in_steps_stops_at_that_step_and_records_passes(tmp_path):
+    cfg = TrainConfig(method="minmax", options=AttackConfig(eps=0.5, steps=2), epochs=10, batch_size=16,
+                      budget_steps=4)
+    _, rec = train(cfg, *_sets(), out_dir=tmp_path / "r", progress=False)   # 3 steps per epoch
+    assert rec["finished"] and [(r["epoch"], r["steps"], r["passes"]) for r in rec["epochs"]] == [(1, 3, 9), (2, 1, 3)]
+    with pytest.raises(ConfigError, match="budget_steps must be >= 1"):
+        TrainConfig(budget_steps=0).validate()

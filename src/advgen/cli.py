@@ -106,6 +106,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch-eps", type=float, default=d.watch_eps)
     p.add_argument("--watch-norm", default=d.watch_norm, choices=["l2", "linf"])
     p.add_argument("--time-budget", type=float, help="stop after this many seconds of training steps")
+    p.add_argument("--budget-steps", type=int,
+                   help="stop after this many training steps in all (a budget that reproduces on any machine)")
     p.add_argument("--budget-clock", default=d.budget_clock, choices=["wall", "process"],
                    help="clock of --time-budget: wall, or CPU seconds of this process (shared machines)")
     p.add_argument("--out", required=True, help="run folder to write")
@@ -149,6 +151,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--gen-warmup", type=float, help="epochs of linear warm-up of s")
     gen.add_argument("--gen-reinit-every", type=int)
     gen.add_argument("--clean-fraction", type=float)
+    gen.add_argument("--gen-recursions", type=int, help="K: apply the bank K times, each on its own output and "
+                     "the gradient there (needs --gen-grad-input; K gradient evaluations)")
+    gen.add_argument("--gen-step-after", type=_bool, help="a gradient step from the bank's output, projected onto "
+                     "the bound: the bank learns the start of the step (FGSM-SDI style; one more gradient)")
+    gen.add_argument("--gen-step-size", type=float, help="size of that step (default: the bound s)")
 
 
 # library config fields whose flag is not "--" + the field with dashes
@@ -159,6 +166,7 @@ FLAGS = {"attack.norm": "--attack-norm", "attack.eps": "--attack-eps", "attack.s
          "generator.optimizer": "--gen-optimizer", "generator.lr": "--gen-lr", "generator.momentum": "--gen-momentum",
          "generator.steps": "--gen-steps", "generator.clean_fraction": "--clean-fraction",
          "generator.warmup_epochs": "--gen-warmup", "generator.reinit_every": "--gen-reinit-every",
+         "generator.recursions": "--gen-recursions", "generator.step_size": "--gen-step-size",
          "checkpoint_every": "--checkpoint-every"}
 
 
@@ -175,7 +183,8 @@ def _generator_options(args) -> GeneratorOptions:
             setattr(gen.bank, name, getattr(args, flag))
     for flag, name in (("gen_lr", "lr"), ("gen_optimizer", "optimizer"), ("gen_momentum", "momentum"),
                        ("gen_steps", "steps"), ("gen_warmup", "warmup_epochs"), ("gen_reinit_every", "reinit_every"),
-                       ("clean_fraction", "clean_fraction")):
+                       ("clean_fraction", "clean_fraction"), ("gen_recursions", "recursions"),
+                       ("gen_step_after", "step_after"), ("gen_step_size", "step_size")):
         if getattr(args, flag) is not None:
             setattr(gen, name, getattr(args, flag))
     return gen
@@ -202,7 +211,7 @@ def train_config_from_args(args) -> TrainConfig:
                       weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
                       train_subset=args.train_subset, test_subset=args.test_subset, watch_subset=watch,
                       watch_norm=args.watch_norm, watch_eps=args.watch_eps, init=args.init,
-                      time_budget=args.time_budget, budget_clock=args.budget_clock,
+                      time_budget=args.time_budget, budget_clock=args.budget_clock, budget_steps=args.budget_steps,
                       channels_last={"auto": None, "true": True, "false": False}[args.channels_last],
                       compile=args.compile, amp=args.amp, fold_bn_attack=args.fold_bn_attack)
     cfg.validate()

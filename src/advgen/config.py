@@ -88,6 +88,9 @@ class TrainConfig:
     # the clock of time_budget: "wall" (seconds elapsed) or "process" (CPU seconds of this process, all
     # threads: on a shared machine, a single-threaded run's budget is then not eaten by other jobs)
     budget_clock: str = "wall"
+    # stop after this many training steps in all (None: run all epochs): a budget in work done, the
+    # same on every machine; each epoch row records its steps and the forward-backward passes they cost
+    budget_steps: int | None = None
     # speed settings (benchmarks/README.md): the same training up to float rounding, except amp
     channels_last: bool | None = None  # NHWC layout of the classifier and its batches; None: on for the CPU only
     compile: bool = False              # torch.compile the classifier (on the CPU it needs a C++ compiler)
@@ -124,6 +127,8 @@ class TrainConfig:
         check_field(self.watch_steps >= 1, "watch_steps", f"must be >= 1, got {self.watch_steps}")
         check_field(self.time_budget is None or (math.isfinite(self.time_budget) and self.time_budget > 0),
                     "time_budget", f"must be > 0 seconds, got {self.time_budget}")
+        check_field(self.budget_steps is None or self.budget_steps >= 1, "budget_steps",
+                    f"must be >= 1, got {self.budget_steps}")
         check_field(self.budget_clock in ("wall", "process"), "budget_clock",
                     f"must be wall or process, got {self.budget_clock!r}")
         for name in ("compile", "amp", "fold_bn_attack"):

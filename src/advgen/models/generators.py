@@ -91,12 +91,15 @@ class GeneratorBank(nn.Module):
         return inp
 
     def forward(self, x: torch.Tensor, grad: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None,
+                perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (x_adv, k): k (B,) is the generator of each sample.
 
         Sample j of the (optionally shuffled) batch goes to generator j mod N, slot j // N: the batch
         viewed as (ceil(B/N), N*C, H, W) is exactly the grouped-conv layout, with no copy when N | B.
         For assign='all', x_adv is (N*B, C, H, W), generator-major, and k says which generator.
+        perm: the shuffle of assign='random' (B,), drawn from `generator` when not given (a caller that
+        applies the bank several times passes one perm to keep each sample's generator).
         """
         n, c = self.cfg.n, self.channels
         if self.cfg.grad_input and grad is None:
@@ -110,7 +113,11 @@ class GeneratorBank(nn.Module):
                 psi = psi + grad.repeat(n, 1, 1, 1)
             k = torch.arange(n, device=x.device).repeat_interleave(b)
             return self._bound(psi, x.repeat(n, 1, 1, 1)), k
-        perm = torch.randperm(b, generator=generator).to(x.device) if self.cfg.assign == "random" else None
+        if self.cfg.assign != "random":
+            perm = None
+        elif perm is None:
+            perm = torch.randperm(b, generator=generator)
+        perm = perm.to(x.device) if perm is not None else None
         src = inp if perm is None else inp[perm]
         m = -(-b // n)
         if m * n > b:  # pad the last slot row; those outputs are dropped

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..attacks.pgd import eval_mode
+from ..attacks.pgd import NORMS, eval_mode
 from ..errors import UserError, check_field
 from ..models.generators import BankConfig, GeneratorBank
 from .method import Method, register
@@ -40,6 +40,12 @@ class GeneratorOptions:
     clean_fraction: float = 0.0     # share of each batch left clean (eq. 2 uses 0)
     warmup_epochs: float = 0.0      # linear ramp of the bound size s from 0 over this many epochs
     reinit_every: int = 0           # every this many steps, re-draw the weakest generator (0: never)
+    # variants that do what one gradient step cannot (each costs one more gradient evaluation):
+    recursions: int = 1             # K: the bank applied K times, each time to its own output and the
+                                    # gradient there, projected onto the s-ball around x (Jang et al. 2019)
+    step_after: bool = False        # a gradient step taken from the bank's output, projected onto the
+                                    # s-ball: the bank learns the starting point (FGSM-SDI, Jia et al. 2022)
+    step_size: float | None = None  # of that step, pixel units; None: s
 
     def validate(self) -> None:
         self.bank.validate()
@@ -51,6 +57,20 @@ class GeneratorOptions:
                     f"must lie in [0, 1), got {self.clean_fraction}")
         check_field(self.warmup_epochs >= 0, "generator.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         check_field(self.reinit_every >= 0, "generator.reinit_every", f"must be >= 0, got {self.reinit_every}")
+        check_field(self.recursions >= 1, "generator.recursions", f"must be >= 1, got {self.recursions}")
+        check_field(self.recursions == 1 or self.bank.grad_input, "generator.recursions",
+                    "above 1 needs bank.grad_input (each application sees the gradient at its input)")
+        check_field(self.step_size is None or (math.isfinite(self.step_size) and self.step_size > 0),
+                    "generator.step_size", f"must be > 0, got {self.step_size}")
+        check_field(self.bank.assign != "all" or (self.recursions == 1 and not self.step_after),
+                    "bank.assign", "all cannot be combined with recursions or step_after")
+
+    @property
+    def passes(self) -> int:
+        """Forward-backward passes of the classifier per training step (gradient evaluations + the
+        training pass); one extra forward and backward per extra ascent step."""
+        grads = self.recursions * self.bank.grad_input + self.step_after
+        return (1 + grads) * self.steps
 
 
 GENERATOR_PRESETS = ("paper", "gradient")
@@ -92,6 +112,10 @@ class GeneratorMethod(Method):
     def modules(self):
         return {"generators": self.bank}
 
+    @property
+    def passes(self) -> int:
+        return self.options.passes
+
     def state_dict(self) -> dict:
         return {"bank": self.bank.state_dict(), "opt": self.opt.state_dict(), "step_count": self.step_count,
                 "assign_rng": self.assign_rng.get_state(), "gen_loss": self.gen_loss, "gen_seen": self.gen_seen}
@@ -118,12 +142,26 @@ class GeneratorMethod(Method):
         return grad / rms.view(-1, 1, 1, 1)
 
     def _generate(self, x, y):
-        bank = self.options.bank
-        grad = self._input_grad(x, y) if bank.grad_input else None
-        x_adv, k = self.bank(x, grad, generator=self.assign_rng)
+        """-> (x_adv, labels, k): the bank's sample (K recursions, then the optional gradient step)."""
+        g, bank = self.options, self.options.bank
+        norm = NORMS["linf" if bank.bound in ("box", "linf") else "l2"]
+        # one assignment of samples to generators for every recursion
+        perm = torch.randperm(x.shape[0], generator=self.assign_rng) if bank.assign == "random" else None
+        x_cur = x
+        for _ in range(g.recursions):
+            grad = self._input_grad(x_cur, y) if bank.grad_input else None
+            x_cur, k = self.bank(x_cur, grad, perm=perm)
+            if g.recursions > 1:
+                x_cur = (x + norm.project(x_cur - x, bank.size)).clamp(0, 1)
+        if g.step_after:
+            # the step's direction is a constant of the bank's ascent (first order, as FGSM-SDI): the
+            # bank's gradient flows through x_cur alone
+            d = norm.direction(self._input_grad(x_cur, y))
+            step = bank.size if g.step_size is None else g.step_size
+            x_cur = (x + norm.project(x_cur + step * d - x, bank.size)).clamp(0, 1)
         if bank.assign == "all":
             y = y.repeat(bank.n)
-        return x_adv, y, k
+        return x_cur, y, k
 
     def loss(self, x, y):
         g = self.options

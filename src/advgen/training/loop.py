@@ -250,7 +250,9 @@ def _between_steps(run: Run, saver: Saver, timer: StepTimer, every: int | None, 
     requested = stop.signum is not None
     if (due or requested or run.global_step % run.check_every == 0) and bool(run.meter.bad):
         raise saver.diverged(f"the training loss is {loss.item()}")
-    run.out_of_time = run.budget.exhausted()   # the epoch ends here; it is evaluated and saved as usual
+    # a spent budget ends the epoch here; it is evaluated and saved as usual
+    steps_spent = run.cfg.budget_steps is not None and run.global_step >= run.cfg.budget_steps
+    run.out_of_time = steps_spent or run.budget.exhausted()
     if saver.out is not None and (due or requested):
         run.meter.seconds += timer.elapsed()
         run.budget.pause()   # the save is not training time
@@ -300,7 +302,7 @@ def end_epoch(run: Run, saver: Saver) -> None:
     cfg = run.cfg
     if saver.saved_at != (run.epoch, run.step):
         saver.save_state()  # the epoch's steps survive a kill during the evaluation
-    row = {"epoch": run.epoch, "steps": run.step, **run.meter.summary(),
+    row = {"epoch": run.epoch, "steps": run.step, "passes": run.step * run.method.passes, **run.meter.summary(),
            **evaluate_epoch(run.model, run.test_set.images, run.test_set.labels, watch=cfg.watch_subset,
                             watch_norm=cfg.watch_norm, watch_eps=cfg.watch_eps, watch_steps=cfg.watch_steps)}
     warn_on_overfitting(run.record["epochs"], row)

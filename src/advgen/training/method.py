@@ -11,6 +11,8 @@ torch optimizers do:
     state_dict() / load_state_dict(state)  everything needed to resume bit for bit: nested dicts and
                                            lists of tensors, numbers, strings, None
     modules()                              {name: module} saved beside the classifier (e.g. "generators")
+    passes                                 forward-backward passes of the classifier per step (the
+                                           work a step costs: budgets in work done, not seconds)
 
 A new method is one module: a class derived from Method, decorated with @register(name, Options),
 where Options is a dataclass with validate(); then one import line in training/__init__.py.
@@ -59,6 +61,10 @@ class Method:
 
     def after_step(self) -> None:
         pass
+
+    @property
+    def passes(self) -> int:
+        return 1
 
     def modules(self) -> dict[str, nn.Module]:
         return {}

@@ -49,6 +49,10 @@ class AttackMethod(Method):
 
 @register("minmax", AttackConfig, "min-max adversarial training on PGD-K (Madry et al. 2018)")
 class MinMax(AttackMethod):
+    @property
+    def passes(self) -> int:
+        return self.options.steps + 1
+
     def make_attack(self, model, a: AttackConfig, seed: int):
         return PGD(model, norm=a.norm, eps=a.radius, steps=a.steps, step_size=a.step,
                    random_start=a.random_start, keep="last", seed=seed)
@@ -57,6 +61,10 @@ class MinMax(AttackMethod):
 @register("fgsm", AttackConfig, "FGSM with a random start, step 1.25 eps (Wong et al. 2020)")
 class FGSMRS(AttackMethod):
     """Wong et al. 2020, "Fast is better than free": one signed-gradient step from a random start."""
+
+    @property
+    def passes(self) -> int:
+        return 2
 
     def make_attack(self, model, a: AttackConfig, seed: int):
         return FGSM(model, norm=a.norm, eps=a.radius, random_start=True, keep="last", seed=seed)
