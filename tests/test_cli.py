@@ -104,19 +104,28 @@ def test_console_script_runs():
 
 
 @needs_data
-def test_compare_smoke_writes_table_and_plot(tmp_path, capsys):
+def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys):
     out = tmp_path / "cmp"
     code, _, _ = run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)
     assert code == 0
     res = json.loads((out / "compare.json").read_text())
-    assert list(res["rows"]) == ["base", "gen_l2", "pgd2"]
-    for name, row in res["rows"].items():
-        assert set(row["pgd"]) == set(row["autoattack"]) == {"0.25", "0.5"}
-        assert any(c["name"].startswith("PGD within") for c in row["checks"])
-    # each fine-tuning stopped at its budget (1 s here), not after the 1000 epochs the config allows
-    rec = json.loads((out / "gen_l2" / "run.json").read_text())
-    assert rec["finished"] and len(rec["epochs"]) < 1000 and rec["config"]["time_budget"] == 1.0
-    assert (out / "pareto.png").exists() and "| gen_l2 |" in (out / "compare.md").read_text()
+    rows = [(r["name"], r["seed"], r["budget_units"]) for r in res["rows"]]
+    assert rows == [("base", 0, 0.0)] + [(n, s, u) for n in ("fgsm_rs", "gen_sdi") for s in (0, 1) for u in (1.0, 2.0)]
+    for r in res["rows"][1:]:
+        assert set(r["pgd"]) == {"0.25", "0.5"} and r["passes"] > 0 and r["budget_seconds"] > 0
+        # AutoAttack on the final model of each run only; the gap rule wherever it ran
+        assert (set(r["autoattack"]) == {"0.5"}) == (r["budget_units"] == 2.0)
+        assert any(c["name"].startswith("PGD within") for c in r["checks"]) == (r["budget_units"] == 2.0)
+    # a budget in work done: unit 4 passes, FGSM costs 2 per step, the generator with a step after it 3
+    steps = {(r["name"], r["budget_units"]): r["steps"] for r in res["rows"][1:]}
+    assert steps[("fgsm_rs", 1.0)] == 2 and steps[("fgsm_rs", 2.0)] == 4 and steps[("gen_sdi", 2.0)] == 3
+    assert (out / "curves.png").exists() and (out / "curves-seconds.png").exists()
+    md = (out / "compare.md").read_text()
+    assert "| fgsm_rs | 1 |" in md and "mean ± std over seeds" in md
+    # run again: everything is found done (no training, cached evaluations)
+    before = (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns
+    assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
+    assert (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_generator_presets_and_flag_overrides():

@@ -201,3 +201,18 @@ def test_a_budget_in_steps_stops_at_that_step_and_records_passes(tmp_path):
     assert rec["finished"] and [(r["epoch"], r["steps"], r["passes"]) for r in rec["epochs"]] == [(1, 3, 9), (2, 1, 3)]
     with pytest.raises(ConfigError, match="budget_steps must be >= 1"):
         TrainConfig(budget_steps=0).validate()
+
+
+def test_snapshots_equal_the_runs_of_shorter_budgets(tmp_path):
+    """Under a constant schedule, the snapshot at step N holds the weights a run stopped at N ends with."""
+    cfg = lambda n: TrainConfig(method="fgsm", options=AttackConfig(eps=0.5), epochs=10, batch_size=16,  # noqa: E731
+                                schedule="constant", budget_steps=n, seed=2)
+    torch.manual_seed(0)
+    train(cfg(5), *_sets(), out_dir=tmp_path / "long", progress=False, snapshots=[2, 4])
+    torch.manual_seed(0)
+    short, _ = train(cfg(4), *_sets(), out_dir=tmp_path / "short", progress=False)
+    snap = advgen.load_model(tmp_path / "long" / "snapshots" / "step-4.safetensors")
+    for (k, a), b in zip(short.state_dict().items(), snap.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert sorted(p.name for p in (tmp_path / "long" / "snapshots").iterdir()) == ["step-2.safetensors",
+                                                                                  "step-4.safetensors"]

@@ -303,9 +303,10 @@ def cmd_compare(args) -> int:
     from .compare import COMPARE_PRESETS, compare
     check(args.preset in COMPARE_PRESETS, f"unknown preset {args.preset!r}; choose from {', '.join(COMPARE_PRESETS)}")
     device = resolve_device(args.device)
-    seed_everything(COMPARE_PRESETS[args.preset].seed)
+    seed_everything(COMPARE_PRESETS[args.preset].base_seed)
     path = compare(args.preset, Path(args.out), data_dir=args.data_dir, download=args.download, device=device,
-                   base=Path(args.base) if args.base else None, clock=args.budget_clock)
+                   base=Path(args.base) if args.base else None,
+                   entries=args.entries.split(",") if args.entries else None)
     print(f"comparison written to {path}")
     return 0
 
@@ -345,11 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     r.set_defaults(func=cmd_reproduce)
 
-    c = sub.add_parser("compare", help="every method from one base for the same time budget (PGD + AutoAttack)")
+    c = sub.add_parser("compare", help="every method from one base at several budgets and seeds: curves "
+                                       "(PGD + AutoAttack)")
     c.add_argument("--preset", default="quick")
     c.add_argument("--out", required=True)
     c.add_argument("--base", help="an existing base run folder to start from (default: train one in OUT/base)")
-    c.add_argument("--budget-clock", default="wall", choices=["wall", "process"])
+    c.add_argument("--entries", help="comma-separated entries of the preset to run (default: all); the report "
+                                     "covers every entry already run in OUT")
     c.add_argument("--data-dir")
     c.add_argument("--download", action="store_true")
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])

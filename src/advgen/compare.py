@@ -1,18 +1,24 @@
-"""`advgen compare`: every method and variant from the same base model, for the same wall-clock budget.
+"""`advgen compare`: every method from one base model at several budgets and seeds, as curves.
 
-Each entry is fine-tuned from one base model (constant SGD learning rate, stopped by
-TrainConfig.time_budget), then evaluated on the same first N test images with PGD-L2 (many steps,
-restarts, each sample's worst case kept) and AutoAttack (APGD-CE + APGD-T) at the same radii. The
-report gives clean / PGD / AutoAttack accuracy, the PGD − AutoAttack gap (a variant whose gap exceeds
-3 points is not called robust: its PGD number is inflated by masked gradients), the budget (on the
-chosen clock), the wall-clock seconds and the steps trained; pareto.png plots robust accuracy against
-the budget.
+Each entry (a training method and its options) is fine-tuned from the same base model with a constant
+learning rate for its largest budget, once per seed; the classifier is snapshotted at every smaller
+budget on the way (under a constant schedule a snapshot is exactly what a shorter run ends with), so a
+curve costs one run per seed. Budgets are in work done, so the comparison reproduces on any machine:
+one unit is `unit_passes` forward-backward passes of a batch, and an entry whose step costs P passes
+(PGD-K: K + 1, FGSM: 2, the generator method: 1 + its gradient evaluations) gets units·unit_passes/P
+steps. The seconds each budget took on the machine that ran it are recorded beside.
+
+Every snapshot is evaluated on the same first N test images: clean, PGD-L2 (many steps, restarts, each
+sample's worst case), the sanity checks; AutoAttack at the preset's radii on the final model of every
+run (or on every snapshot), with the PGD − AutoAttack gap rule: a variant whose PGD accuracy exceeds
+AutoAttack's by more than 3 points is not called robust. The report gives mean ± std over seeds per
+(entry, budget) and a plot of robust accuracy against the budget, a curve per method with error bars.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,50 +26,46 @@ import torch
 
 from . import __version__
 from .attacks import FGSM, PGD, AutoAttack
-from .checkpoint import RUN_FILE, atomic_write, git_commit, load_model, read_json, write_json
-from .config import AttackConfig, TrainConfig
+from .checkpoint import MODEL_FILE, RUN_FILE, atomic_write, git_commit, load_model, read_json, read_tensors, write_json
+from .config import TrainConfig, from_dict
 from .evaluate import LARGE_EPS, accuracy, robust_accuracy, sanity_checks
-from .models.generators import BankConfig
-from .training.generator import GeneratorOptions
-from .speed import inference_copy
 from .report import DATA_CAVEAT, machine_description, run_complete
+from .speed import inference_copy
+from .training.method import METHODS, Setup
 
 log = logging.getLogger(__name__)
 
 GAP_LIMIT = 0.03  # PGD minus AutoAttack accuracy above which a variant is not called robust
+L2 = {"norm": "l2", "eps": 0.5}
+GRADIENT_BANK = {"n": 32, "bound": "l2", "size": 0.5, "grad_input": True, "grad_skip": True}
 
 
 @dataclass
 class Entry:
-    """One contender: TrainConfig fields over the preset's common ones, and its budget in units."""
+    """One contender: a registered method, its options (as a dict of its options class's fields) and
+    its budgets in units."""
 
     name: str
     label: str
-    overrides: dict
-    budget_units: float
+    method: str
+    options: dict
+    budgets: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
 
 
-def _gen(bank: dict, **train) -> dict:
-    return {"method": "generator", "options": GeneratorOptions(bank=BankConfig(**bank), **train)}
+def _gen(**opts) -> dict:
+    return {"bank": dict(GRADIENT_BANK), "optimizer": "adam", "lr": 1e-3, **opts}
 
 
-def _minmax(k: int, eps: float = 0.5) -> dict:
-    return {"method": "minmax", "options": AttackConfig(norm="l2", eps=eps, steps=k, step_size=2.5 * eps / k)}
-
-
-L2_BANK = {"bound": "l2", "size": 0.5}
 ENTRIES = [
-    Entry("pgd10", "min-max PGD-10 (L2 0.5)", _minmax(10), 5.0),
-    Entry("gen_grad", "generators seeing the input gradient, L2 0.5, Adam 1e-3",
-          _gen({**L2_BANK, "grad_input": True}, optimizer="adam", lr=1e-3), 1.0),
-    Entry("gen_grad_skip", "gradient generators starting at the FGSM step (grad skip), L2 0.5, Adam 1e-3",
-          _gen({**L2_BANK, "grad_input": True, "grad_skip": True}, optimizer="adam", lr=1e-3), 1.0),
-    Entry("fgsm_rs", "FGSM-RS (Wong et al. 2020, L2 0.5)",
-          {"method": "fgsm", "options": AttackConfig(norm="l2", eps=0.5, steps=1)}, 1.0),
-    Entry("gen_paper", "generators as in the paper (box s=0.2, SGD 0.005)",
-          _gen({"bound": "box", "size": 0.2}, optimizer="sgd", lr=0.005), 1.0),
-    Entry("gen_l2", "generators, L2 bound 0.5, Adam 1e-3", _gen(L2_BANK, optimizer="adam", lr=1e-3), 1.0),
-    Entry("pgd2", "min-max PGD-2 (L2 0.5)", _minmax(2), 1.0),
+    Entry("fgsm_rs", "FGSM-RS (Wong et al. 2020)", "fgsm", dict(L2)),
+    Entry("nfgsm", "N-FGSM (de Jorge et al. 2022), noise 2 eps", "nfgsm", dict(L2)),
+    Entry("free", "Free-AT (Shafahi et al. 2019), 8 replays", "free", dict(L2)),
+    Entry("trades", "TRADES (Zhang et al. 2019), beta 6, PGD-10", "trades", {**L2, "steps": 10}, [1.0, 2.0, 4.0, 8.0]),
+    Entry("pgd10", "min-max PGD-10 (Madry et al. 2018)", "minmax", {**L2, "steps": 10, "step_size": 0.125},
+          [1.0, 2.0, 4.0, 8.0]),
+    Entry("gen_grad", "generators seeing the gradient, grad skip (advgen 0.1's recommendation)", "generator", _gen()),
+    Entry("gen_sdi", "generator init + a gradient step from it (FGSM-SDI style)", "generator", _gen(step_after=True)),
+    Entry("gen_rec2", "2 recursive generator steps", "generator", _gen(recursions=2)),
 ]
 
 
@@ -72,70 +74,116 @@ class ComparePreset:
     train_subset: int | None
     test_subset: int
     base_epochs: int
-    unit_seconds: float             # the budget of one unit; PGD-10 gets 5 units
+    unit_passes: int                # one budget unit: this many forward-backward passes of a batch
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     lr: float = 0.01                # constant fine-tuning learning rate of every classifier
-    eval_eps: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    pgd_eps: list[float] = field(default_factory=lambda: [0.5])
     pgd_steps: int = 50
     pgd_restarts: int = 2
-    aa_attacks: list[str] = field(default_factory=lambda: ["apgd-ce", "apgd-t"])
-    aa_targets: int = 3
-    watch_subset: int = 200
+    aa_eps: list[float] = field(default_factory=lambda: [0.5])
+    aa_attacks: list[str] | None = None   # None: the standard AutoAttack
+    aa_targets: int = 9
+    aa_every_budget: bool = False   # AutoAttack on every snapshot, not only the final model of each run
+    watch_subset: int = 0
     batch_size: int = 128
-    seed: int = 0
+    base_seed: int = 0
     entries: list[Entry] = field(default_factory=lambda: list(ENTRIES))
 
 
 COMPARE_PRESETS = {
-    # a CPU run: about 1 hour on one core (without --base, 10 more minutes for the base)
-    "quick": ComparePreset(train_subset=10000, test_subset=200, base_epochs=15, unit_seconds=96.0,
-                           entries=[e for e in ENTRIES if e.name not in ("pgd2", "gen_l2")]),
+    # CPU: 10,000 training images, 200 test images, 3 seeds; about 6 CPU-hours on one core
+    "quick": ComparePreset(train_subset=10000, test_subset=200, base_epochs=15, unit_passes=256),
     # every stage in seconds, for the tests; its numbers mean nothing
-    "smoke": ComparePreset(train_subset=256, test_subset=24, base_epochs=1, unit_seconds=1.0, pgd_steps=3,
-                           pgd_restarts=1, aa_targets=1, watch_subset=16, batch_size=64,
-                           entries=[e for e in ENTRIES if e.name in ("pgd2", "gen_l2")]),
-    # GPU-scale: full training set, 1,000 test images
-    "full": ComparePreset(train_subset=None, test_subset=1000, base_epochs=100, unit_seconds=600.0),
+    "smoke": ComparePreset(train_subset=256, test_subset=16, base_epochs=1, unit_passes=4, seeds=[0, 1],
+                           pgd_eps=[0.25, 0.5], pgd_steps=3, pgd_restarts=1, aa_attacks=["apgd-ce"], aa_targets=1,
+                           batch_size=64,
+                           entries=[Entry("fgsm_rs", "FGSM-RS", "fgsm", dict(L2), [1.0, 2.0]),
+                                    Entry("gen_sdi", "generator + step", "generator",
+                                          {**_gen(step_after=True), "bank": {**GRADIENT_BANK, "n": 4, "width": 4}},
+                                          [1.0, 2.0])]),
+    # GPU-scale: the full training set, 1,000 test images, standard AutoAttack on every budget
+    "full": ComparePreset(train_subset=None, test_subset=1000, base_epochs=100, unit_passes=3910,
+                          pgd_eps=[0.25, 0.5], aa_eps=[0.25, 0.5], aa_every_budget=True),
 }
 
 
-def entry_config(p: ComparePreset, e: Entry, base: Path, clock: str) -> TrainConfig:
-    fields = {k: (copy.deepcopy(v)) for k, v in e.overrides.items()}
-    return TrainConfig(model="resnet20", epochs=1000, lr=p.lr, schedule="constant", batch_size=p.batch_size,
-                       seed=p.seed, train_subset=p.train_subset, test_subset=p.test_subset, init=str(base),
-                       watch_subset=p.watch_subset, time_budget=p.unit_seconds * e.budget_units,
-                       budget_clock=clock, **fields)
+def passes_per_step(cfg: TrainConfig) -> int:
+    """Forward-backward passes one training step of cfg's method costs (the method says)."""
+    from .models import build_model
+    probe = build_model(cfg.model)
+    return METHODS[cfg.method].cls(probe, cfg.options, Setup(device=torch.device("cpu"), fold_bn=False)).passes
 
 
-def evaluate_entry(model, x, y, p: ComparePreset) -> dict:
-    """Clean accuracy, PGD-L2 (worst case over restarts) and AutoAttack at every eps of the preset."""
+def entry_config(p: ComparePreset, e: Entry, seed: int, base: Path) -> tuple[TrainConfig, list[int]]:
+    """The TrainConfig of one run of entry e (its largest budget) and the steps of each of its budgets."""
+    options = from_dict(METHODS[e.method].options, e.options)
+    cfg = TrainConfig(method=e.method, options=options, model="resnet20", epochs=1_000_000, lr=p.lr,
+                      schedule="constant", batch_size=p.batch_size, seed=seed, train_subset=p.train_subset,
+                      test_subset=p.test_subset, init=str(base), watch_subset=p.watch_subset)
+    per_step = passes_per_step(cfg)
+    steps = [max(1, round(u * p.unit_passes / per_step)) for u in e.budgets]
+    cfg.budget_steps = steps[-1]
+    cfg.validate()
+    return cfg, steps
+
+
+def evaluate_model(model, x, y, p: ComparePreset, autoattack: bool, seed: int = 0) -> dict:
+    """Clean accuracy, PGD-L2 (worst case over restarts), the sanity checks, and AutoAttack if asked."""
     model = inference_copy(model, channels_last=False)
     out = {"clean": accuracy(model, x, y), "pgd": {}, "autoattack": {}}
     pgd = robust_accuracy(model, x, y, lambda e: PGD(model, norm="l2", eps=e, steps=p.pgd_steps,
                                                      rel_step=2.5 / p.pgd_steps, restarts=p.pgd_restarts,
-                                                     seed=p.seed), p.eval_eps)
-    fgsm = robust_accuracy(model, x, y, lambda e: FGSM(model, norm="l2", eps=e, seed=p.seed), p.eval_eps)
+                                                     seed=seed), p.pgd_eps)
+    fgsm = robust_accuracy(model, x, y, lambda e: FGSM(model, norm="l2", eps=e, seed=seed), p.pgd_eps)
     k = min(200, x.shape[0])
     large = robust_accuracy(model, x[:k], y[:k], lambda e: PGD(model, norm="l2", eps=e, steps=20, rel_step=0.1),
                             [LARGE_EPS["l2"]])[0]
-    aa = robust_accuracy(model, x, y, lambda e: AutoAttack(model, norm="l2", eps=e, attacks=p.aa_attacks,
-                                                           targets=p.aa_targets, seed=p.seed), p.eval_eps)
-    for e, a_pgd, a_aa in zip(p.eval_eps, pgd, aa):
-        out["pgd"][str(e)], out["autoattack"][str(e)] = a_pgd, a_aa
-    out["checks"] = sanity_checks("l2", [0.0] + p.eval_eps, [out["clean"]] + pgd, [out["clean"]] + fgsm, large,
+    out["pgd"] = {str(e): a for e, a in zip(p.pgd_eps, pgd)}
+    out["checks"] = sanity_checks("l2", [0.0] + p.pgd_eps, [out["clean"]] + pgd, [out["clean"]] + fgsm, large,
                                   x.shape[0])
+    if autoattack:
+        aa = robust_accuracy(model, x, y, lambda e: AutoAttack(model, norm="l2", eps=e, attacks=p.aa_attacks,
+                                                               targets=p.aa_targets, seed=seed), p.aa_eps)
+        out["autoattack"] = {str(e): a for e, a in zip(p.aa_eps, aa)}
+        out["checks"].append(gap_check(out, x.shape[0]))
     return out
 
 
 def gap_check(ev: dict, n: int) -> dict:
     """PGD must not exceed AutoAttack by more than GAP_LIMIT at any eps (accuracies are multiples of 1/n)."""
-    stronger = [e for e in ev["pgd"] if ev["pgd"][e] - ev["autoattack"][e] > GAP_LIMIT + 0.5 / n]
+    both = [e for e in ev["autoattack"] if e in ev["pgd"]]
+    stronger = [e for e in both if ev["pgd"][e] - ev["autoattack"][e] > GAP_LIMIT + 0.5 / n]
     return {"name": f"PGD within {100 * GAP_LIMIT:.0f} points of AutoAttack", "passed": not stronger,
             "detail": "ok" if not stronger else f"PGD overstates robustness at eps {', '.join(stronger)}"}
 
 
+def _train_base(p: ComparePreset, out: Path, train_set, test_set, device) -> Path:
+    from .training import train
+    base = out / "base"
+    cfg = TrainConfig(method="standard", epochs=p.base_epochs, lr=0.1, batch_size=p.batch_size, seed=p.base_seed,
+                      train_subset=p.train_subset, test_subset=p.test_subset)
+    if not run_complete(base, cfg):
+        torch.manual_seed(p.base_seed)
+        train(cfg, train_set, test_set, out_dir=base, device=device, resume=True)  # continues a stopped run
+    return base
+
+
+def _eval_cached(path: Path, settings: dict, compute) -> dict:
+    """The evaluation stored at path if it was made with these settings, else compute() and store it."""
+    if path.exists() and read_json(path).get("settings") == settings:
+        return read_json(path)
+    ev = {**compute(), "settings": settings}
+    write_json(path, ev)
+    return ev
+
+
 def compare(preset: str, out: Path, *, data_dir=None, download=False, device="cpu", base: Path | None = None,
-            clock: str = "wall") -> Path:
-    """Run every missing stage of the comparison into `out`; return the path of compare.md."""
+            entries: list[str] | None = None) -> Path:
+    """Run every missing run and evaluation of the comparison into `out`; return the path of compare.md.
+
+    entries: names of the preset's entries to run (default all); the report covers every entry whose
+    runs exist in `out`.
+    """
     from .data import load_subsets
     from .training import train
 
@@ -143,101 +191,165 @@ def compare(preset: str, out: Path, *, data_dir=None, download=False, device="cp
     device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
     train_set, test_set = load_subsets("cifar10", data_dir, download=download, train_subset=p.train_subset,
-                                       test_subset=p.test_subset, seed=p.seed)
+                                       test_subset=p.test_subset, seed=p.base_seed)
     x, y = test_set.float_images().to(device), test_set.labels.to(device)
-
-    if base is None:
-        base = out / "base"
-        cfg = TrainConfig(method="standard", epochs=p.base_epochs, lr=0.1, batch_size=p.batch_size, seed=p.seed,
-                          train_subset=p.train_subset, test_subset=p.test_subset)
-        if not run_complete(base, cfg):
-            torch.manual_seed(p.seed)
-            train(cfg, train_set, test_set, out_dir=base, device=device, resume=True)  # continue a stopped run
-    rows = {}
-    for e in [Entry("base", "base model (standard training)", {}, 0.0)] + p.entries:
-        run_dir = base if e.name == "base" else out / e.name
-        if e.name != "base":
-            cfg = entry_config(p, e, base, clock)
-            if run_complete(run_dir, cfg):
-                log.info("%s: trained already", e.name)
-            else:
-                log.info("%s: training for %.0f s (%s clock)", e.name, cfg.time_budget, clock)
-                torch.manual_seed(p.seed)
-                train(cfg, train_set, test_set, out_dir=run_dir, device=device, resume=True)
-        rec = read_json(run_dir / RUN_FILE)
-        eval_path = out / f"{e.name}.eval.json"
-        settings = {"eps": p.eval_eps, "pgd_steps": p.pgd_steps, "pgd_restarts": p.pgd_restarts,
-                    "aa": p.aa_attacks, "aa_targets": p.aa_targets, "n": len(test_set)}
-        if eval_path.exists() and read_json(eval_path).get("settings") == settings:
-            ev = read_json(eval_path)
-        else:
-            log.info("%s: evaluating", e.name)
-            ev = evaluate_entry(load_model(run_dir, device=device), x, y, p)
-            ev["settings"] = settings
-            write_json(eval_path, ev)
-        # the gap verdict is recomputed from the stored accuracies, so a changed rule applies to old runs
-        ev["checks"] = [c for c in ev["checks"] if not c["name"].startswith("PGD within")] + [gap_check(ev, len(test_set))]
-        trained = e.name != "base"
-        rows[e.name] = {"label": e.label, "budget_units": e.budget_units,
-                        "budget_seconds": rec["config"]["time_budget"] if trained else 0.0,
-                        "wall_seconds": sum(r["seconds"] for r in rec["epochs"]) if trained else 0.0,
-                        "steps": sum(r.get("steps", 0) for r in rec["epochs"]) if trained else 0, **ev}
-
-    results = {"preset": preset, "settings": dataclasses.asdict(p), "clock": clock,
-               "machine": machine_description(device), "version": __version__, "git_commit": git_commit(),
-               "base": str(base), "rows": rows}
+    base = base or _train_base(p, out, train_set, test_set, device)
+    wanted = [e for e in p.entries if entries is None or e.name in entries]
+    unknown = set(entries or []) - {e.name for e in p.entries}
+    if unknown:
+        from .errors import UserError
+        raise UserError(f"unknown compare entries {sorted(unknown)}; preset {preset} has "
+                        f"{', '.join(e.name for e in p.entries)}")
+    rows = [_base_row(base, x, y, p, out)]
+    for e in p.entries:
+        for seed in p.seeds:
+            cfg, steps = entry_config(p, e, seed, base)
+            run_dir = out / f"{e.name}-s{seed}"
+            if e in wanted and not run_complete(run_dir, cfg):
+                log.info("%s seed %d: training %d steps", e.name, seed, steps[-1])
+                torch.manual_seed(seed)
+                train(cfg, train_set, test_set, out_dir=run_dir, device=device, resume=True, snapshots=steps[:-1],
+                      progress=False)
+            if not run_complete(run_dir, cfg):
+                continue
+            rows += [_row(e, seed, units, n, run_dir, x, y, p, device, last=n == steps[-1])
+                     for units, n in zip(e.budgets, steps)]
+    results = {"preset": preset, "settings": dataclasses.asdict(p), "machine": machine_description(device),
+               "version": __version__, "git_commit": git_commit(), "base": str(base), "n_test": len(test_set),
+               "rows": rows}
     write_json(out / "compare.json", results)
-    pareto(rows, p.eval_eps[-1], out / "pareto.png")
+    plot_curves(results, out / "curves.png")
+    plot_curves(results, out / "curves-seconds.png", axis="seconds")
     path = out / "compare.md"
-    atomic_write(path, render(results, p).encode())
+    atomic_write(path, render(results).encode())
     return path
 
 
-def pareto(rows: dict, eps: float, path: Path) -> None:
-    """Robust accuracy at eps against the training budget, AutoAttack (filled) and PGD (open) per entry."""
+def _base_row(base: Path, x, y, p: ComparePreset, out: Path) -> dict:
+    settings = _settings(p, len(y), True, 0)
+    ev = _eval_cached(out / "base.eval.json", settings,
+                      lambda: evaluate_model(load_model(base, device=x.device), x, y, p, autoattack=True))
+    return {"name": "base", "method": "standard", "label": "base model (standard training)", "seed": p.base_seed,
+            "budget_units": 0.0, "steps": 0, "passes": 0, "budget_seconds": 0.0, **_scores(ev)}
+
+
+def _settings(p: ComparePreset, n: int, autoattack: bool, seed: int) -> dict:
+    return {"pgd_eps": p.pgd_eps, "pgd_steps": p.pgd_steps, "pgd_restarts": p.pgd_restarts, "n": n, "seed": seed,
+            "aa": {"eps": p.aa_eps, "attacks": p.aa_attacks, "targets": p.aa_targets} if autoattack else None}
+
+
+def _scores(ev: dict) -> dict:
+    return {k: ev[k] for k in ("clean", "pgd", "autoattack", "checks")}
+
+
+def _row(e: Entry, seed: int, units: float, steps: int, run_dir: Path, x, y, p: ComparePreset, device,
+         last: bool) -> dict:
+    """One (entry, seed, budget) row: its model (the run's final one or a snapshot), work and evaluation."""
+    if last:
+        path, rec = run_dir / MODEL_FILE, read_json(run_dir / RUN_FILE)
+        seconds = sum(r["seconds"] for r in rec["epochs"])
+        passes = sum(r["passes"] for r in rec["epochs"])
+    else:
+        path = run_dir / "snapshots" / f"step-{steps}.safetensors"
+        _, meta = read_tensors(path)
+        seconds, passes = meta["seconds"], meta["passes"]
+    autoattack = last or p.aa_every_budget
+    ev = _eval_cached(run_dir / f"eval-step-{steps}.json", _settings(p, len(y), autoattack, seed),
+                      lambda: evaluate_model(load_model(path, device=device), x, y, p, autoattack, seed))
+    return {"name": e.name, "method": e.method, "label": e.label, "seed": seed, "budget_units": units,
+            "steps": steps, "passes": passes, "budget_seconds": seconds, **_scores(ev)}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds per (entry, budget): clean, PGD and AutoAttack at each eps, passes, seconds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["budget_units"]), []).append(r)
+
+    def ms(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None
+        return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "n": len(vals)}
+
+    out = []
+    for (name, units), rs in groups.items():
+        eps_pgd = sorted({e for r in rs for e in r["pgd"]}, key=float)
+        eps_aa = sorted({e for r in rs for e in r["autoattack"]}, key=float)
+        out.append({"name": name, "label": rs[0]["label"], "budget_units": units, "seeds": len(rs),
+                    "passes": ms([r["passes"] for r in rs]), "seconds": ms([r["budget_seconds"] for r in rs]),
+                    "clean": ms([r["clean"] for r in rs]),
+                    "pgd": {e: ms([r["pgd"].get(e) for r in rs]) for e in eps_pgd},
+                    "autoattack": {e: ms([r["autoattack"].get(e) for r in rs]) for e in eps_aa},
+                    "failed": sorted({c["name"] for r in rs for c in r["checks"] if not c["passed"]})})
+    return out
+
+
+def plot_curves(results: dict, path: Path, axis: str = "passes") -> None:
+    """Robust accuracy at the largest PGD eps against the budget: one curve per method, mean ± std over
+    seeds as error bars (PGD open markers and dashed; AutoAttack filled, where evaluated)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, (name, r) in enumerate(rows.items()):
+    summary = [s for s in summarize(results["rows"]) if s["name"] != "base"]
+    eps = str(results["settings"]["pgd_eps"][-1])
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    names = list(dict.fromkeys(s["name"] for s in summary))
+    for i, name in enumerate(names):
+        pts = sorted((s for s in summary if s["name"] == name), key=lambda s: s["budget_units"])
         c = f"C{i % 10}"
-        ax.scatter([r["budget_seconds"]], [r["autoattack"][str(eps)]], color=c, label=name, zorder=3)
-        ax.scatter([r["budget_seconds"]], [r["pgd"][str(eps)]], facecolors="none", edgecolors=c, zorder=3)
-    ax.set_xlabel("training budget, seconds (fine-tuning from the base)")
-    ax.set_ylabel(f"accuracy at L2 eps {eps}")
-    ax.set_title("filled: AutoAttack; open: PGD", fontsize=8)
+        xs = [s[axis]["mean"] for s in pts]
+        pgd = [s["pgd"].get(eps) for s in pts]
+        ax.errorbar(xs, [100 * v["mean"] for v in pgd], yerr=[100 * v["std"] for v in pgd], color=c, ls="--",
+                    marker="o", mfc="none", capsize=3, label=f"{name}: {pts[0]['label']}")
+        aa = [(x, s["autoattack"][eps]) for x, s in zip(xs, pts) if s["autoattack"].get(eps)]
+        if aa:
+            ax.errorbar([a[0] for a in aa], [100 * a[1]["mean"] for a in aa], yerr=[100 * a[1]["std"] for a in aa],
+                        color=c, ls="none", marker="s", capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("training budget, forward-backward passes of a batch" if axis == "passes"
+                  else f"training budget, seconds on {results['machine']}")
+    ax.set_ylabel(f"accuracy (%) at L2 eps {eps}")
+    seeds = max((s["seeds"] for s in summary), default=0)
+    ax.set_title(f"open/dashed: PGD-{results['settings']['pgd_steps']}; filled squares: AutoAttack. Mean ± std "
+                 f"over {seeds} seeds, first {results['n_test']} CIFAR-10 test images", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def render(results: dict, p: ComparePreset) -> str:
-    rows = results["rows"]
-    eps = [str(e) for e in p.eval_eps]
-    head = ["entry", "budget s", "wall s", "steps", "clean"] + [f"PGD {e}" for e in eps] + [f"AA {e}" for e in eps] + \
-           [f"PGD−AA {eps[-1]}", "checks", "what"]
+def render(results: dict) -> str:
+    s = results["settings"]
+    summary = summarize(results["rows"])
+    pgd_eps = [str(e) for e in s["pgd_eps"]]
+    aa_eps = [str(e) for e in s["aa_eps"]]
+    fmt = lambda v: "–" if v is None else f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"  # noqa: E731
+    head = ["entry", "units", "passes", "seconds", "seeds", "clean"] + [f"PGD {e}" for e in pgd_eps] + \
+           [f"AA {e}" for e in aa_eps] + ["checks"]
+    aa = "standard AutoAttack" if s["aa_attacks"] is None else \
+        f"AutoAttack {' + '.join(s['aa_attacks'])} ({s['aa_targets']} target classes)"
     lines = [f"# advgen compare, preset `{results['preset']}`", "",
-             f"advgen {results['version']} (commit {results['git_commit'] or 'unknown'}); machine: {results['machine']}; "
-             f"budget clock: {results['clock']}.", "", DATA_CAVEAT, "",
-             f"Every entry is fine-tuned from the same base ({results['base']}) on "
-             f"{p.train_subset or 50000} training images with SGD lr {p.lr} (constant), for its budget: "
-             f"{p.unit_seconds:.0f} s per unit ("
-             + ", ".join(f"{e.name} {e.budget_units:g}" for e in p.entries) + "). Evaluation on the first "
-             f"{p.test_subset} test images: PGD-L2 {p.pgd_steps} steps of 2.5·eps/{p.pgd_steps}, {p.pgd_restarts} "
-             f"restarts (worst case kept); AutoAttack {' + '.join(p.aa_attacks)} ({p.aa_targets} target classes). "
-             f"Accuracies in %.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in rows.items():
-        gap = r["pgd"][eps[-1]] - r["autoattack"][eps[-1]]
-        failed = [c["name"] for c in r["checks"] if not c["passed"]]
-        verdict = "FAILED: " + "; ".join(failed) if failed else "ok"
-        cells = [name, f"{r['budget_seconds']:.0f}", f"{r['wall_seconds']:.0f}", str(r["steps"]),
-                 f"{100 * r['clean']:.1f}"] + \
-                [f"{100 * r['pgd'][e]:.1f}" for e in eps] + [f"{100 * r['autoattack'][e]:.1f}" for e in eps] + \
-                [f"{100 * gap:+.1f}", verdict, r["label"]]
+             f"advgen {results['version']} (commit {results['git_commit'] or 'unknown'}); machine: "
+             f"{results['machine']}.", "", DATA_CAVEAT, "",
+             f"Every entry is fine-tuned from the same base ({results['base']}) on {s['train_subset'] or 50000} "
+             f"training images with SGD lr {s['lr']} (constant), seeds {s['seeds']}. One budget unit is "
+             f"{s['unit_passes']} forward-backward passes of a batch of {s['batch_size']}; an entry whose step costs P "
+             f"passes trains units·{s['unit_passes']}/P steps. Evaluation on the first {results['n_test']} test "
+             f"images: PGD-L2 {s['pgd_steps']} steps of 2.5·eps/{s['pgd_steps']}, {s['pgd_restarts']} restarts "
+             f"(worst case kept); {aa} at L2 {', '.join(aa_eps)} on "
+             f"{'every budget' if s['aa_every_budget'] else 'the final model of each run'}. Accuracies in %, "
+             f"mean ± std over seeds; with n = {results['n_test']} one sample is {100 / results['n_test']:.1f} points.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        cells = [r["name"], f"{r['budget_units']:g}", f"{r['passes']['mean']:.0f}", f"{r['seconds']['mean']:.0f}",
+                 str(r["seeds"]), fmt(r["clean"])] + [fmt(r["pgd"].get(e)) for e in pgd_eps] + \
+                [fmt(r["autoattack"].get(e)) for e in aa_eps] + ["FAILED: " + "; ".join(r["failed"]) if r["failed"] else "ok"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "![robust accuracy against training time](pareto.png)", ""]
+    lines += ["", "![robust accuracy against the training budget](curves.png)", "",
+              "Entries: " + "; ".join(f"`{r['name']}` {r['label']}" for r in summary if r["budget_units"] ==
+                                      min(q["budget_units"] for q in summary if q["name"] == r["name"])), ""]
     return "\n".join(lines)

@@ -32,10 +32,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint import STATE_FILE, git_commit, load_model
+from ..checkpoint import STATE_FILE, git_commit, load_model, save_model
 from ..config import TrainConfig
 from ..data import Batches, Dataset
-from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check_field
+from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
 from ..models import build_model
 from .control import STOP, Budget, StepTimer, StopFlag
 from .method import Method, Setup, build_method
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # on accelerators the loss is checked for NaN/inf every this many steps (and before every save): a check
 # is a host sync; on the CPU it is free and done every step
 FINITE_CHECK_EVERY = 25
+SNAPSHOTS = "snapshots"   # folder of the run's snapshots (train(snapshots=...))
 
 
 def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
@@ -198,8 +199,8 @@ class Run:
 class Saver:
     """Writes a run's state and folder; never writes non-finite weights."""
 
-    def __init__(self, run: Run, out: Path | None):
-        self.run, self.out = run, out
+    def __init__(self, run: Run, out: Path | None, snapshots: set[int] = frozenset()):
+        self.run, self.out, self.snapshots = run, out, snapshots
         self.saved_at: tuple[int, int] | None = None
 
     def diverged(self, what: str) -> TrainingDiverged:
@@ -221,13 +222,24 @@ class Saver:
                      **run.position()})
         self.saved_at = (run.epoch, run.step)
 
-    def save_run(self, epoch: int) -> None:
-        if self.out is None:
-            return
+    def model_meta(self, epoch: int) -> dict:
         run = self.run
-        save_run(self.out, run.model, run.method.modules(), run.record,
-                 {"model": run.cfg.model, "num_classes": run.num_classes, "method": run.cfg.method, "epoch": epoch,
-                  "config": run.record["config"]})
+        return {"model": run.cfg.model, "num_classes": run.num_classes, "method": run.cfg.method, "epoch": epoch,
+                "config": run.record["config"]}
+
+    def save_run(self, epoch: int) -> None:
+        if self.out is not None:
+            save_run(self.out, self.run.model, self.run.method.modules(), self.run.record, self.model_meta(epoch))
+
+    def snapshot(self) -> None:
+        """The classifier as it is after this step: what a run with budget_steps = this step would end
+        with (under a constant schedule), at no extra training cost."""
+        run = self.run
+        (self.out / SNAPSHOTS).mkdir(exist_ok=True)
+        save_model(self.out / SNAPSHOTS / f"step-{run.global_step}.safetensors", run.model,
+                   {**self.model_meta(run.epoch), "step": run.global_step,
+                    "passes": run.global_step * run.method.passes, "git_commit": run.record["git_commit"],
+                    "seconds": sum(r["seconds"] for r in run.record["epochs"]) + run.meter.seconds})
 
 
 def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple:
@@ -253,10 +265,14 @@ def _between_steps(run: Run, saver: Saver, timer: StepTimer, every: int | None, 
     # a spent budget ends the epoch here; it is evaluated and saved as usual
     steps_spent = run.cfg.budget_steps is not None and run.global_step >= run.cfg.budget_steps
     run.out_of_time = steps_spent or run.budget.exhausted()
-    if saver.out is not None and (due or requested):
+    snap = run.global_step in saver.snapshots
+    if saver.out is not None and (due or requested or snap):
         run.meter.seconds += timer.elapsed()
         run.budget.pause()   # the save is not training time
-        saver.save_state()
+        if snap:
+            saver.snapshot()
+        if due or requested:
+            saver.save_state()
         run.budget.resume()
         timer.start()
     if requested:
@@ -332,7 +348,7 @@ def _resume_state(out: Path, cfg: TrainConfig) -> tuple[dict, dict]:
 def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str | Path | None = None,
           device: str | torch.device = "cpu", progress: bool = True, *, model: nn.Module | None = None,
           resume: bool = False, force: bool = False, checkpoint_every: int | None = None,
-          stop: StopFlag = STOP) -> tuple[nn.Module, dict]:
+          snapshots: list[int] = (), stop: StopFlag = STOP) -> tuple[nn.Module, dict]:
     """Train a classifier with cfg.method; return (model in eval mode, run record).
 
     model: the classifier to train, any nn.Module mapping (B, C, H, W) pixels in [0, 1] to logits; None
@@ -344,7 +360,8 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
 
     out_dir holding a run is refused (RunDirError) unless `resume` (continue from its state; a folder
     without any run starts afresh) or `force` (delete its run files and start over).
-    checkpoint_every: also save the state every this many steps. A non-finite loss or weight raises
+    checkpoint_every: also save the state every this many steps. snapshots: global steps after which
+    the classifier is also written to out_dir/snapshots/step-N.safetensors. A non-finite loss or weight raises
     TrainingDiverged and keeps the last good state; a stop requested on `stop` (the CLI's signal
     handlers) raises Interrupted after saving the state of the current step.
     """
@@ -365,7 +382,8 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     if model is None:
         model = build_model(cfg.model, train_set.num_classes) if saved else build_classifier(cfg, train_set.num_classes)
     run = Run(cfg, model, train_set, test_set, device)
-    saver = Saver(run, out)
+    check(out is not None or not snapshots, "snapshots need an out_dir")
+    saver = Saver(run, out, set(snapshots))
     if saved is not None:
         state, header = saved
         if header.get("data_sha256") != run.fingerprint:
