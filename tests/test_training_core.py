@@ -216,3 +216,19 @@ def test_snapshots_equal_the_runs_of_shorter_budgets(tmp_path):
         assert torch.equal(a, b), k
     assert sorted(p.name for p in (tmp_path / "long" / "snapshots").iterdir()) == ["step-2.safetensors",
                                                                                   "step-4.safetensors"]
+
+
+def test_configs_saved_before_a_setting_existed_match_with_its_default(tmp_path):
+    """A finished run whose run.json predates a setting (here budget_steps and options.recursions) is
+    still found complete, and still resumes."""
+    from advgen.report import run_complete
+    cfg = TrainConfig(method="generator", epochs=1, batch_size=16)
+    cfg.options.bank.n = 4
+    train(cfg, *_sets(), out_dir=tmp_path / "r", progress=False)
+    rec = json.loads((tmp_path / "r" / "run.json").read_text())
+    del rec["config"]["budget_steps"], rec["config"]["options"]["recursions"]
+    (tmp_path / "r" / "run.json").write_text(json.dumps(rec))
+    assert run_complete(tmp_path / "r", cfg)
+    cfg.options.recursions = 2
+    cfg.options.bank.grad_input = True
+    assert not run_complete(tmp_path / "r", cfg)

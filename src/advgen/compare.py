@@ -202,9 +202,14 @@ def compare(preset: str, out: Path, *, data_dir=None, download=False, device="cp
                         f"{', '.join(e.name for e in p.entries)}")
     rows = [_base_row(base, x, y, p, out)]
     for e in p.entries:
+        if e.method not in METHODS:
+            log.warning("%s: no training method %r in this advgen; skipped", e.name, e.method)
+            continue
         for seed in p.seeds:
-            cfg, steps = entry_config(p, e, seed, base)
             run_dir = out / f"{e.name}-s{seed}"
+            if e not in wanted and not run_dir.exists():
+                continue
+            cfg, steps = entry_config(p, e, seed, base)
             if e in wanted and not run_complete(run_dir, cfg):
                 log.info("%s seed %d: training %d steps", e.name, seed, steps[-1])
                 torch.manual_seed(seed)

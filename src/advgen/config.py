@@ -154,6 +154,15 @@ class TrainConfig:
         return cls(options=from_dict(spec.options, options or {}), **d)
 
 
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` (a config dict of an older advgen) with every setting added since at its default, nested
+    dicts (method options) too: a run made before a setting existed ran as with its default."""
+    out = dict(defaults)
+    for k, v in saved.items():
+        out[k] = with_defaults(v, defaults[k]) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    return out
+
+
 def from_dict(kind: type, d: dict):
     """Build dataclass `kind` from a dict (nested dataclass fields too); unknown keys are an error."""
     hints = typing.get_type_hints(kind)

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .checkpoint import GENERATORS_FILE, RUN_FILE, atomic_write, git_commit, read_json, read_tensors, write_json
-from .config import AttackConfig, TrainConfig
+from .config import AttackConfig, TrainConfig, with_defaults
 from .training.generator import GeneratorOptions, generator_preset
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def run_complete(run_dir: Path, cfg: TrainConfig) -> bool:
     if not path.exists():
         return False
     rec = read_json(path)
-    return rec.get("config") == cfg.to_dict() and rec.get("finished", False)
+    saved = with_defaults(rec.get("config") or {}, TrainConfig(method=cfg.method).to_dict())
+    return saved == cfg.to_dict() and rec.get("finished", False)
 
 
 def machine_description(device: torch.device) -> str:

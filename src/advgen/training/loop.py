@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..checkpoint import STATE_FILE, git_commit, load_model, save_model
-from ..config import TrainConfig
+from ..config import TrainConfig, with_defaults
 from ..data import Batches, Dataset
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
 from ..models import build_model
@@ -336,7 +336,7 @@ def end_epoch(run: Run, saver: Saver) -> None:
 def _resume_state(out: Path, cfg: TrainConfig) -> tuple[dict, dict]:
     state, header = read_state(out / STATE_FILE)
     # settings added since the state was written count as their defaults
-    changes = _config_changes({**TrainConfig(method=cfg.method).to_dict(), **(header.get("config") or {})},
+    changes = _config_changes(with_defaults(header.get("config") or {}, TrainConfig(method=cfg.method).to_dict()),
                               cfg.to_dict())
     if changes:
         raise CheckpointError(f"--resume: {out} was started with other settings: {'; '.join(changes[:4])}"
