@@ -145,3 +145,34 @@ def test_gap_check_allows_exactly_three_points_and_flags_more():
     ev = lambda pgd, aa: {"pgd": {"0.5": pgd / n}, "autoattack": {"0.5": aa / n}}
     assert gap_check(ev(62, 56), n)["passed"]          # 3.0 points: not "more than 3"
     assert not gap_check(ev(63, 56), n)["passed"]      # 3.5 points
+
+
+def test_config_file_sets_defaults_that_the_command_line_overrides(tmp_path, capsys):
+    from advgen.cli import apply_config_file, build_parser
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('method = "fgsm"\nattack-norm = "linf"\nattack_eps = "4/255"\nepochs = 3\nout = "runs/x"\n')
+    parser = build_parser()
+    argv = ["train", "--config", str(cfg), "--epochs", "5"]
+    apply_config_file(parser, argv)
+    args = parser.parse_args(argv)
+    assert (args.method, args.attack_norm, args.epochs, args.out) == ("fgsm", "linf", 5, "runs/x")
+    assert args.attack_eps == pytest.approx(4 / 255)
+    cfg.write_text('epochs = 3\nwarp_speed = 9\n')
+    assert main(["train", "--config", str(cfg), "--method", "standard", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown settings for advgen train: warp_speed" in capsys.readouterr().err
+    cfg.write_text('epochs = [3\n')
+    assert main(["train", "--config", str(cfg), "--method", "standard", "--out", str(tmp_path / "r")]) == 2
+    assert "is not valid TOML" in capsys.readouterr().err
+
+
+def test_radii_as_fractions_and_help_shows_defaults(capsys):
+    from advgen.cli import build_parser
+    args = build_parser().parse_args(["train", "--method", "fgsm", "--attack-eps", "8/255", "--out", "x"])
+    assert args.attack_eps == pytest.approx(8 / 255)
+    args = build_parser().parse_args(["eval", "run", "--eps", "0,2/255,8/255"])
+    assert args.eps == pytest.approx([0, 2 / 255, 8 / 255])
+    assert main(["train", "--method", "fgsm", "--attack-eps", "8/0", "--out", "x"]) == 2
+    assert "fraction such as 8/255" in capsys.readouterr().err
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default: 128)" in text and "(default: 0.1)" in text and "(default: cosine)" in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
 import random
@@ -34,16 +35,53 @@ from .training.generator import GENERATOR_PRESETS, GeneratorOptions, generator_p
 log = logging.getLogger("advgen")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help shows every option's default (a None default, "not set", is left out)."""
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        return bool(action.option_strings) and action.default not in (None, argparse.SUPPRESS, False)
+
+    def _format_action(self, action):
+        if not action.help and self._shows_default(action):  # argparse prints no line for help=None
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = (action.help or "").strip()
+        if self._shows_default(action) and "%(default)" not in text and "default:" not in text:
+            text += " (default: %(default)s)"
+        return text.strip()
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **k):
+        k.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*a, **k)
+
     def error(self, message):  # one line and exit 2, like every other user error
         sys.stderr.write(f"advgen: error: {message}\n")
         sys.exit(2)
 
 
-def _floats(text: str) -> list[float]:
+def _number(text) -> float:
+    """A float, or a fraction as radii are usually written: "8/255"."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    num, slash, den = str(text).partition("/")
     try:
-        vals = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
+        return float(num) / float(den) if slash else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
+
+
+def _floats(text) -> list[float]:
+    if isinstance(text, (list, tuple)):   # from a --config file
+        text = ",".join(str(t) for t in text)
+    try:
+        vals = [_number(t) for t in str(text).split(",") if t.strip()]
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
         raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {text!r}")
@@ -103,7 +141,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", help="start from this checkpoint (run folder or model file)")
     p.add_argument("--watch-subset", type=int, default=None,
                    help="PGD accuracy on the first N test images after each epoch (default 256 for fgsm, else 0)")
-    p.add_argument("--watch-eps", type=float, default=d.watch_eps)
+    p.add_argument("--watch-eps", type=_number, default=d.watch_eps)
     p.add_argument("--watch-norm", default=d.watch_norm, choices=["l2", "linf"])
     p.add_argument("--time-budget", type=float, help="stop after this many seconds of training steps")
     p.add_argument("--budget-steps", type=int,
@@ -126,15 +164,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                     help="minmax/fgsm: attack a BatchNorm-folded copy of the classifier (same function)")
     mm = p.add_argument_group("attack methods (minmax, fgsm)")
     mm.add_argument("--attack-norm", default=a.norm, choices=["l2", "linf"])
-    mm.add_argument("--attack-eps", type=float, help="radius in [0,1] pixel units (default: 0.05 for l2, 8/255 for linf)")
+    mm.add_argument("--attack-eps", type=_number, help="radius in [0,1] pixel units (default: 0.05 for l2, 8/255 for linf)")
     mm.add_argument("--attack-steps", type=int, default=a.steps)
-    mm.add_argument("--attack-step-size", type=float, help="PGD step size (default: 2.5 * eps / steps)")
+    mm.add_argument("--attack-step-size", type=_number, help="PGD step size (default: 2.5 * eps / steps)")
     gen = p.add_argument_group("generator (each flag overrides --gen-preset)")
     gen.add_argument("--gen-preset", default="paper", choices=GENERATOR_PRESETS,
                      help="paper: Jung 2024 (box s=0.2, SGD 0.005); gradient: advgen's recommendation "
                           "(input gradient + grad skip, L2 bound 0.5, Adam 1e-3)")
     gen.add_argument("--generators", type=int, help="number of generator networks N")
-    gen.add_argument("--gen-bound", type=float, help="s: the bound size in [0,1] pixel units")
+    gen.add_argument("--gen-bound", type=_number, help="s: the bound size in [0,1] pixel units")
     gen.add_argument("--gen-bound-type", choices=BOUNDS, help="box: eq. (3); l2: s*psi/||psi||_2; linf: s*tanh(psi)")
     gen.add_argument("--gen-depth", type=int)
     gen.add_argument("--gen-width", type=int)
@@ -155,7 +193,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                      "the gradient there (needs --gen-grad-input; K gradient evaluations)")
     gen.add_argument("--gen-step-after", type=_bool, help="a gradient step from the bank's output, projected onto "
                      "the bound: the bank learns the start of the step (FGSM-SDI style; one more gradient)")
-    gen.add_argument("--gen-step-size", type=float, help="size of that step (default: the bound s)")
+    gen.add_argument("--gen-step-size", type=_number, help="size of that step (default: the bound s)")
 
 
 # library config fields whose flag is not "--" + the field with dashes
@@ -329,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eps", type=_floats, default=[0.0, 0.25, 0.5], help="comma-separated radii, [0,1] pixel units")
     e.add_argument("--steps", type=int, default=20)
     step = e.add_mutually_exclusive_group()
-    step.add_argument("--step-size", type=float, help="absolute PGD step size")
+    step.add_argument("--step-size", type=_number, help="absolute PGD step size")
     step.add_argument("--rel-step", type=float, help="PGD step size as a fraction of eps (default 2.5/steps)")
     e.add_argument("--restarts", type=int, default=1)
     e.add_argument("--batch-size", type=int, default=500)
@@ -357,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--download", action="store_true")
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     c.set_defaults(func=cmd_compare)
+    for command in sub.choices.values():
+        command.add_argument("--config", metavar="FILE.toml",
+                             help="settings from a TOML file (option names as keys); the command line overrides them")
     return p
 
 
@@ -390,12 +431,49 @@ def stop_on_signals():
         STOP.reset()
 
 
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """--config FILE.toml: its keys (option names, with - or _) become the subcommand's defaults, so the
+    command line overrides them. Unknown keys and unreadable files are errors (exit 2)."""
+    if "--config" not in argv:
+        return
+    i = argv.index("--config")
+    check(i + 1 < len(argv), "--config needs a TOML file")
+    path = Path(argv[i + 1])
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise UserError("--config needs Python 3.11 or later (tomllib)") from None
+    try:
+        values = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path} is not valid TOML ({e})") from None
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = next((a for a in argv if a in sub.choices), None) if sub else None
+    check(command is not None, "--config goes after a command (advgen train --config FILE.toml)")
+    target = sub.choices[command]
+    dests = {a.dest for a in target._actions}
+    settings = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(k for k in settings if k not in dests or k in ("config", "help"))
+    check(not unknown, f"--config {path}: unknown settings for advgen {command}: {', '.join(unknown)}")
+    for action in target._actions:  # a required option given in the file is no longer required
+        if action.dest in settings:
+            action.required = False
+    target.set_defaults(**settings)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        apply_config_file(parser, argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help / --version (0) or a bad argument (2, one line printed)
         return int(e.code or 0)
+    except UserError as e:
+        sys.stderr.write(f"advgen: error: {' '.join(str(e).split())}\n")
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     stoppable = args.command in ("train", "reproduce", "compare")
