@@ -97,6 +97,9 @@ def _compare_runs(ref: Path, out: Path) -> None:
     if (ref / "generators.safetensors").exists():
         _assert_same_weights(load_file(ref / "generators.safetensors"), load_file(out / "generators.safetensors"))
     _same_metrics(json.loads((ref / "run.json").read_text()), json.loads((out / "run.json").read_text()))
+    # the per-step log: every step once, with the same numbers (seconds aside)
+    steps = lambda d: [r.split(",")[:5] for r in (d / "metrics.csv").read_text().splitlines()]  # noqa: E731
+    assert steps(ref) == steps(out) and [int(r[0]) for r in steps(out)[1:]] == list(range(1, len(steps(out))))
 
 
 @pytest.mark.parametrize("method, every, crash_at", [
@@ -142,7 +145,7 @@ def test_kill_during_a_save_and_during_evaluation(tmp_path, tmp_path_factory, mo
         with pytest.raises(Crash):
             train(_copy(CONFIGS["generator"]), *_sets(), out_dir=out, progress=False, checkpoint_every=1)
     assert sorted(p.name for p in out.iterdir()) == sorted(["state.safetensors", "model.safetensors",
-                                                            "generators.safetensors", "run.json"])
+                                                            "generators.safetensors", "run.json", "metrics.csv"])
     _, meta = read_state(out / STATE_FILE)
     assert (meta["epoch"], meta["step"]) == (2, 0)   # step 3 + eval of epoch 1 saved; step 4 (epoch 2) lost
 

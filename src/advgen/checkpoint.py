@@ -27,7 +27,8 @@ MODEL_FILE = "model.safetensors"
 GENERATORS_FILE = "generators.safetensors"
 RUN_FILE = "run.json"
 STATE_FILE = "state.safetensors"
-RUN_FILES = (STATE_FILE, RUN_FILE, MODEL_FILE, GENERATORS_FILE)   # what makes a folder hold a run
+METRICS_FILE = "metrics.csv"
+RUN_FILES = (STATE_FILE, RUN_FILE, MODEL_FILE, GENERATORS_FILE, METRICS_FILE)   # what makes a folder hold a run
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -40,11 +40,16 @@ class StepTimer:
         self.start()
 
     def start(self) -> None:
+        self.host_t0 = time.perf_counter()
         if self.cuda:
             self.t0 = torch.cuda.Event(enable_timing=True)
             self.t0.record()
         else:
             self.t0 = time.perf_counter()
+
+    def host_elapsed(self) -> float:
+        """Seconds since start() by the host clock (no sync: on CUDA it runs ahead of the device)."""
+        return time.perf_counter() - self.host_t0
 
     def elapsed(self) -> float:
         """Seconds since start(); on CUDA it waits for the recorded work to finish."""

@@ -32,14 +32,14 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint import STATE_FILE, git_commit, load_model, save_model
+from ..checkpoint import METRICS_FILE, STATE_FILE, git_commit, load_model, save_model
 from ..config import TrainConfig, with_defaults
 from ..data import Batches, Dataset
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
 from ..models import build_model
 from .control import STOP, Budget, StepTimer, StopFlag
 from .method import Method, Setup, build_method
-from .metrics import EpochMeter, evaluate_epoch, log_epoch, warn_on_overfitting
+from .metrics import EpochMeter, StepLog, evaluate_epoch, log_epoch, warn_on_overfitting
 from .rundir import prepare_run_dir, save_run
 from .state import read_state, rng_state, set_rng_state, write_state
 
@@ -202,6 +202,7 @@ class Saver:
     def __init__(self, run: Run, out: Path | None, snapshots: set[int] = frozenset()):
         self.run, self.out, self.snapshots = run, out, snapshots
         self.saved_at: tuple[int, int] | None = None
+        self.steplog = StepLog(out / METRICS_FILE if out is not None else None)
 
     def diverged(self, what: str) -> TrainingDiverged:
         run = self.run
@@ -216,6 +217,7 @@ class Saver:
         bad = _nonfinite(self.run.modules())
         if bad:
             raise self.diverged(f"weights became non-finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+        self.steplog.flush()   # before the state: the file never lacks a step the state has done
         run = self.run
         write_state(self.out / STATE_FILE, run.state_dict(),
                     {"version": __version__, "config": run.record["config"], "data_sha256": run.fingerprint,
@@ -294,9 +296,13 @@ def run_steps(run: Run, saver: Saver, every: int | None, progress: bool, stop: S
     run.budget.resume()
     stop.armed = True
     try:
+        done = sum(r["seconds"] for r in run.record["epochs"])
         for x, y in bar:
+            lr = run.opt.param_groups[0]["lr"]
             loss, logits, labels = _train_step(run, x, y, autocast)
-            run.meter.update(loss, logits, labels)
+            correct = run.meter.update(loss, logits, labels)
+            saver.steplog.record(run.global_step, run.epoch, loss, correct, labels.shape[0], lr,
+                                 done + run.meter.seconds + timer.host_elapsed())
             if _between_steps(run, saver, timer, every, stop, loss):
                 break
     except Exception as e:
@@ -397,6 +403,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
             raise CheckpointError(f"{out / STATE_FILE} cannot be resumed: it is damaged or from another advgen "
                                   f"version ({first})") from None
         saver.saved_at = (run.epoch, run.step)
+        saver.steplog.truncate(run.global_step)
         log.info("resuming %s at %s", out, run.where())
     while not run.finished:
         if run.step < run.steps_per_epoch and not run.out_of_time:

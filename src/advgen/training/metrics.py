@@ -6,7 +6,10 @@ its first images (for FGSM training this is the catastrophic-overfitting check o
 """
 from __future__ import annotations
 
+import csv
+import io
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,12 +34,15 @@ class EpochMeter:
         self.seen, self.seconds = 0, 0.0
 
     @torch.no_grad()
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Accumulate one step; returns the step's count of correct predictions (a device tensor)."""
         loss = loss.detach()
+        correct = (logits.argmax(1) == labels).sum()
         self.loss_sum += loss * labels.shape[0]
-        self.correct += (logits.argmax(1) == labels).sum()
+        self.correct += correct
         self.seen += labels.shape[0]
         self.bad |= ~torch.isfinite(loss)
+        return correct
 
     def summary(self) -> dict:
         seen = max(self.seen, 1)
@@ -50,6 +56,60 @@ class EpochMeter:
         self.loss_sum = state["loss_sum"].to(self.device)
         self.correct = state["correct"].to(self.device)
         self.seen, self.seconds = int(state["seen"]), float(state["seconds"])
+
+
+class StepLog:
+    """Per-step metrics, appended to RUN_DIR/metrics.csv: step (global, from 1), epoch, loss, accuracy
+    (on the batch the step trained on), lr (of that step), seconds (training seconds of the run at its
+    end, by the host clock).
+
+    Rows are kept on the device and written in one go (one host sync) before every state save, so the
+    file never lacks a step the saved state has done; on resume the rows after the saved step, written
+    by a run that died before its next save, are dropped (`truncate`).
+    """
+
+    FIELDS = ("step", "epoch", "loss", "accuracy", "lr", "seconds")
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.pending: list[tuple] = []
+
+    def record(self, step: int, epoch: int, loss: torch.Tensor, correct: torch.Tensor, n: int, lr: float,
+               seconds: float) -> None:
+        if self.path is not None:
+            self.pending.append((step, epoch, loss.detach(), correct, n, lr, seconds))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack([r[2].float() for r in self.pending]).tolist()
+        corrects = torch.stack([r[3] for r in self.pending]).tolist()
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(self.FIELDS)
+            for (step, epoch, _, _, n, lr, seconds), loss, correct in zip(self.pending, losses, corrects):
+                w.writerow([step, epoch, f"{loss:.6g}", f"{correct / n:.6g}", f"{lr:.6g}", f"{seconds:.4f}"])
+        self.pending.clear()
+
+    def truncate(self, last_step: int) -> None:
+        """Drop the rows after global step `last_step` (a resumed run redoes those steps)."""
+        if self.path is None or not self.path.exists():
+            return
+        rows = list(csv.reader(self.path.open(newline="")))
+        keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= last_step]
+        if len(keep) < len(rows):
+            buf = io.StringIO()
+            csv.writer(buf).writerows(keep)
+            from ..checkpoint import atomic_write
+            atomic_write(self.path, buf.getvalue().encode())
+
+
+def read_metrics(path: Path) -> dict[str, list[float]]:
+    """metrics.csv as columns of floats."""
+    rows = list(csv.DictReader(Path(path).open(newline="")))
+    return {k: [float(r[k]) for r in rows] for k in StepLog.FIELDS}
 
 
 def evaluate_epoch(model: nn.Module, test_images: torch.Tensor, test_labels: torch.Tensor, *,
