@@ -47,3 +47,30 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def parse_stats(text: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) from 'cifar10' | 'cifar100' | 'imagenet' | 'none' | 'MEAN/STD'.
+
+    MEAN and STD are comma lists, one value per channel ('0.5,0.5,0.5/0.25,0.25,0.25'), or one value
+    for every channel ('0.5/0.25'); 'none' is mean 0, std 1 (the model sees raw [0, 1] pixels).
+    A bad text, or a count that does not match `channels`, is a UserError.
+    """
+    t = text.strip().lower()
+    if t == "none":
+        return (0.0,) * channels, (1.0,) * channels
+    if t in NAMED_STATS:
+        mean, std = NAMED_STATS[t]
+    else:
+        parts = t.split("/")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            mean, std = ([float(v) for v in p.split(",")] for p in parts)
+        except ValueError:
+            raise UserError(f"normalization {text!r}: expected {', '.join(sorted(NAMED_STATS))}, none or "
+                            "MEAN/STD with comma-separated values per channel (e.g. 0.5,0.5,0.5/0.25,0.25,0.25)") from None
+        mean = mean * channels if len(mean) == 1 else mean
+        std = std * channels if len(std) == 1 else std
+    check_stats(mean, std, channels)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
