@@ -229,7 +229,8 @@ def test_bad_checkpoints(run_dir, tmp_path, capsys):
         (tmp_path / "truncated.safetensors", "is not a valid safetensors checkpoint"),
         (tmp_path / "random.safetensors", "is not a valid safetensors checkpoint"),
         (tmp_path / "empty.safetensors", "is not a valid safetensors checkpoint"),
-        (other, "does not fit this architecture (Error(s) in loading state_dict for Sequential:"),
+        (other, "does not fit this architecture (resnet20, 10 classes, 3 channels): 72 unexpected keys: "
+                "1.layers.9.bn1.bias, 1.layers.9.bn1.num_batches_tracked"),
         (wrong_classes, "does not fit this architecture"),
         (weird, "has malformed metadata (num_classes 'ten')"),
         (alien, "holds an unknown architecture 'os.system'"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -153,48 +154,105 @@ def save_model(path: Path, model: nn.Module, meta: dict) -> None:
     save_tensors(path, model, meta)
 
 
-def _foreign_state(path: Path) -> dict[str, torch.Tensor]:
-    """A PyTorch .pt/.pth state dict, read with weights_only=True (no code runs)."""
+FOREIGN_SUFFIXES = (".pt", ".pth", ".th", ".tar")   # torch.save files (".pth.tar" ends in ".tar")
+_STAGED = re.compile(r"layer(\d+)\.(\d+)\.(.+)")
+
+
+def read_foreign_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a torch.save file, read with weights_only=True (no code runs), unwrapped from
+    the usual containers ({"state_dict": ...}, {"model": ...}, {"net": ...}, nested or not)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
     except Exception as e:  # torch raises many types for bad files; all mean "not loadable safely"
         raise CheckpointError(f"{path} is not a loadable weights-only PyTorch file ({type(e).__name__})") from None
-    for key in ("state_dict", "model", "net"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    for _ in range(3):
+        inner = next((obj[k] for k in ("state_dict", "model", "net") if isinstance(obj, dict)
+                      and isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return obj
 
 
-def map_foreign_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map a state dict saved without advgen's Normalize layer (keys 'conv1.weight', 'module.…',
-    'linear.weight') onto `Sequential(Normalize, net)`: strip 'module.', rename 'linear' -> 'fc',
-    prefix '1.'; the normalization buffers keep advgen's CIFAR statistics."""
-    own = model.state_dict()
-    out = {}
+def foreign_key(key: str, net: nn.Module) -> str:
+    """The advgen name, in Sequential(Normalize, net), of a key from a file saved without Normalize.
+
+    'module.' (DataParallel) is stripped; the public layouts' 'layer{s}.{j}.*' (stage s from 1, block j
+    from 0) is `net.layers[(s - 1) * blocks_per_stage + j]`, when the net has that stage and block (else
+    the key is left as it is, to be reported as unexpected); their 'shortcut.0.weight' (a 1x1 conv in a
+    Sequential) is advgen's 'shortcut.weight'; 'linear.*' is 'fc.*'; everything else keeps its name
+    (conv1, bn1, bn, and advgen's own 'layers.*', 'fc.*').
+    """
+    key = key.removeprefix("module.")
+    staged = _STAGED.fullmatch(key)
+    stages, per_stage = getattr(net, "stages", 0), getattr(net, "blocks_per_stage", 0)
+    if staged and 1 <= int(staged[1]) <= stages and int(staged[2]) < per_stage:
+        rest = "shortcut.weight" if staged[3] == "shortcut.0.weight" else staged[3]
+        key = f"layers.{(int(staged[1]) - 1) * per_stage + int(staged[2])}.{rest}"
+    elif key.startswith("linear."):
+        key = "fc." + key[len("linear."):]
+    return key
+
+
+def map_foreign_keys(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Map a foreign state dict onto model = Sequential(Normalize, net): -> (state, advgen key -> file key).
+
+    Keys already in advgen's spelling ('0.mean', '1.conv1.weight') are kept. BatchNorm
+    'num_batches_tracked' counters, which older PyTorch did not save and which inference does not use,
+    are taken from the model when the file lacks them; so are the Normalize buffers (set by the caller).
+    """
+    own, net = model.state_dict(), model[1]
+    out, names = {}, {}
     for k, v in state.items():
-        k = k.removeprefix("module.")
-        if k.startswith("linear."):
-            k = "fc." + k[len("linear."):]
-        if k not in own and f"1.{k}" in own:
-            k = f"1.{k}"
-        out[k] = v
-    for k in ("0.mean", "0.std"):
-        out.setdefault(k, own[k])
-    return out
+        mapped = k.removeprefix("module.")
+        if mapped not in own:
+            mapped = "1." + foreign_key(k, net)
+        out[mapped], names[mapped] = v, k
+    for k, v in own.items():
+        if k not in out and (k.endswith(".num_batches_tracked") or k in ("0.mean", "0.std")):
+            out[k] = v
+    return out, names
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else "mismatch"
-        raise CheckpointError(f"{path} does not fit this architecture ({first[:200]})") from None
-    except (TypeError, ValueError) as e:  # e.g. a tensor of another dtype that cannot be copied
-        raise CheckpointError(f"{path} does not fit this architecture ({_one_line(e)})") from None
+def _natural(key: str) -> list:
+    """Sort key that puts layers.9 before layers.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def _listed(items: list[str], limit: int = 4) -> str:
+    items = sorted(items, key=_natural)
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor], names: dict[str, str] | None = None) -> str | None:
+    """None when state fits model exactly, else one line: the missing keys, the unexpected keys (in the
+    file's own spelling, via names) and the shape mismatches, the first few of each with the counts."""
+    own, names = model.state_dict(), names or {}
+    missing = [k for k in own if k not in state]
+    unexpected = [names.get(k, k) for k in state if k not in own]
+    shapes = [f"{names.get(k, k)} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in state if k in own and state[k].shape != own[k].shape]
+    parts = [f"{len(found)} {what}: {_listed(found)}" for what, found in
+             (("missing keys", missing), ("unexpected keys", unexpected),
+              ("shape mismatches (file vs model)", shapes)) if found]
+    return "; ".join(parts) or None
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str = "",
+               names: dict[str, str] | None = None) -> None:
+    """load_state_dict(strict) with a one-line CheckpointError naming what does not fit."""
+    problem = state_mismatch(model, state, names)
+    if problem is None:
+        try:
+            model.load_state_dict(state, strict=True)
+            return
+        except (RuntimeError, TypeError, ValueError) as e:  # e.g. a tensor of a dtype that cannot be copied
+            problem = _one_line(e)
+    raise CheckpointError(f"{path} does not fit this architecture{f' ({what})' if what else ''}: {problem}")
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -205,32 +263,62 @@ def resolve_model_file(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, *, model_name: str | None = None, num_classes: int | None = None,
+               in_channels: int = 3, normalize: tuple | None = None,
                device: str | torch.device = "cpu") -> nn.Module:
     """Load a classifier from a run folder or a model file, in eval mode, taking [0, 1] inputs.
 
-    advgen's .safetensors files name their architecture; a foreign .pt/.pth state dict needs
-    model_name (and is read with torch.load(weights_only=True) and a key mapping).
+    advgen's .safetensors files name their architecture and carry their normalization. A foreign
+    torch.save file (.pt, .pth, .th, .tar; read with weights_only=True) needs model_name, and is built
+    with num_classes (default 10) and in_channels; normalize = (mean, std) per channel goes in front of
+    it (default: CIFAR-10's for 3 channels), unless the file holds advgen's Normalize buffers.
     """
-    from .models import build_model
-
     path = resolve_model_file(path)
-    if path.suffix in (".pt", ".pth"):
-        if model_name is None:
-            raise UserError(f"{path} is a foreign PyTorch file: name its architecture (--model)")
-        model = build_model(model_name, num_classes or 10)
-        load_state(model, map_foreign_keys(_foreign_state(path), model), path)
+    if path.suffix.lower() in FOREIGN_SUFFIXES:
+        model = _load_foreign(path, model_name, num_classes or 10, in_channels, normalize)
     else:
-        tensors, meta = read_tensors(path)
-        name = meta.get("model", model_name)
-        if name is None:
-            raise CheckpointError(f"{path} does not say which architecture it holds (pass --model)")
-        classes = meta.get("num_classes", num_classes or 10)
-        from .models import MODELS
-        if not isinstance(name, str) or name not in MODELS:
-            raise CheckpointError(f"{path} holds an unknown architecture {name!r}; advgen knows "
-                                  f"{', '.join(sorted(MODELS))}")
-        if type(classes) is not int or not 1 <= classes <= 100_000:
-            raise CheckpointError(f"{path} has malformed metadata (num_classes {classes!r})")
-        model = build_model(name, classes)
-        load_state(model, tensors, path)
+        model = _load_advgen(path, model_name, num_classes)
     return model.to(device).eval()
+
+
+def _load_foreign(path: Path, model_name: str | None, num_classes: int, in_channels: int,
+                  normalize: tuple | None) -> nn.Module:
+    if model_name is None:
+        raise UserError(f"{path} is a foreign PyTorch file: name its architecture (--model)")
+    return model_from_foreign_state(read_foreign_state(path), path, model_name, num_classes, in_channels, normalize)
+
+
+def model_from_foreign_state(state: dict[str, torch.Tensor], path: Path, model_name: str, num_classes: int,
+                             in_channels: int = 3, normalize: tuple | None = None) -> nn.Module:
+    """build_model(model_name, ...) holding a foreign state dict (from read_foreign_state(path)); `path`
+    only names the file in errors. normalize: (mean, std), default CIFAR-10's for 3 channels."""
+    from .models import build_model
+    mean, std = normalize if normalize is not None else (None, None)
+    model = build_model(model_name, num_classes, in_channels, mean=mean, std=std)
+    mapped, names = map_foreign_keys(state, model)
+    load_state(model, mapped, path, f"{model_name}, {num_classes} classes, {in_channels} channels", names)
+    return model.eval()
+
+
+def _load_advgen(path: Path, model_name: str | None, num_classes: int | None) -> nn.Module:
+    """An advgen safetensors model: architecture and class count from its metadata, channels and
+    normalization from its Normalize buffers ('0.mean', '0.std', shape (1, C, 1, 1))."""
+    from .models import MODELS, build_model
+    tensors, meta = read_tensors(path)
+    name = meta.get("model", model_name)
+    if name is None:
+        raise CheckpointError(f"{path} does not say which architecture it holds (pass --model)")
+    classes = meta.get("num_classes", num_classes or 10)
+    if not isinstance(name, str) or name not in MODELS:
+        raise CheckpointError(f"{path} holds an unknown architecture {name!r}; advgen knows "
+                              f"{', '.join(sorted(MODELS))}")
+    if type(classes) is not int or not 1 <= classes <= 100_000:
+        raise CheckpointError(f"{path} has malformed metadata (num_classes {classes!r})")
+    mean, std = tensors.get("0.mean"), tensors.get("0.std")
+    if mean is None or std is None or mean.dim() != 4 or mean.shape != std.shape or mean.shape[1] < 1:
+        raise CheckpointError(f"{path} lacks the normalization buffers 0.mean / 0.std (1, C, 1, 1) of an advgen model")
+    try:
+        model = build_model(name, classes, mean.shape[1], mean=mean.flatten().tolist(), std=std.flatten().tolist())
+    except UserError as e:
+        raise CheckpointError(f"{path} has bad normalization buffers ({e})") from None
+    load_state(model, tensors, path, f"{name}, {classes} classes, {mean.shape[1]} channels")
+    return model

@@ -119,7 +119,9 @@ def resolve_device(name: str) -> torch.device:
 def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: $ADVGEN_DATA or ~/.cache/advgen, downloaded if absent)")
     p.add_argument("--download", action="store_true", help="download the data into --data-dir if it is missing")
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
+    p.add_argument("--dataset", default="cifar10", metavar="cifar10|cifar100|PATH",
+                   help="cifar10, cifar100, an .npz file (x_train, y_train, x_test, y_test) or an image folder "
+                        "(train/CLASS/*.png, test/CLASS/*.png) (default: cifar10)")
     if train:
         p.add_argument("--train-subset", type=int, help="train on N images (seeded, class-balanced)")
     p.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
@@ -294,8 +296,33 @@ def cmd_train(args) -> int:
     return 0
 
 
+def load_eval_model(args, device: torch.device):
+    """(model, test set) for `advgen eval`. An advgen checkpoint is read before the data (it names its
+    own classes and normalization); a foreign file after them: it gets the data's class and channel
+    counts and --normalize (default: the data's own statistics) in front of it."""
+    from .checkpoint import (FOREIGN_SUFFIXES, load_model, model_from_foreign_state, read_foreign_state,
+                             resolve_model_file)
+    from .data import normalization_for
+    from .models.normalize import parse_stats
+    if resolve_model_file(args.model_path).suffix.lower() not in FOREIGN_SUFFIXES:
+        check(args.normalize is None, "--normalize applies to foreign .pt/.pth/.th/.tar files only; advgen "
+                                      "checkpoints carry their own normalization")
+        model = load_model(args.model_path, model_name=args.model, device=device)
+        return model, load_data(args, train=False)[1]
+    path = resolve_model_file(args.model_path)
+    check(args.model is not None, f"{path} is a foreign PyTorch file: name its architecture (--model)")
+    state = read_foreign_state(path)                  # a bad file fails before the data are loaded
+    test_set = load_data(args, train=False)[1]
+    stats = (parse_stats(args.normalize, test_set.channels) if args.normalize is not None
+             else normalization_for(test_set))
+    log.info("normalization in front of %s: mean %s, std %s", args.model_path,
+             ",".join(f"{v:.4g}" for v in stats[0]), ",".join(f"{v:.4g}" for v in stats[1]))
+    model = model_from_foreign_state(state, path, args.model, test_set.num_classes, test_set.channels, stats)
+    return model.to(device), test_set
+
+
 def cmd_eval(args) -> int:
-    from .checkpoint import load_model, resolve_model_file
+    from .checkpoint import resolve_model_file
     from .evaluate import evaluate
     check(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     check(args.restarts >= 1, f"--restarts must be >= 1, got {args.restarts}")
@@ -309,8 +336,7 @@ def cmd_eval(args) -> int:
         check_writable(Path(args.out).parent)  # before the attack runs, not after
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    model = load_model(args.model_path, model_name=args.model, device=device)
-    _, test_set = load_data(args, train=False)
+    model, test_set = load_eval_model(args, device)
     result = evaluate(model, test_set.images.to(device), test_set.labels.to(device), attack=args.attack,
                       epsilons=args.eps, steps=args.steps, step_size=args.step_size, rel_step=args.rel_step,
                       restarts=args.restarts, batch_size=args.batch_size, seed=args.seed)
@@ -362,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="robust accuracy curve of a trained model")
     e.add_argument("model_path", metavar="RUN_DIR|MODEL_FILE")
-    e.add_argument("--model", choices=sorted(MODELS), help="architecture of a foreign .pt/.pth file")
+    e.add_argument("--model", choices=sorted(MODELS), help="architecture of a foreign .pt/.pth/.th/.tar file")
+    e.add_argument("--normalize", metavar="cifar10|cifar100|imagenet|none|MEAN/STD",
+                   help="what goes in front of a foreign model: named statistics, none, or per-channel comma "
+                        "lists MEAN/STD, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (default: the dataset's statistics)")
     e.add_argument("--attack", default="pgd-l2", choices=ATTACKS)
     e.add_argument("--eps", type=_floats, default=[0.0, 0.25, 0.5], help="comma-separated radii, [0,1] pixel units")
     e.add_argument("--steps", type=int, default=20)

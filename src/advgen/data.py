@@ -1,9 +1,11 @@
-"""CIFAR-10/100 from the official "python version" batches, held as uint8 tensors, batched on-device.
+"""Datasets held as uint8 tensors, batched on-device: CIFAR-10/100, an .npz file, an image folder, tensors.
 
-Pixels stay uint8 (N, 3, 32, 32) until a batch is drawn; a batch comes back as float32 in [0, 1].
-Augmentation (random crop with 4 pixels of zero padding, horizontal flip) is one gather on the batch.
-The batches are pickles: they are read with a restricted unpickler that admits only the types a CIFAR
-batch holds, so a malicious file raises DataError instead of running code.
+Pixels stay uint8 (N, C, H, W) until a batch is drawn; a batch comes back as float32 in [0, 1].
+Augmentation (random crop with zero padding of about an eighth of the image side — 4 pixels for 32x32 —
+and a horizontal flip) is one gather on the batch.
+The CIFAR batches are pickles: they are read with a restricted unpickler that admits only the types a CIFAR
+batch holds, so a malicious file raises DataError instead of running code. .npz files are read with
+allow_pickle=False, images with Pillow.
 """
 from __future__ import annotations
 
@@ -14,13 +16,15 @@ import os
 import pickle
 import tarfile
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import DataError, UserError
+from .models.normalize import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +43,14 @@ class _Layout:
     num_classes: int
     url: str
     md5: str
+    stats: tuple[tuple[float, ...], tuple[float, ...]]   # the published per-channel (mean, std)
 
 
 LAYOUTS = {
     "cifar10": _Layout("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
-                       ("test_batch",), b"labels", 10, CIFAR10_URL, CIFAR10_MD5),
+                       ("test_batch",), b"labels", 10, CIFAR10_URL, CIFAR10_MD5, (CIFAR10_MEAN, CIFAR10_STD)),
     "cifar100": _Layout("cifar-100-python", ("train",), ("test",), b"fine_labels", 100,
-                        CIFAR100_URL, CIFAR100_MD5),
+                        CIFAR100_URL, CIFAR100_MD5, (CIFAR100_MEAN, CIFAR100_STD)),
 }
 
 # What a CIFAR batch pickle may name: numpy's array reconstruction, under its 1.x and 2.x module paths.
@@ -116,23 +121,153 @@ def _parse_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.nda
     return data.reshape(-1, 3, 32, 32), y
 
 
+Stats = tuple[tuple[float, ...], tuple[float, ...]]   # per-channel (mean, std) of pixels in [0, 1]
+
+
 @dataclass
 class Dataset:
-    """A split held in memory: images uint8 (N, 3, 32, 32), labels int64 (N,)."""
+    """A split held in memory: images uint8 (N, C, H, W), labels int64 (N,) in 0..num_classes-1.
+
+    stats: the per-channel (mean, std) the classifier normalizes with, or None to compute them from
+    these images (see normalization_for). Images are always uint8: build a Dataset from float pixels
+    with Dataset.from_tensors, which checks they lie in [0, 1] (a float tensor here would be divided by
+    255 a second time where batches are drawn, so it is refused).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     num_classes: int
+    stats: Stats | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            desc = (f"{self.images.dtype} {tuple(self.images.shape)}" if isinstance(self.images, torch.Tensor)
+                    else type(self.images).__name__)
+            raise DataError(f"Dataset images must be a uint8 tensor (N, C, H, W), got {desc}; "
+                            "use Dataset.from_tensors for float pixels in [0, 1]")
+        if (not isinstance(self.labels, torch.Tensor) or self.labels.dim() != 1
+                or self.labels.shape[0] != self.images.shape[0]):
+            raise DataError(f"Dataset labels must be a tensor of {self.images.shape[0]} labels")
+
+    @classmethod
+    def from_tensors(cls, images, labels, num_classes: int | None = None, *, stats: Stats | None = None,
+                     source: str = "images") -> "Dataset":
+        """A validated Dataset from images (N, C, H, W) or (N, H, W) and integer labels (N,).
+
+        images: torch tensor or numpy array, uint8 (0..255) or float in [0, 1] (rounded to the nearest
+        of 256 levels; floats outside [0, 1], NaN included, are refused, never rescaled). labels:
+        integers in 0..num_classes-1 (num_classes defaults to the largest label + 1). stats: (mean,
+        std) to carry, e.g. the training split's for a test split. Any problem is a DataError that
+        starts with `source`.
+        """
+        x = _as_tensor(images, f"{source}: images")
+        y = _as_tensor(labels, f"{source}: labels")
+        x = _to_uint8(x, source)
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        if x.dim() != 4 or min(x.shape) < 1:
+            raise DataError(f"{source}: images must be (N, C, H, W) or (N, H, W) with every size >= 1, "
+                            f"got {tuple(x.shape)}")
+        if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+            raise DataError(f"{source}: labels must be integers, got {y.dtype}")
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{source}: {x.shape[0]} images but labels of shape {tuple(y.shape)} "
+                            "(one integer label per image)")
+        y = y.long()
+        if num_classes is None:
+            num_classes = int(y.max()) + 1 if y.numel() else 1
+        if type(num_classes) is not int or num_classes < 1:
+            raise DataError(f"{source}: num_classes must be an integer >= 1, got {num_classes!r}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise DataError(f"{source}: labels must lie in 0..{num_classes - 1}, found "
+                            f"{int(y.min())}..{int(y.max())}")
+        if stats is not None:
+            from .models.normalize import check_stats
+            check_stats(*stats, channels=x.shape[1])
+            stats = (tuple(float(v) for v in stats[0]), tuple(float(v) for v in stats[1]))
+        return cls(x.contiguous(), y, num_classes, stats)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
     def to(self, device) -> "Dataset":
-        return Dataset(self.images.to(device), self.labels.to(device), self.num_classes)
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
     def float_images(self) -> torch.Tensor:
         """All images as float32 in [0, 1]."""
         return self.images.float().div_(255)
+
+    def check_every_class(self, source: str) -> None:
+        """DataError naming the classes of 0..num_classes-1 that have no image here (a training split)."""
+        counts = torch.bincount(self.labels.cpu(), minlength=self.num_classes)
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+            raise DataError(f"{source}: {len(empty)} of {self.num_classes} classes have no image ({shown})")
+
+
+def _as_tensor(value, what: str) -> torch.Tensor:
+    """A torch tensor sharing memory with a numpy array or tensor; DataError for anything else."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise DataError(f"{what} have dtype {value.dtype}; expected numbers")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise DataError(f"{what} must be a torch tensor or numpy array, got {type(value).__name__}")
+
+
+def _to_uint8(x: torch.Tensor, source: str) -> torch.Tensor:
+    """uint8 images as they are; float pixels in [0, 1] -> round(255 x); every other dtype refused."""
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise DataError(f"{source}: images have dtype {x.dtype}; expected uint8 (0..255) or float in [0, 1]")
+    inside = (x >= 0) & (x <= 1)                   # False for NaN
+    if not bool(inside.all()):
+        bad = x[~inside]
+        finite = bad[torch.isfinite(bad)]
+        found = [f"{finite.min().item():g}..{finite.max().item():g}"] if finite.numel() else []
+        found += ["NaN or inf"] if finite.numel() < bad.numel() else []
+        raise DataError(f"{source}: float images must be pixels in [0, 1]; {bad.numel()} values are not "
+                        f"(found {' and '.join(found)}); advgen does not rescale: divide 0..255 data by 255 "
+                        "yourself or pass uint8")
+    return x.float().mul(255).round_().to(torch.uint8)
+
+
+def normalization_for(ds: Dataset) -> Stats:
+    """Per-channel (mean, std) of pixels in [0, 1] for the classifier's Normalize layer.
+
+    CIFAR-10/100 carry their published statistics; other data the ones of its training split (set by
+    the loaders), or else they are computed here from ds.images (population std over all pixels; a
+    channel with std below 1/255 gets 1/255, with a warning, so a constant channel cannot divide by 0).
+    """
+    if ds.stats is not None:
+        return ds.stats
+    return compute_stats(ds.images)
+
+
+def compute_stats(images: torch.Tensor, chunk: int = 1024) -> Stats:
+    """(mean, std) per channel of uint8 images (N, C, H, W) scaled to [0, 1], in float64 by chunks."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, images.shape[0], chunk):
+        part = images[i:i + chunk].to("cpu", torch.float64).div_(255)
+        total += part.sum((0, 2, 3))
+        squares += part.square().sum((0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(0).sqrt()
+    if bool((std < 1 / 255).any()):
+        log.warning("image channel(s) %s are (nearly) constant: their normalization std is set to 1/255",
+                    (std < 1 / 255).nonzero().flatten().tolist())
+        std = std.clamp_min(1 / 255)
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def default_data_dir() -> Path:
@@ -203,15 +338,32 @@ def load_cifar(name: str = "cifar10", data_dir: str | Path | None = None, *,
         y = np.concatenate([p[1] for p in parts])
         if x.shape[0] != expected:
             log.warning("%s: %d images where CIFAR has %d", folder, x.shape[0], expected)
-        splits.append(Dataset(torch.from_numpy(x), torch.from_numpy(y), layout.num_classes))
+        splits.append(Dataset(torch.from_numpy(x), torch.from_numpy(y), layout.num_classes, layout.stats))
     return splits[0], splits[1]
+
+
+def load_dataset(name: str = "cifar10", data_dir: str | Path | None = None, *,
+                 download: bool = False) -> tuple[Dataset, Dataset]:
+    """(train, test) of "cifar10", "cifar100", an .npz file or an image folder (see load_npz and
+    load_image_folder; data_dir and download apply to CIFAR only)."""
+    if name in LAYOUTS:
+        return load_cifar(name, data_dir, download=download)
+    path = Path(name)
+    if path.is_dir():
+        return load_image_folder(path)
+    if path.suffix.lower() == ".npz":
+        if not path.is_file():
+            raise DataError(f"{path} does not exist")
+        return load_npz(path)
+    raise UserError(f"unknown dataset {name!r}: not {' or '.join(sorted(LAYOUTS))}, an .npz file or an "
+                    "image folder")
 
 
 def load_subsets(name: str = "cifar10", data_dir: str | Path | None = None, *, download: bool = False,
                  train_subset: int | None = None, test_subset: int | None = None,
                  seed: int = 0) -> tuple[Dataset, Dataset]:
-    """load_cifar, then a seeded class-balanced subset of the training set and the first test images."""
-    train, test = load_cifar(name, data_dir, download=download)
+    """load_dataset, then a seeded class-balanced subset of the training set and the first test images."""
+    train, test = load_dataset(name, data_dir, download=download)
     if train_subset is not None:
         train = balanced_subset(train, train_subset, seed)
     return train, first_n(test, test_subset)
@@ -231,7 +383,7 @@ def balanced_subset(ds: Dataset, n: int, seed: int) -> Dataset:
         rank[members] = torch.arange(members.numel())
     pick = order[torch.argsort(rank * ds.num_classes + labels, stable=True)[:n]]
     pick = pick.sort().values
-    return Dataset(ds.images[pick], ds.labels[pick], ds.num_classes)
+    return replace(ds, images=ds.images[pick], labels=ds.labels[pick])
 
 
 def first_n(ds: Dataset, n: int | None) -> Dataset:
@@ -240,7 +392,13 @@ def first_n(ds: Dataset, n: int | None) -> Dataset:
         return ds
     if not 1 <= n <= len(ds):
         raise UserError(f"test subset {n} must lie in 1..{len(ds)}")
-    return Dataset(ds.images[:n], ds.labels[:n], ds.num_classes)
+    return replace(ds, images=ds.images[:n], labels=ds.labels[:n])
+
+
+def crop_padding(height: int, width: int) -> int:
+    """Zero padding of the random crop in pixels: an eighth of the shorter side, rounded half up (4 for
+    32x32, as in He et al. 2016; 4 for 28x28, 8 for 64x64), at least 1."""
+    return max(1, int(min(height, width) / 8 + 0.5))
 
 
 def _augment_draws(b: int, generator: torch.Generator | None, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,6 +446,7 @@ class Batches:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         self.ds, self.batch_size, self.seed, self.train = ds, batch_size, seed, train
         self.drop_last = train if drop_last is None else drop_last
+        self.pad = crop_padding(*ds.images.shape[2:])
         if self.drop_last and len(ds) < batch_size:
             raise UserError(f"batch size {batch_size} exceeds the {len(ds)} training images")
 
@@ -309,11 +468,11 @@ class Batches:
         order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
         if self.train:
             for i in range(start):
-                _augment_draws(order[i * self.batch_size:(i + 1) * self.batch_size].numel(), g)
+                _augment_draws(order[i * self.batch_size:(i + 1) * self.batch_size].numel(), g, self.pad)
         return order, g
 
     def epoch(self, epoch: int, start: int = 0):
-        """Yield (x float (B, 3, 32, 32) in [0, 1], y int64 (B,)) for batches start, start+1, ..."""
+        """Yield (x float (B, C, H, W) in [0, 1], y int64 (B,)) for batches start, start+1, ..."""
         order, g = self.position(epoch, start)
         dev = self.ds.images.device
         order = order.to(dev)
@@ -321,5 +480,148 @@ class Batches:
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.ds.images[idx]
             if self.train:
-                x = augment(x, g)
+                x = augment(x, g, self.pad)
             yield x.float().div_(255), self.ds.labels[idx]
+
+
+# ------------------------------------------------------------------------------------ your own data
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_GRAY_MODES = ("1", "L", "LA")
+
+
+def _npz_images(x: np.ndarray, where: str) -> np.ndarray:
+    """N x H x W x C (or N x H x W) -> N x C x H x W (or N x H x W); refuses arrays that look NCHW."""
+    if x.ndim == 4:
+        if x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+            raise DataError(f"{where} has shape {x.shape}, which looks like N x C x H x W; advgen reads "
+                            "N x H x W x C (save x.transpose(0, 2, 3, 1))")
+        return x.transpose(0, 3, 1, 2)
+    if x.ndim != 3:
+        raise DataError(f"{where} must be N x H x W x C or N x H x W, got shape {x.shape}")
+    return x
+
+
+def load_npz(path: str | Path) -> tuple[Dataset, Dataset]:
+    """(train, test) from an .npz holding x_train, y_train, x_test, y_test.
+
+    Images uint8 N x H x W x C (or N x H x W for one channel), or float in [0, 1]; labels integers in
+    0..K-1, where K is the largest training label + 1 and every class has a training image. Read with
+    allow_pickle=False; normalization statistics are computed from the training images.
+    """
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as e:  # OSError, BadZipFile, ValueError, EOFError...: all mean "not a readable .npz"
+        raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if isinstance(archive, np.ndarray):
+        raise DataError(f"{path} holds a single array, not an .npz archive with {', '.join(NPZ_KEYS)}")
+    with archive:
+        missing = [k for k in NPZ_KEYS if k not in archive.files]
+        if missing:
+            raise DataError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(archive.files) or 'nothing'})")
+        arrays = {}
+        for k in NPZ_KEYS:
+            try:
+                arrays[k] = archive[k]
+            except ValueError:  # object arrays need pickle, which is refused
+                raise DataError(f"{path}: {k} is an object (pickled) array; store plain numeric arrays") from None
+            except Exception as e:
+                raise DataError(f"{path}: {k} is unreadable ({type(e).__name__})") from None
+    train = Dataset.from_tensors(_npz_images(arrays["x_train"], f"{path}: x_train"), arrays["y_train"],
+                                 source=f"{path}: x_train/y_train")
+    train.check_every_class(f"{path}: y_train")
+    train = replace(train, stats=compute_stats(train.images))
+    test = Dataset.from_tensors(_npz_images(arrays["x_test"], f"{path}: x_test"), arrays["y_test"],
+                                train.num_classes, stats=train.stats, source=f"{path}: x_test/y_test")
+    _check_same_shape(train, test, path)
+    return train, test
+
+
+def _check_same_shape(train: Dataset, test: Dataset, where) -> None:
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"{where}: training images are {tuple(train.images.shape[1:])} (C, H, W) but test "
+                        f"images {tuple(test.images.shape[1:])}")
+
+
+def _read_image(path: Path):
+    """One image as a uint8 array (H, W) for grayscale or (H, W, 3) for colour; DataError if unreadable."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            gray = im.mode in _GRAY_MODES
+            if im.mode.startswith("I") or im.mode.startswith("F"):
+                raise DataError(f"{path}: {im.mode} images (16-bit or float) are not supported; save 8-bit")
+            return np.asarray(im.convert("L" if gray else "RGB"))
+    except DataError:
+        raise
+    except Exception as e:  # Pillow raises many types for bad files (UnidentifiedImageError, OSError, ...)
+        raise DataError(f"{path} is not a readable image ({type(e).__name__})") from None
+
+
+def _class_files(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(image path, class index) for folder/CLASS/*.png|jpg|jpeg, sorted; DataError for an empty class."""
+    items = []
+    for k, name in enumerate(classes):
+        sub = folder / name
+        if not sub.is_dir():
+            continue
+        files = sorted(f for f in sub.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{sub} holds no .png or .jpg image (an empty class)")
+        items += [(f, k) for f in files]
+    return items
+
+
+def _stack_images(arrays: list[np.ndarray], files: list[Path], channels: int) -> np.ndarray:
+    """N x C x H x W uint8 from (H, W) / (H, W, 3) arrays of one size; grey is repeated for colour data."""
+    size = arrays[0].shape[:2]
+    out = np.empty((len(arrays), channels, *size), dtype=np.uint8)
+    for i, (a, f) in enumerate(zip(arrays, files)):
+        if a.shape[:2] != size:
+            raise DataError(f"{f} is {a.shape[1]}x{a.shape[0]} pixels where {files[0]} is {size[1]}x{size[0]}; "
+                            "all images must have one size")
+        out[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return out
+
+
+def load_image_folder(root: str | Path) -> tuple[Dataset, Dataset]:
+    """(train, test) from root/train/CLASS/*.png|jpg and root/test/CLASS/*, read with Pillow.
+
+    Classes are the sorted folder names under train/ (test/ may lack some, not add any). All images must
+    have one size; if every one is grayscale the data have 1 channel, else 3 (RGB; alpha dropped, grey
+    repeated). Normalization statistics are computed from the training images.
+    """
+    root = Path(root)
+    try:
+        from PIL import Image  # noqa: F401
+    except ImportError:
+        raise UserError("reading an image folder needs Pillow: pip install pillow") from None
+    train_dir, test_dir = root / "train", root / "test"
+    for d in (train_dir, test_dir):
+        if not d.is_dir():
+            raise DataError(f"{root} is not an image folder: {d.name}/ is missing (expected "
+                            "train/CLASS/*.png and test/CLASS/*.png)")
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders")
+    extra = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in classes)
+    if extra:
+        raise DataError(f"{test_dir} has class folders not in train/: {', '.join(extra[:5])}")
+    splits = []
+    for folder in (train_dir, test_dir):
+        items = _class_files(folder, classes)
+        if not items:
+            raise DataError(f"{folder} holds no .png or .jpg images")
+        splits.append(([_read_image(f) for f, _ in items], [f for f, _ in items], [k for _, k in items]))
+    channels = 1 if all(a.ndim == 2 for arrays, _, _ in splits for a in arrays) else 3
+    sets = []
+    for arrays, files, labels in splits:
+        x = _stack_images(arrays, files, channels)
+        sets.append(Dataset.from_tensors(x, np.asarray(labels, dtype=np.int64), len(classes), source=str(root)))
+    train, test = sets
+    _check_same_shape(train, test, root)
+    stats = compute_stats(train.images)
+    return replace(train, stats=stats), replace(test, stats=stats)

@@ -5,7 +5,13 @@ option-A shortcuts (stride-2 subsampling and zero-padded channels, no parameters
 ResNet-20 0.27M, -32 0.46M, -44 0.66M, -56 0.85M, -110 1.7M.
 PreAct-ResNet-18 (He et al. 2016b, 11.2M parameters): the model of the fast-adversarial-training
 literature (Wong et al. 2020; Rice et al. 2020).
-Every model is `Sequential(Normalize, net)`: inputs are pixels in [0, 1], shape (B, 3, 32, 32).
+Every model is `Sequential(Normalize, net)`: inputs are pixels in [0, 1], shape (B, C, H, W); C is
+`in_channels` (3 by default) and, thanks to global average pooling, any H, W >= 1 work (the layouts and
+the parameter counts above are those of 32x32 RGB inputs).
+
+Module names differ from the public implementations (akamaster/pytorch_resnet_cifar10, fast-AT /
+RobustBench): the blocks are one `layers` Sequential instead of `layer1..layerK`; `stages` and
+`blocks_per_stage` let advgen.checkpoint map those files' keys explicitly.
 """
 import torch
 import torch.nn.functional as F
@@ -35,11 +41,15 @@ class _BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs (He et al. 2016, section 4.2)."""
+    """ResNet-(6n+2) (He et al. 2016, section 4.2): 3 stages of n blocks; `layers[s * n + j]` is block j
+    of stage s (the public layout's `layer{s+1}.{j}`)."""
 
-    def __init__(self, n: int, num_classes: int = 10):
+    stages = 3
+
+    def __init__(self, n: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.blocks_per_stage = n
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         layers, cin = [], 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
@@ -76,11 +86,15 @@ class _PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    """PreAct-ResNet-18 for 32x32 inputs: four stages of two pre-activation blocks, 64..512 channels."""
+    """PreAct-ResNet-18: four stages of two pre-activation blocks, 64..512 channels; the shortcut conv
+    sees the pre-activated input and a BatchNorm + ReLU precede the pooling (the fast-AT layout)."""
 
-    def __init__(self, num_classes: int = 10):
+    stages = 4
+    blocks_per_stage = 2
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         layers, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             layers += [_PreActBlock(cin, cout, stride), _PreActBlock(cout, cout, 1)]
