@@ -232,3 +232,43 @@ def test_cli_eval_on_an_npz_with_a_foreign_one_channel_file(tmp_path, capsys):
     assert len(err) == 1 and str(bad) in err[0] and "labels must be integers" in err[0]
     assert advgen.cli.main(argv[:4] + ["--dataset", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     assert "unknown dataset" in capsys.readouterr().err
+
+
+def test_own_module_and_grayscale_npz_train_with_generators_evaluate_and_reload(tmp_path, monkeypatch, capsys):
+    """The issue's end-to-end case: a user's nn.Module factory and an .npz of 1x28x28 images train with
+    the generator method from the CLI, evaluate from the CLI, and the run reloads by itself."""
+    import advgen
+    from advgen.cli import main
+    (tmp_path / "mynets.py").write_text(
+        "from torch import nn\n"
+        "def small(num_classes):\n"
+        "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(8, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rng = np.random.default_rng(0)
+    y_train, y_test = np.arange(60) % 3, np.arange(30) % 3
+    x_train = (rng.integers(0, 80, (60, 28, 28)) + 80 * y_train[:, None, None]).astype(np.uint8)
+    x_test = (rng.integers(0, 80, (30, 28, 28)) + 80 * y_test[:, None, None]).astype(np.uint8)
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    run = tmp_path / "run"
+    assert main(["train", "--method", "generator", "--model", "mynets:small", "--dataset", str(data),
+                 "--epochs", "2", "--batch-size", "20", "--generators", "4", "--gen-bound-type", "l2",
+                 "--gen-bound", "1.0", "--device", "cpu", "--out", str(run)]) == 0
+    assert (run / "generators.safetensors").exists()
+    model = advgen.load_model(run)
+    assert model(torch.rand(5, 1, 28, 28)).shape == (5, 3)
+    mean = model[0].mean.flatten()
+    assert mean.shape == (1,) and abs(mean.item() - x_train.mean() / 255) < 1e-3   # the data's own statistics
+    capsys.readouterr()
+    assert main(["eval", str(run), "--dataset", str(data), "--attack", "pgd-l2", "--eps", "0,1", "--steps", "3",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "pgd-l2, 30 images" in out and "accuracy non-increasing in eps" in out
+    # a model path that does not import is a one-line error
+    assert main(["train", "--method", "standard", "--model", "nowhere.nets:small", "--dataset", str(data),
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert "cannot import nowhere.nets" in capsys.readouterr().err
+    assert main(["train", "--method", "standard", "--model", "os:system", "--dataset", str(data),
+                 "--out", str(tmp_path / "r3")]) == 2
+    assert "standard library are refused" in capsys.readouterr().err

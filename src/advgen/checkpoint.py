@@ -302,13 +302,13 @@ def model_from_foreign_state(state: dict[str, torch.Tensor], path: Path, model_n
 def _load_advgen(path: Path, model_name: str | None, num_classes: int | None) -> nn.Module:
     """An advgen safetensors model: architecture and class count from its metadata, channels and
     normalization from its Normalize buffers ('0.mean', '0.std', shape (1, C, 1, 1))."""
-    from .models import MODELS, build_model
+    from .models import MODELS, build_model, is_import_path
     tensors, meta = read_tensors(path)
     name = meta.get("model", model_name)
     if name is None:
         raise CheckpointError(f"{path} does not say which architecture it holds (pass --model)")
     classes = meta.get("num_classes", num_classes or 10)
-    if not isinstance(name, str) or name not in MODELS:
+    if not isinstance(name, str) or (name not in MODELS and not is_import_path(name)):
         raise CheckpointError(f"{path} holds an unknown architecture {name!r}; advgen knows "
                               f"{', '.join(sorted(MODELS))}")
     if type(classes) is not int or not 1 <= classes <= 100_000:

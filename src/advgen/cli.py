@@ -132,7 +132,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     d, a = TrainConfig(), AttackConfig()
     p.add_argument("--method", required=True, choices=sorted(METHODS),
                    help="; ".join(f"{k}: {v.summary}" for k, v in sorted(METHODS.items())))
-    p.add_argument("--model", default=d.model, choices=sorted(MODELS))
+    p.add_argument("--model", default=d.model, metavar="NAME|package.module:factory",
+                   help=f"{', '.join(sorted(MODELS))}, or your own: factory(num_classes=K) returning an nn.Module "
+                        "(advgen puts the data's normalization in front of it)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="classifier learning rate (SGD, Nesterov momentum)")
@@ -388,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="robust accuracy curve of a trained model")
     e.add_argument("model_path", metavar="RUN_DIR|MODEL_FILE")
-    e.add_argument("--model", choices=sorted(MODELS), help="architecture of a foreign .pt/.pth/.th/.tar file")
+    e.add_argument("--model", metavar="NAME|package.module:factory",
+                   help=f"architecture of a foreign .pt/.pth/.th/.tar file ({', '.join(sorted(MODELS))}, or your own)")
     e.add_argument("--normalize", metavar="cifar10|cifar100|imagenet|none|MEAN/STD",
                    help="what goes in front of a foreign model: named statistics, none, or per-channel comma "
                         "lists MEAN/STD, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (default: the dataset's statistics)")

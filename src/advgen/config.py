@@ -104,11 +104,12 @@ class TrainConfig:
                 self.options = spec.options()
 
     def validate(self) -> None:
-        from .models import MODELS
+        from .models import MODELS, is_import_path
         spec = _method_spec(self.method)
         check_field(isinstance(self.options, spec.options), "options",
                     f"of method {self.method} must be {spec.options.__name__}, got {type(self.options).__name__}")
-        check_field(self.model in MODELS, "model", f"unknown: {self.model!r}; choose from {', '.join(sorted(MODELS))}")
+        check_field(self.model in MODELS or is_import_path(self.model), "model",
+                    f"unknown: {self.model!r}; choose from {', '.join(sorted(MODELS))} or package.module:factory")
         check_field(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check_field(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check_field(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")

@@ -2,6 +2,8 @@
 Sequential(Normalize(mean, std), net) for images of `in_channels` channels in [0, 1]."""
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Sequence
 
 from torch import nn
@@ -46,16 +48,52 @@ MODELS = {
 }
 
 
+def is_import_path(name: str) -> bool:
+    """"package.module:factory", a user's own model, as opposed to a registry name."""
+    return isinstance(name, str) and ":" in name
+
+
+def user_factory(spec: str):
+    """The callable named by "package.module:factory", imported from the installed environment.
+
+    Only modules outside the standard library are imported (a run folder names its model this way, so
+    a tampered one must not be able to name os:system); the factory must be callable. Errors are one-line
+    UserErrors."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or not all(part.isidentifier() for part in module_name.split(".") + attr.split(".")):
+        raise UserError(f"model {spec!r} is not of the form package.module:factory")
+    if module_name.split(".")[0] in sys.stdlib_module_names:
+        raise UserError(f"model {spec!r}: factories from the standard library are refused")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the module raised while importing
+        raise UserError(f"model {spec!r}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    if not callable(obj):
+        raise UserError(f"model {spec!r}: {module_name} has no callable {attr}")
+    return obj
+
+
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, *,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
-    """Build a registered classifier by name: Sequential(Normalize(mean, std), net).
+    """Build a classifier: Sequential(Normalize(mean, std), net).
 
+    name: a registered architecture, or "package.module:factory", a user's own: net =
+    factory(num_classes=K), an nn.Module mapping normalized (B, C, H, W) images to (B, K) logits.
     in_channels: channels of the input images; mean, std: per-channel statistics of pixels in [0, 1]
     (one value per channel; default CIFAR-10's, which only fit 3 channels). Unknown names, bad
     statistics or sizes are a UserError.
     """
+    if is_import_path(name):
+        net = user_factory(name)(num_classes=num_classes)
+        if not isinstance(net, nn.Module):
+            raise UserError(f"model {name!r}: the factory returned {type(net).__name__}, not a torch.nn.Module")
+        mean, std = _stats(in_channels, mean, std)
+        check_stats(mean, std, in_channels)
+        return nn.Sequential(Normalize(mean, std), net)
     if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))} or package.module:factory")
     if type(num_classes) is not int or num_classes < 1:
         raise UserError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if type(in_channels) is not int or in_channels < 1:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..checkpoint import METRICS_FILE, STATE_FILE, git_commit, load_model, save_model
 from ..config import TrainConfig, with_defaults
-from ..data import Batches, Dataset
+from ..data import Batches, Dataset, normalization_for
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
 from ..models import build_model
 from .control import STOP, Budget, StepTimer, StopFlag
@@ -72,14 +72,18 @@ def check_speed_options(cfg: TrainConfig, device: torch.device) -> None:
         raise ConfigError("amp", f"autocast is not available on {device.type}")
 
 
-def build_classifier(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The caller's convenience: a fresh cfg.model, or one holding the weights of cfg.init."""
-    model = build_model(cfg.model, num_classes)
-    if cfg.init is not None:
-        own, theirs = model.state_dict(), load_model(cfg.init, model_name=cfg.model).state_dict()
+def build_classifier(cfg: TrainConfig, train_set: Dataset, *, init: bool = True) -> nn.Module:
+    """The caller's convenience: a fresh cfg.model for the data (classes, channels, the data's
+    normalization statistics in its first layer), holding the weights of cfg.init if `init`."""
+    stats = normalization_for(train_set)
+    model = build_model(cfg.model, train_set.num_classes, train_set.channels, mean=stats[0], std=stats[1])
+    if init and cfg.init is not None:
+        own = model.state_dict()
+        theirs = load_model(cfg.init, model_name=cfg.model, num_classes=train_set.num_classes,
+                            in_channels=train_set.channels, normalize=stats).state_dict()
         if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
             raise ConfigError("init", f"{cfg.init} holds another architecture or class count than "
-                                      f"{cfg.model} with {num_classes} classes")
+                                      f"{cfg.model} with {train_set.num_classes} classes")
         model.load_state_dict(theirs)
     return model
 
@@ -385,8 +389,8 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
             saved = _resume_state(out, cfg)
         elif resume:
             log.info("nothing to resume in %s: starting the run", out)
-    if model is None:
-        model = build_model(cfg.model, train_set.num_classes) if saved else build_classifier(cfg, train_set.num_classes)
+    if model is None:  # on resume the weights come from the state
+        model = build_classifier(cfg, train_set, init=saved is None)
     run = Run(cfg, model, train_set, test_set, device)
     check(out is not None or not snapshots, "snapshots need an out_dir")
     saver = Saver(run, out, set(snapshots))
