@@ -176,3 +176,19 @@ def test_radii_as_fractions_and_help_shows_defaults(capsys):
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
     assert "(default: 128)" in text and "(default: 0.1)" in text and "(default: cosine)" in text
+
+
+def test_plot_draws_training_curves_of_runs(tmp_path, capsys):
+    from synth_cifar import write_cifar
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=16)
+    for name in ("a", "b"):
+        assert main(["train", "--method", "fgsm", "--epochs", "2", "--batch-size", "16", "--watch-subset", "8",
+                     "--seed", str(ord(name)), "--data-dir", str(data), "--device", "cpu",
+                     "--out", str(tmp_path / name)]) == 0
+    rows = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,loss,accuracy,lr,seconds" and len(rows) == 1 + 2 * 5
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert main(["plot", str(tmp_path / "nothing"), "--out", str(png)]) == 2
+    assert "holds no run" in capsys.readouterr().err

@@ -377,6 +377,15 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .checkpoint import check_writable
+    from .report import plot_runs
+    out = Path(args.out)
+    check_writable(out.parent if str(out.parent) else Path("."))
+    print(f"training curves written to {plot_runs([Path(r) for r in args.runs], out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="advgen", description="Fast adversarial training with generator networks (Jung 2024).")
     p.add_argument("--version", action="version", version=f"advgen {__version__}")
@@ -427,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--download", action="store_true")
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     c.set_defaults(func=cmd_compare)
+    pl = sub.add_parser("plot", help="training curves of runs (loss, accuracy, PGD-watch accuracy) to a PNG")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", default="curves.png", help="the PNG to write")
+    pl.set_defaults(func=cmd_plot)
     for command in sub.choices.values():
         command.add_argument("--config", metavar="FILE.toml",
                              help="settings from a TOML file (option names as keys); the command line overrides them")
