@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 from torch import nn
 
 from .attacks import FGSM, PGD, make_attack
@@ -51,20 +52,28 @@ def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     memory_format: layout of the batches (channels_last for a model from speed.inference_copy).
     """
     correct = torch.zeros(len(epsilons), device=labels.device, dtype=torch.long)  # counts: exact fractions
-    for i in range(0, images.shape[0], batch_size):
-        x = _as_float(images[i:i + batch_size]).contiguous(memory_format=memory_format)
-        y = labels[i:i + batch_size]
-        ok = predict(model, x, batch_size) == y
-        for j, eps in enumerate(epsilons):
-            if eps == 0 or not ok.any():
-                correct[j] += ok.sum()
-                continue
-            attack = attack_at(eps)
-            if hasattr(attack, "seed"):
-                attack.seed = attack.seed + i  # a different random start for every batch, reproducibly
-            x_adv = attack(x[ok], y[ok])
-            correct[j] += (predict(model, x_adv, batch_size) == y[ok]).sum()
-    return [c / images.shape[0] for c in correct.tolist()]
+    n = images.shape[0]
+    # a progress bar with ETA on a terminal (images x radii done), silent otherwise
+    bar = tqdm(total=n * len(epsilons), unit="img", leave=False, disable=None,
+               desc=f"{type(attack_at(max(epsilons))).__name__ if epsilons else 'attack'} eps {','.join(f'{e:g}' for e in epsilons)}")
+    try:
+        for i in range(0, n, batch_size):
+            x = _as_float(images[i:i + batch_size]).contiguous(memory_format=memory_format)
+            y = labels[i:i + batch_size]
+            ok = predict(model, x, batch_size) == y
+            for j, eps in enumerate(epsilons):
+                if eps == 0 or not ok.any():
+                    correct[j] += ok.sum()
+                else:
+                    attack = attack_at(eps)
+                    if hasattr(attack, "seed"):
+                        attack.seed = attack.seed + i  # a different random start for every batch, reproducibly
+                    x_adv = attack(x[ok], y[ok])
+                    correct[j] += (predict(model, x_adv, batch_size) == y[ok]).sum()
+                bar.update(y.shape[0])
+    finally:
+        bar.close()
+    return [c / n for c in correct.tolist()]
 
 
 def sanity_checks(norm: str, epsilons, accs, fgsm_accs, large_eps_acc, n: int) -> list[dict]:
