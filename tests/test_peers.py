@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from synth_cifar import tiny_dataset, write_cifar
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import advgen
 from advgen.attacks import PGD
 from advgen.attacks.pgd import L2, kl_from
 from advgen.checkpoint import STATE_FILE
@@ -324,7 +325,7 @@ def test_each_peer_trains_end_to_end(name, norm, tmp_path):
     kind, extra, passes = PEERS[name]
     cfg = TrainConfig(method=name, options=kind(norm=norm, **extra), epochs=1, batch_size=16, lr=0.05)
     torch.manual_seed(0)
-    init = {k: v.clone() for k, v in __import__("advgen").build_model("resnet20").state_dict().items()}
+    init = {k: v.clone() for k, v in advgen.build_model("resnet20").state_dict().items()}
     torch.manual_seed(0)
     model, rec = train(cfg, *_sets(), out_dir=tmp_path / "r", progress=False)
     (row,) = rec["epochs"]
