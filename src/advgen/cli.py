@@ -30,7 +30,10 @@ from .models import MODELS
 from .models.generators import ASSIGNMENTS, BOUNDS
 from .training import METHODS
 from .training.control import STOP
+from .training.free import FreeOptions
 from .training.generator import GENERATOR_PRESETS, GeneratorOptions, generator_preset
+from .training.nfgsm import NFGSMOptions
+from .training.trades import TradesOptions
 
 log = logging.getLogger("advgen")
 
@@ -165,12 +168,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     sp.add_argument("--amp", action="store_true",
                     help="bf16 autocast of the forward passes (for CUDA; on CPUs with bf16 units it is faster too)")
     sp.add_argument("--fold-bn-attack", type=_bool, default=d.fold_bn_attack,
-                    help="minmax/fgsm: attack a BatchNorm-folded copy of the classifier (same function)")
-    mm = p.add_argument_group("attack methods (minmax, fgsm)")
+                    help="minmax/fgsm/nfgsm/trades: attack a BatchNorm-folded copy of the classifier (same function)")
+    mm = p.add_argument_group("attack methods (minmax, fgsm, nfgsm, free, trades)")
     mm.add_argument("--attack-norm", default=a.norm, choices=["l2", "linf"])
     mm.add_argument("--attack-eps", type=_number, help="radius in [0,1] pixel units (default: 0.05 for l2, 8/255 for linf)")
-    mm.add_argument("--attack-steps", type=int, default=a.steps)
-    mm.add_argument("--attack-step-size", type=_number, help="PGD step size (default: 2.5 * eps / steps)")
+    mm.add_argument("--attack-steps", type=int,
+                    help=f"PGD steps of minmax (default {a.steps}) and trades (default {TradesOptions().steps})")
+    mm.add_argument("--attack-step-size", type=_number,
+                    help="step size (default: minmax 2.5 * eps / steps; trades 2 * eps / steps; nfgsm and free eps)")
+    peers = p.add_argument_group("fast-AT peers (nfgsm, free, trades)")
+    peers.add_argument("--nfgsm-k", type=_number, default=NFGSMOptions().k,
+                       help="N-FGSM noise radius in units of eps: uniform in the k*eps ball")
+    peers.add_argument("--free-replays", type=int, default=FreeOptions().replays,
+                       help="Free-AT: m replays (classifier updates) per batch; an epoch costs m passes per batch")
+    peers.add_argument("--trades-beta", type=float, default=TradesOptions().beta,
+                       help="TRADES: weight of KL(f(x) || f(x')) beside CE(f(x), y)")
     gen = p.add_argument_group("generator (each flag overrides --gen-preset)")
     gen.add_argument("--gen-preset", default="paper", choices=GENERATOR_PRESETS,
                      help="paper: Jung 2024 (box s=0.2, SGD 0.005); gradient: advgen's recommendation "
@@ -200,7 +212,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--gen-step-size", type=_number, help="size of that step (default: the bound s)")
 
 
-# library config fields whose flag is not "--" + the field with dashes
+# library config fields whose flag is not "--" + the field with dashes (the peers' own fields follow that
+# rule: nfgsm.k -> --nfgsm-k, free.replays -> --free-replays, trades.beta -> --trades-beta; their norm,
+# eps, steps and step size are attack.* fields, reported as the --attack-* flags they come from)
 FLAGS = {"attack.norm": "--attack-norm", "attack.eps": "--attack-eps", "attack.steps": "--attack-steps",
          "attack.step_size": "--attack-step-size", "bank.n": "--generators", "bank.size": "--gen-bound",
          "bank.bound": "--gen-bound-type", "bank.depth": "--gen-depth", "bank.width": "--gen-width",
@@ -237,9 +251,16 @@ def method_options(args):
     kind = METHODS[args.method].options
     if kind is GeneratorOptions:
         return _generator_options(args)
+    threat = {"norm": args.attack_norm, "eps": args.attack_eps}
+    steps = {} if args.attack_steps is None else {"steps": args.attack_steps}
     if kind is AttackConfig:
-        return AttackConfig(norm=args.attack_norm, eps=args.attack_eps, steps=args.attack_steps,
-                            step_size=args.attack_step_size)
+        return AttackConfig(**threat, **steps, step_size=args.attack_step_size)
+    if kind is NFGSMOptions:
+        return NFGSMOptions(**threat, k=args.nfgsm_k, step_size=args.attack_step_size)
+    if kind is FreeOptions:
+        return FreeOptions(**threat, replays=args.free_replays, step_size=args.attack_step_size)
+    if kind is TradesOptions:
+        return TradesOptions(**threat, **steps, step_size=args.attack_step_size, beta=args.trades_beta)
     if kind is NoOptions:
         return NoOptions()
     raise UserError(f"--method {args.method}: the command line has no flags for its options ({kind.__name__}); "
@@ -392,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a classifier (standard, minmax, fgsm, generator)")
+    t = sub.add_parser("train", help="train a classifier (standard, minmax, fgsm, nfgsm, free, trades, generator)")
     _add_train_args(t)
     _add_data_args(t, train=True)
     t.set_defaults(func=cmd_train)

@@ -30,34 +30,49 @@ class NoOptions:
 
 
 @dataclass
-class AttackConfig:
-    """A training attack: the inner maximiser of min-max training (eq. 1) and of its one-step peers.
+class ThreatModel:
+    """The ball a training method perturbs in: norm "l2" | "linf" and radius eps in [0, 1] pixel units
+    (None: DEFAULT_EPS of the norm). The base of every attack-based method's options; their fields keep
+    the `attack.` prefix in errors, so the CLI reports them as --attack-norm, --attack-eps, ..."""
+
+    norm: str = "l2"
+    eps: float | None = None
+
+    @property
+    def radius(self) -> float:
+        return DEFAULT_EPS[self.norm] if self.eps is None else self.eps
+
+    def validate(self) -> None:
+        check_field(self.norm in NORMS, "attack.norm", f"must be l2 or linf, got {self.norm!r}")
+        check_field(self.eps is None or (math.isfinite(self.eps) and self.eps > 0), "attack.eps",
+                    f"must be > 0, got {self.eps}")
+
+
+def check_step_size(step_size: float | None) -> None:
+    check_field(step_size is None or (math.isfinite(step_size) and step_size > 0),
+                "attack.step_size", f"must be > 0, got {step_size}")
+
+
+@dataclass
+class AttackConfig(ThreatModel):
+    """A training attack: the inner maximiser of min-max training (eq. 1) and of FGSM-RS.
 
     Pixels in [0, 1]. eps None: DEFAULT_EPS of the norm. step_size None: 2.5·eps/steps (Madry et al.).
     Paper preset of min-max: L2, eps 0.05, 40 steps of 0.005.
     """
 
-    norm: str = "l2"
-    eps: float | None = None
     steps: int = 40
     step_size: float | None = None
     random_start: bool = True
-
-    @property
-    def radius(self) -> float:
-        return DEFAULT_EPS[self.norm] if self.eps is None else self.eps
 
     @property
     def step(self) -> float:
         return 2.5 * self.radius / self.steps if self.step_size is None else self.step_size
 
     def validate(self) -> None:
-        check_field(self.norm in NORMS, "attack.norm", f"must be l2 or linf, got {self.norm!r}")
-        check_field(self.eps is None or (math.isfinite(self.eps) and self.eps > 0), "attack.eps",
-                    f"must be > 0, got {self.eps}")
+        super().validate()
         check_field(self.steps >= 1, "attack.steps", f"must be >= 1, got {self.steps}")
-        check_field(self.step_size is None or (math.isfinite(self.step_size) and self.step_size > 0),
-                    "attack.step_size", f"must be > 0, got {self.step_size}")
+        check_step_size(self.step_size)
 
 
 @dataclass

@@ -3,6 +3,10 @@
 One loop serves every threat model; a norm contributes three hooks: `random_start` (a point drawn
 uniformly in the eps-ball), `direction` (the steepest-ascent step of unit size for that norm) and
 `project` (back onto the eps-ball). Pixels are in [0, 1]; eps and step sizes are in those units.
+
+The loop ascends an `objective`, a per-sample loss of (logits, y) named in OBJECTIVES: the cross-entropy
+(Madry et al.; the default), or TRADES's KL divergence from the clean prediction (Zhang et al. 2019),
+where y holds that prediction as probabilities.
 """
 from __future__ import annotations
 
@@ -57,6 +61,22 @@ class L2:
 NORMS = {"linf": Linf, "l2": L2}
 
 
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CE(softmax(logits), y) per sample: logits (B, K), y (B,) int64 labels -> (B,)."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def kl_from(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ softmax(logits)) = Σ_k p_k (log p_k − log q_k) per sample, in nats: logits (B, K), p (B, K)
+    probabilities (rows sum to 1) -> (B,). TRADES's inner objective (Zhang et al. 2019, eq. 5), with p
+    the model's prediction on the clean image."""
+    return F.kl_div(F.log_softmax(logits, dim=1), p, reduction="none").sum(dim=1)
+
+
+# what PGD ascends: name -> per-sample loss(logits, y); for "kl", y is a (B, K) distribution
+OBJECTIVES = {"ce": cross_entropy, "kl": kl_from}
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Put every module in eval mode and freeze the parameters; restore both on exit."""
@@ -78,7 +98,8 @@ class PGD:
     """PGD attack: `PGD(model, norm="l2", eps=0.5, steps=20, rel_step=0.25)(x, y) -> x_adv`.
 
     Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks".
-    Maximises the cross-entropy of model(x + δ) over ‖δ‖ ≤ eps (descends it towards `y` if targeted),
+    Maximises the objective (default the cross-entropy) of model(x + δ) over ‖δ‖ ≤ eps (descends it
+    towards `y` if targeted),
     with x + δ clipped to [0, 1] at every iterate. keep="worst" (evaluation): each sample keeps its worst
     case, the first iterate that fools the model, else the iterate of highest loss, over all steps and
     restarts. keep="last" (adversarial training, as Madry et al.): every step is taken and the final
@@ -88,33 +109,40 @@ class PGD:
     Args (keyword-only): norm "l2" | "linf"; eps radius in [0, 1] pixel units; steps ≥ 1;
     step_size absolute, or rel_step × eps (default 2.5 / steps, Madry's choice); random_start;
     restarts ≥ 1; targeted (then y holds the target classes); keep "worst" | "last"; seed for the
-    random starts.
-    x: (B, C, H, W) float in [0, 1]; y: (B,) int64. The model runs in eval mode; its mode, its
-    parameters' .grad and x are left as they were.
+    random starts; objective "ce" | "kl" (OBJECTIVES; "kl" takes y as (B, K) probabilities and needs
+    keep="last", untargeted: without labels no sample counts as fooled); start_std: the random start
+    drawn from N(0, start_std²) per pixel instead of uniformly in the ball (TRADES: 0.001), then clipped
+    to [0, 1] (needs random_start).
+    x: (B, C, H, W) float in [0, 1]; y: (B,) int64 (or (B, K) for "kl"). The model runs in eval mode;
+    its mode, its parameters' .grad and x are left as they were.
     """
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, steps: int = 10,
                  step_size: float | None = None, rel_step: float | None = None,
                  random_start: bool = True, restarts: int = 1, targeted: bool = False, keep: str = "worst",
-                 seed: int = 0):
+                 seed: int = 0, objective: str = "ce", start_std: float | None = None):
         check(norm in NORMS, f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
         check(math.isfinite(eps) and eps >= 0, f"eps must be a finite number >= 0, got {eps}")
         check(steps >= 1, f"steps must be >= 1, got {steps}")
         check(restarts >= 1, f"restarts must be >= 1, got {restarts}")
         check(keep in ("worst", "last"), f"keep must be worst or last, got {keep!r}")
         check(step_size is None or rel_step is None, "give step_size or rel_step, not both")
-        for name, v in (("step size", step_size), ("relative step", rel_step)):
+        for name, v in (("step size", step_size), ("relative step", rel_step), ("start_std", start_std)):
             check(v is None or (math.isfinite(v) and v > 0), f"{name} must be > 0, got {v}")
+        check(objective in OBJECTIVES, f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+        check(objective == "ce" or (keep == "last" and not targeted),
+              f"objective {objective!r} needs keep='last' and an untargeted attack")
+        check(start_std is None or random_start, "start_std needs random_start")
         self.model, self.norm, self.eps, self.steps = model, norm, float(eps), steps
         self.step_size, self.rel_step = step_size, rel_step
         self.random_start, self.restarts, self.targeted, self.seed = random_start, restarts, targeted, seed
-        self.keep = keep
+        self.keep, self.objective, self.start_std = keep, objective, start_std
 
     def settings(self) -> dict:
         """The attack's settings as plain values (for results files)."""
         return {"norm": self.norm, "eps": self.eps, "steps": self.steps, "step_size": self.alpha,
                 "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted,
-                "keep": self.keep}
+                "keep": self.keep, "objective": self.objective, "start_std": self.start_std}
 
     @property
     def alpha(self) -> float:
@@ -146,7 +174,10 @@ class PGD:
         sign = -1.0 if self.targeted else 1.0
         if self.random_start:
             g = torch.Generator().manual_seed(self.seed * 7919 + restart)
-            delta = ops.random_start(x.shape, self.eps, g).to(x)
+            if self.start_std is None:
+                delta = ops.random_start(x.shape, self.eps, g).to(x)
+            else:
+                delta = (self.start_std * torch.randn(x.shape, generator=g)).to(x)
             delta = (x + delta).clamp(0, 1) - x
         else:
             delta = torch.zeros_like(x)
@@ -158,7 +189,7 @@ class PGD:
         for t in range(self.steps + 1):
             delta.requires_grad_(True)
             logits = self.model(x + delta)
-            loss = F.cross_entropy(logits, y, reduction="none")
+            loss = OBJECTIVES[self.objective](logits, y)
             with torch.no_grad():
                 hit = (logits.argmax(1) == y) if self.targeted else (logits.argmax(1) != y)
                 better = ~best_hit & (hit | (sign * loss > best_loss))
@@ -176,7 +207,7 @@ class PGD:
     def _step(self, ops, x, y, delta, sign, alpha):
         """One ascent step from delta (keep="last": no bookkeeping, no early stop)."""
         delta.requires_grad_(True)
-        loss = F.cross_entropy(self.model(x + delta), y, reduction="sum")
+        loss = OBJECTIVES[self.objective](self.model(x + delta), y).sum()
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             delta = ops.project(delta.detach() + sign * alpha * ops.direction(grad), self.eps)

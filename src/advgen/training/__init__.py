@@ -1,5 +1,5 @@
 """Training: one shared loop (loop.py) and one small module per method, registered in method.METHODS."""
-from . import generator, minmax, standard  # noqa: F401  (each registers its methods)
+from . import free, generator, minmax, nfgsm, standard, trades  # noqa: F401  (each registers its methods)
 from .control import STOP, StopFlag
 from .loop import Run, train
 from .method import METHODS, Method, Setup, register, registered

@@ -135,7 +135,7 @@ class Run:
             self.model.compile()
         self.setup = Setup(device=device, channels_last=channels_last, fold_bn=cfg.fold_bn_attack and not cfg.compile,
                            steps_per_epoch=spe, epochs=cfg.epochs, seed=cfg.seed,
-                           in_channels=train_set.images.shape[1])
+                           in_channels=train_set.images.shape[1], descend=self.descend)
         self.method: Method = build_method(cfg.method, self.model, cfg.options, self.setup)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
@@ -150,6 +150,12 @@ class Run:
         self.finished = False          # every epoch done (or the time budget spent), evaluated, saved
         self.out_of_time = False       # the time budget ended the steps of the current epoch
         self.check_every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
+
+    def descend(self, loss: torch.Tensor) -> None:
+        """The classifier's update on `loss`: the step's own, and Free-AT's replays (Setup.descend)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
 
     @property
     def global_step(self) -> int:
@@ -252,9 +258,7 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple:
     """One step: the method's loss, the classifier's descent, the method's after-step hook."""
     with autocast:  # forward passes only; the backward runs in the dtypes autocast chose
         loss, logits, labels = run.method.loss(x.contiguous(memory_format=run.setup.memory_format), y)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    run.opt.step()
+    run.descend(loss)
     run.method.after_step()
     run.sched.step()
     run.step += 1

@@ -7,7 +7,9 @@ torch optimizers do:
 
     loss(x, y) -> (loss, logits, labels)   x: (B, C, H, W) pixels in [0, 1], y: (B,) int64; loss is
                                            the scalar to minimise, logits/labels feed the metrics
-    after_step()                           after the classifier's optimizer step
+    after_step()                           after the classifier's optimizer step (the loop's backward
+                                           of `loss` has also filled .grad of any tensor of the
+                                           method's own that the loss depends on: Free-AT's δ)
     state_dict() / load_state_dict(state)  everything needed to resume bit for bit: nested dicts and
                                            lists of tensors, numbers, strings, None
     modules()                              {name: module} saved beside the classifier (e.g. "generators")
@@ -17,11 +19,16 @@ torch optimizers do:
 A new method is one module: a class derived from Method, decorated with @register(name, Options),
 where Options is a dataclass with validate(); then one import line in training/__init__.py.
 Methods get the unwrapped classifier and a Setup of decisions already made, never the raw config.
+
+A loop step is one batch and ends with one classifier update by the loop. A method that updates the
+classifier more than once per batch (Free-AT's replays) makes the earlier updates inside loss() through
+Setup.descend, the loop's own update (zero_grad, backward, optimizer step), and counts them in `passes`.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -34,7 +41,10 @@ class Setup:
     device: where the classifier lives; channels_last: the classifier and its batches are NHWC;
     fold_bn: attacks may run on a BatchNorm-folded copy (off under torch.compile); steps_per_epoch
     and epochs: the schedule; seed: the run's seed (methods derive their own RNGs from it);
-    in_channels: channels of the images.
+    in_channels: channels of the images; descend: the loop's classifier update, descend(loss) = zero the
+    gradients, loss.backward(), one optimizer step at the current learning rate (the schedule advances
+    once per loop step, not per call), for methods that update the classifier more than once per batch
+    (None where no loop runs, e.g. when a method is built only to read its `passes`).
     """
 
     device: torch.device
@@ -44,6 +54,7 @@ class Setup:
     epochs: int = 1
     seed: int = 0
     in_channels: int = 3
+    descend: Callable[[torch.Tensor], None] | None = None
 
     @property
     def memory_format(self) -> torch.memory_format:
