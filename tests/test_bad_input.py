@@ -72,7 +72,7 @@ BAD_ARGS = [
     (["--method", "generator", "--gen-bound=-inf"], "--gen-bound must be > 0, got -inf"),
     (["--method", "generator", "--gen-lr", "nan"], "--gen-lr must be > 0, got nan"),
     (["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
-    (["--method", "standard", "--model", "resnet7"], "argument --model: invalid choice: 'resnet7'"),
+    (["--method", "standard", "--model", "resnet7"], "--model unknown: 'resnet7'; choose from preact_resnet18"),
     (["--method", "standard", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
     (["--method", "standard", "--init", "/nonexistent/run"], "--init /nonexistent/run: no such checkpoint"),
 ]
@@ -318,7 +318,7 @@ def test_disk_full_during_training_keeps_the_last_state(data, tmp_path, monkeypa
             "--data-dir", data, "--out", out, "--checkpoint-every", "1"]
     code, err = _cli(argv, capsys)
     assert code == 2 and "No space left on device" in _one_error_line(err) and "state.safetensors" in err
-    assert sorted(p.name for p in out.iterdir()) == ["state.safetensors"]   # no stray temporary file
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "state.safetensors"]   # no stray temporary file
     monkeypatch.undo()
     code, _ = _cli(argv + ["--resume"], capsys)   # the state left behind is valid and resumable
     assert code == 0

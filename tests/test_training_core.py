@@ -232,3 +232,13 @@ def test_configs_saved_before_a_setting_existed_match_with_its_default(tmp_path)
     cfg.options.recursions = 2
     cfg.options.bank.grad_input = True
     assert not run_complete(tmp_path / "r", cfg)
+
+
+def test_step_log_truncates_to_the_saved_step_and_drops_a_cut_row(tmp_path):
+    from advgen.training.metrics import StepLog
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,epoch,loss,accuracy,lr,seconds\n1,1,2.3,0.1,0.1,0.5\n2,1,2.2,0.2,0.1,1.0\n"
+                    "3,1,2.1,0.3,0.1,1.5\n4,2,2.")   # step 4 cut short by a kill
+    StepLog(path).truncate(2)
+    assert path.read_text().splitlines() == ["step,epoch,loss,accuracy,lr,seconds", "1,1,2.3,0.1,0.1,0.5",
+                                             "2,1,2.2,0.2,0.1,1.0"]

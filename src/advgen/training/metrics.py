@@ -98,7 +98,9 @@ class StepLog:
         if self.path is None or not self.path.exists():
             return
         rows = list(csv.reader(self.path.open(newline="")))
-        keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= last_step]
+        # a row cut short by a full disk or a kill is dropped with the rows after the saved step
+        keep = [list(self.FIELDS)] + [r for r in rows[1:] if len(r) == len(self.FIELDS) and r[0].isdigit()
+                                      and int(r[0]) <= last_step]
         if len(keep) < len(rows):
             buf = io.StringIO()
             csv.writer(buf).writerows(keep)
