@@ -192,3 +192,19 @@ def test_plot_draws_training_curves_of_runs(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert main(["plot", str(tmp_path / "nothing"), "--out", str(png)]) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def test_tensorboard_logs_the_steps_and_epochs(tmp_path):
+    from synth_cifar import write_cifar
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=16)
+    out = tmp_path / "run"
+    assert main(["train", "--method", "standard", "--epochs", "2", "--batch-size", "16", "--tensorboard",
+                 "--data-dir", str(data), "--device", "cpu", "--out", str(out)]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 11))
+    csv_loss = [float(r.split(",")[2]) for r in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert [e.value for e in loss] == pytest.approx(csv_loss, rel=1e-5)
+    assert [e.step for e in events.Scalars("eval/test_acc")] == [5, 10]

@@ -159,6 +159,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite a run folder that already holds a run")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last saved state (pass the same arguments)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log the per-step metrics and epoch evaluations to RUN_DIR/tensorboard "
+                        "(pip install 'advgen[tensorboard]')")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                    help="also save the whole training state every STEPS steps (it is always saved at epoch ends)")
     sp = p.add_argument_group("speed (benchmarks/README.md)")
@@ -312,7 +315,7 @@ def cmd_train(args) -> int:
     seed_everything(cfg.seed)
     train_set, test_set = load_data(args)
     model, record = train(cfg, train_set, test_set, out_dir=out, device=device, resume=args.resume,
-                          force=args.force, checkpoint_every=args.checkpoint_every)
+                          force=args.force, checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
     rows = record["epochs"]
     print(f"{cfg.method}: {len(rows)} epochs, {sum(r['seconds'] for r in rows) / len(rows):.1f} s/epoch, "
           f"test accuracy {100 * rows[-1]['test_acc']:.2f}% -> {out}")

@@ -209,10 +209,11 @@ class Run:
 class Saver:
     """Writes a run's state and folder; never writes non-finite weights."""
 
-    def __init__(self, run: Run, out: Path | None, snapshots: set[int] = frozenset()):
+    def __init__(self, run: Run, out: Path | None, snapshots: set[int] = frozenset(), tensorboard: bool = False):
         self.run, self.out, self.snapshots = run, out, snapshots
         self.saved_at: tuple[int, int] | None = None
-        self.steplog = StepLog(out / METRICS_FILE if out is not None else None)
+        self.steplog = StepLog(out / METRICS_FILE if out is not None else None,
+                               out / "tensorboard" if out is not None and tensorboard else None)
 
     def diverged(self, what: str) -> TrainingDiverged:
         run = self.run
@@ -341,6 +342,7 @@ def end_epoch(run: Run, saver: Saver) -> None:
     if last:
         run.record["finished"] = True
     log_epoch(cfg.method, row)
+    saver.steplog.epoch_end(run.global_step, row)
     saver.save_run(run.epoch)
     run.epoch, run.step, run.finished = run.epoch + 1, 0, last
     run.meter.reset()
@@ -362,7 +364,7 @@ def _resume_state(out: Path, cfg: TrainConfig) -> tuple[dict, dict]:
 def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str | Path | None = None,
           device: str | torch.device = "cpu", progress: bool = True, *, model: nn.Module | None = None,
           resume: bool = False, force: bool = False, checkpoint_every: int | None = None,
-          snapshots: list[int] = (), stop: StopFlag = STOP) -> tuple[nn.Module, dict]:
+          snapshots: list[int] = (), tensorboard: bool = False, stop: StopFlag = STOP) -> tuple[nn.Module, dict]:
     """Train a classifier with cfg.method; return (model in eval mode, run record).
 
     model: the classifier to train, any nn.Module mapping (B, C, H, W) pixels in [0, 1] to logits; None
@@ -375,7 +377,9 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     out_dir holding a run is refused (RunDirError) unless `resume` (continue from its state; a folder
     without any run starts afresh) or `force` (delete its run files and start over).
     checkpoint_every: also save the state every this many steps. snapshots: global steps after which
-    the classifier is also written to out_dir/snapshots/step-N.safetensors. A non-finite loss or weight raises
+    the classifier is also written to out_dir/snapshots/step-N.safetensors. tensorboard: also write the
+    per-step metrics and the epoch evaluations to out_dir/tensorboard (needs the tensorboard package).
+    A non-finite loss or weight raises
     TrainingDiverged and keeps the last good state; a stop requested on `stop` (the CLI's signal
     handlers) raises Interrupted after saving the state of the current step.
     """
@@ -396,8 +400,8 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     if model is None:  # on resume the weights come from the state
         model = build_classifier(cfg, train_set, init=saved is None)
     run = Run(cfg, model, train_set, test_set, device)
-    check(out is not None or not snapshots, "snapshots need an out_dir")
-    saver = Saver(run, out, set(snapshots))
+    check(out is not None or not (snapshots or tensorboard), "snapshots and tensorboard need an out_dir")
+    saver = Saver(run, out, set(snapshots), tensorboard)
     if saved is not None:
         state, header = saved
         if header.get("data_sha256") != run.fingerprint:

@@ -70,9 +70,17 @@ class StepLog:
 
     FIELDS = ("step", "epoch", "loss", "accuracy", "lr", "seconds")
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tensorboard: Path | None = None):
         self.path = path
         self.pending: list[tuple] = []
+        self.writer = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from ..errors import UserError
+                raise UserError("--tensorboard needs the tensorboard package: pip install 'advgen[tensorboard]'") from None
+            self.writer = SummaryWriter(log_dir=str(tensorboard))
 
     def record(self, step: int, epoch: int, loss: torch.Tensor, correct: torch.Tensor, n: int, lr: float,
                seconds: float) -> None:
@@ -91,7 +99,20 @@ class StepLog:
                 w.writerow(self.FIELDS)
             for (step, epoch, _, _, n, lr, seconds), loss, correct in zip(self.pending, losses, corrects):
                 w.writerow([step, epoch, f"{loss:.6g}", f"{correct / n:.6g}", f"{lr:.6g}", f"{seconds:.4f}"])
+                if self.writer is not None:
+                    for tag, value in (("train/loss", loss), ("train/accuracy", correct / n), ("train/lr", lr)):
+                        self.writer.add_scalar(tag, value, step)
+        if self.writer is not None:
+            self.writer.flush()
         self.pending.clear()
+
+    def epoch_end(self, step: int, row: dict) -> None:
+        """The epoch's evaluation to TensorBoard (the CSV holds steps only; run.json holds epochs)."""
+        if self.writer is not None:
+            for key in ("test_acc", "watch_acc"):
+                if key in row:
+                    self.writer.add_scalar(f"eval/{key}", row[key], step)
+            self.writer.flush()
 
     def truncate(self, last_step: int) -> None:
         """Drop the rows after global step `last_step` (a resumed run redoes those steps)."""
