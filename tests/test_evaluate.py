@@ -234,3 +234,39 @@ def test_evaluate_fast_and_plain_agree(trained_tiny):
     plain = evaluate(trained_tiny.model, x, y, fast=False, **kw)
     for a, b in zip(fast["results"], plain["results"]):
         assert abs(a["accuracy"] - b["accuracy"]) <= 2 / x.shape[0]  # float rounding may flip a sample
+
+
+def test_wilson_interval_matches_the_formula_and_edges():
+    from advgen.evaluate import wilson
+    lo, hi = wilson(50, 100)
+    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)   # the textbook value for 50/100
+    assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0 and 0 < wilson(0, 20)[1] < 0.2
+
+
+def test_full_evaluation_worst_case_intervals_and_resume(tmp_path, trained_tiny, monkeypatch):
+    from advgen.evaluate import full_evaluation
+    x, y = trained_tiny.x_test[:24], trained_tiny.y_test[:24]
+    calls = []
+
+    class FakeAA:   # stands for AutoAttack (tested elsewhere): fails on even samples, counts its calls
+        def __init__(self, model, *, norm, eps, seed):
+            self.model, self.eps = model, eps
+
+        def __call__(self, xb, yb):
+            calls.append(self.eps)
+            return xb
+    monkeypatch.setattr("advgen.attacks.AutoAttack", FakeAA)
+    progress = tmp_path / "eval.json"
+    out = full_evaluation(trained_tiny.model, x, y, pgd_eps=[0.0, 0.5, 2.0], aa_eps=[0.5], pgd_steps=3,
+                             restarts=1, progress_file=progress)
+    clean = out["clean"]
+    assert clean["n"] == 24 and clean["ci95"][0] <= clean["accuracy"] <= clean["ci95"][1]
+    pgd, aa, worst = out["pgd_l2"]["0.5"], out["autoattack_l2"]["0.5"], out["worst_case_l2"]["0.5"]
+    assert aa["correct"] == clean["correct"]        # the fake AutoAttack changes nothing
+    assert worst["correct"] == min(pgd["correct"], aa["correct"])
+    assert out["pgd_l2"]["2.0"]["accuracy"] <= pgd["accuracy"] <= out["pgd_l2"]["0.0"]["accuracy"]
+    assert {c["name"] for c in out["checks"]} >= {"accuracy non-increasing in eps"}
+    n_calls = len(calls)
+    again = full_evaluation(trained_tiny.model, x, y, pgd_eps=[0.0, 0.5, 2.0], aa_eps=[0.5], pgd_steps=3,
+                               restarts=1, progress_file=progress)
+    assert len(calls) == n_calls and again["worst_case_l2"] == out["worst_case_l2"]   # read back, not rerun

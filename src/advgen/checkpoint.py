@@ -256,6 +256,10 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, wha
 
 
 def resolve_model_file(path: str | Path) -> Path:
+    """A run folder's model file, a model file, or "zoo:NAME" (checked against its card's sha256)."""
+    if isinstance(path, str) and path.startswith("zoo:"):
+        from .zoo import model_file
+        return model_file(path[len("zoo:"):])
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE

@@ -363,6 +363,8 @@ def cmd_eval(args) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model, test_set = load_eval_model(args, device)
+    if args.full:
+        return _full_eval(args, model, test_set, device)
     result = evaluate(model, test_set.images.to(device), test_set.labels.to(device), attack=args.attack,
                       epsilons=args.eps, steps=args.steps, step_size=args.step_size, rel_step=args.rel_step,
                       restarts=args.restarts, batch_size=args.batch_size, seed=args.seed)
@@ -376,6 +378,46 @@ def cmd_eval(args) -> int:
     if args.out:
         from .checkpoint import write_json
         write_json(Path(args.out), result)
+    return 0
+
+
+def _full_eval(args, model, test_set, device) -> int:
+    """advgen eval --full: PGD-L2 + the standard AutoAttack + their worst case, with Wilson intervals;
+    resumable through --out (the parts are written there as they finish)."""
+    from .evaluate import full_evaluation
+    check(args.out is not None, "--full needs --out FILE.json (it is written as the parts finish, and resumed from)")
+    result = full_evaluation(model, test_set.images.to(device), test_set.labels.to(device), pgd_eps=args.eps,
+                             aa_eps=args.aa_eps, pgd_steps=args.steps, restarts=args.restarts, seed=args.seed,
+                             batch_size=args.batch_size, progress_file=Path(args.out))
+    from .checkpoint import resolve_model_file, write_json
+    result["model"] = str(resolve_model_file(args.model_path))
+    write_json(Path(args.out), result)
+    cell = lambda d: f"{100 * d['accuracy']:6.2f}% [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]"  # noqa: E731
+    print(f"{result['n']} images; PGD-L2 {args.steps} steps x {args.restarts} restarts; standard AutoAttack-L2; "
+          f"95% Wilson intervals")
+    print(f"clean {cell(result['clean'])}")
+    for e, d in result["pgd_l2"].items():
+        print(f"PGD-L2 {e:>5}  {cell(d)}")
+    for e, d in result["autoattack_l2"].items():
+        print(f"AA-L2  {e:>5}  {cell(d)}   worst case of both {cell(result['worst_case_l2'][e])}")
+    for c in result["checks"]:
+        print(f"[{'ok' if c['passed'] else 'FAILED'}] {c['name']}: {c['detail']}")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    import json
+    from . import zoo
+    if args.add:
+        from .checkpoint import read_json
+        from .report import machine_description
+        check(args.name and args.eval, "--add RUN needs --name NAME and --eval EVAL.json (from advgen eval --full)")
+        card = zoo.add(Path(args.add), args.name, read_json(Path(args.eval)), command=args.command or "",
+                       machine=args.machine or machine_description(torch.device("cpu")), force=args.force)
+        print(f"added {card['name']} to the zoo ({zoo.zoo_dir()})")
+        return 0
+    cards = zoo.cards()
+    print(json.dumps(cards, indent=1) if args.json else zoo.table(cards))
     return 0
 
 
@@ -438,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="write the results as JSON here")
+    e.add_argument("--full", action="store_true",
+                   help="the zoo's full-strength L2 evaluation: PGD (--steps, --restarts) at --eps, the standard "
+                        "AutoAttack at --aa-eps, their per-sample worst case, Wilson 95%% intervals (resumable via --out)")
+    e.add_argument("--aa-eps", type=_floats, default=[0.25, 0.5], help="AutoAttack radii of --full")
     _add_data_args(e, train=False)
     e.set_defaults(func=cmd_eval)
 
@@ -460,6 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--download", action="store_true")
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     c.set_defaults(func=cmd_compare)
+    z = sub.add_parser("zoo", help="the models that ship with advgen (load one as zoo:NAME)")
+    z.add_argument("--json", action="store_true", help="print the list of cards")
+    z.add_argument("--add", metavar="RUN_DIR", help="add a finished run to the zoo (with --name, --eval)")
+    z.add_argument("--name")
+    z.add_argument("--eval", metavar="EVAL.json", help="its advgen eval --full output")
+    z.add_argument("--command", help="the command that trained it (for the card)")
+    z.add_argument("--machine", help="where it was trained (default: this machine)")
+    z.add_argument("--force", action="store_true", help="replace a zoo model of that name")
+    z.set_defaults(func=cmd_zoo)
     pl = sub.add_parser("plot", help="training curves of runs (loss, accuracy, PGD-watch accuracy) to a PNG")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--out", default="curves.png", help="the PNG to write")
