@@ -16,15 +16,21 @@ torch optimizers do:
 
 A new method is one module: a class derived from Method, decorated with @register(name, Options),
 where Options is a dataclass with validate(); then one import line in training/__init__.py.
-Methods get the unwrapped classifier and a Setup of decisions already made, never the raw config.
+Methods get the unwrapped classifier and a Setup of decisions already made, never the raw config. The
+forward of the training loss goes through `self.train_model` (the DDP-wrapped classifier under
+torchrun, the classifier itself otherwise), exactly once per step; every other pass (attacks, input
+gradients) calls `self.model`.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
+
+from .distributed import SINGLE, Dist
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,13 @@ class Setup:
     fold_bn: attacks may run on a BatchNorm-folded copy (off under torch.compile); steps_per_epoch
     and epochs: the schedule; seed: the run's seed (methods derive their own RNGs from it);
     in_channels: channels of the images.
+    dist: this process's place in a data-parallel run (training/distributed.py; world 1 without torchrun):
+    seed is already this rank's, modules a method trains beside the classifier average their gradients
+    with dist.average_grads before their optimizer step. train_forward: the classifier's forward for the
+    training loss (under torchrun the DDP-wrapped classifier, whose backward all-reduces the gradients;
+    None: the classifier itself); attacks and extra passes call the unwrapped classifier.
+    scaler: the loop's torch.amp.GradScaler under fp16 autocast (None otherwise): a method's own optimizer
+    steps through scaler.step(opt) so it sees unscaled gradients.
     """
 
     device: torch.device
@@ -44,6 +57,16 @@ class Setup:
     epochs: int = 1
     seed: int = 0
     in_channels: int = 3
+    dist: Dist = SINGLE
+    train_forward: Callable | None = None
+    scaler: object | None = None
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A method's own optimizer step: through the GradScaler under fp16, else optimizer.step()."""
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -55,6 +78,8 @@ class Method:
 
     def __init__(self, model: nn.Module, options, setup: Setup):
         self.model, self.options, self.setup = model, options, setup
+        # the training loss's forward (DDP under torchrun: exactly one call per step); attacks use self.model
+        self.train_model = setup.train_forward or model
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
