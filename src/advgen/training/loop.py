@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import inspect
 import logging
 import math
 import os
@@ -59,6 +60,13 @@ def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
     """cfg.channels_last, where None (auto) means on for the CPU: NHWC was ~0.77x the time of a
     ResNet-20 training step there (benchmarks/README.md); unmeasured elsewhere, so off."""
     return device.type == "cpu" if cfg.channels_last is None else cfg.channels_last
+
+
+# DDP keeps the buffers out of its forward (the loop broadcasts them before the attacks); the keyword
+# was renamed in torch 2.13
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
@@ -152,7 +160,7 @@ class Run:
         # under torchrun the training forward goes through DDP (its backward all-reduces the gradients;
         # it starts from rank 0's weights); buffers are broadcast by the loop before each step instead
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
-                                            broadcast_buffers=False) if dist.active else None)
+                                            **_NO_FORWARD_BUFFER_SYNC) if dist.active else None)
         self.ddp_calls = 0
         if self.ddp is not None:
             self.ddp.register_forward_pre_hook(lambda *_: setattr(self, "ddp_calls", self.ddp_calls + 1))
