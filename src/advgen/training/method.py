@@ -79,7 +79,7 @@ class Method:
     def __init__(self, model: nn.Module, options, setup: Setup):
         self.model, self.options, self.setup = model, options, setup
         # the training loss's forward (DDP under torchrun: exactly one call per step); attacks use self.model
-        self.train_model = setup.train_forward or model
+        self.train_model = model if setup.train_forward is None else setup.train_forward
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
