@@ -144,7 +144,7 @@ def test_kill_during_a_save_and_during_evaluation(tmp_path, tmp_path_factory, mo
         torch.manual_seed(0)
         with pytest.raises(Crash):
             train(_copy(CONFIGS["generator"]), *_sets(), out_dir=out, progress=False, checkpoint_every=1)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["state.safetensors", "model.safetensors",
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == sorted(["state.safetensors", "model.safetensors",
                                                             "generators.safetensors", "run.json", "metrics.csv"])
     _, meta = read_state(out / STATE_FILE)
     assert (meta["epoch"], meta["step"]) == (2, 0)   # step 3 + eval of epoch 1 saved; step 4 (epoch 2) lost

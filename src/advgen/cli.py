@@ -107,6 +107,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _device_name(text: str) -> str:
+    """--device: auto, cpu, cuda, cuda:N or mps."""
+    if text in ("auto", "cpu", "cuda", "mps") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -114,7 +121,10 @@ def resolve_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    check(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
+    check(not name.startswith("cuda") or torch.cuda.is_available(), f"--device {name}: no CUDA device is available")
+    if name.startswith("cuda:"):
+        check(int(name[5:]) < torch.cuda.device_count(),
+              f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0..")
     check(name != "mps" or torch.backends.mps.is_available(), "--device mps: no MPS device is available")
     return torch.device(name)
 
@@ -128,7 +138,8 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
     if train:
         p.add_argument("--train-subset", type=int, help="train on N images (seeded, class-balanced)")
     p.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", type=_device_name, metavar="auto|cpu|cuda|cuda:N|mps",
+                   help="cuda under torchrun: each process takes cuda:LOCAL_RANK")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -169,7 +180,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                     help="NHWC memory layout of the classifier and batches (auto: on for the CPU)")
     sp.add_argument("--compile", action="store_true", help="torch.compile the classifier (CPU: needs a C++ compiler)")
     sp.add_argument("--amp", action="store_true",
-                    help="bf16 autocast of the forward passes (for CUDA; on CPUs with bf16 units it is faster too)")
+                    help="autocast of the forward passes: bf16, or fp16 with a gradient scaler on GPUs without bf16")
+    sp.add_argument("--sync-bn", action="store_true",
+                    help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     sp.add_argument("--fold-bn-attack", type=_bool, default=d.fold_bn_attack,
                     help="minmax/fgsm/nfgsm/trades: attack a BatchNorm-folded copy of the classifier (same function)")
     mm = p.add_argument_group("attack methods (minmax, fgsm, nfgsm, free, trades)")
@@ -279,7 +292,8 @@ def train_config_from_args(args) -> TrainConfig:
                       watch_norm=args.watch_norm, watch_eps=args.watch_eps, init=args.init,
                       time_budget=args.time_budget, budget_clock=args.budget_clock, budget_steps=args.budget_steps,
                       channels_last={"auto": None, "true": True, "false": False}[args.channels_last],
-                      compile=args.compile, amp=args.amp, fold_bn_attack=args.fold_bn_attack)
+                      compile=args.compile, amp=args.amp, fold_bn_attack=args.fold_bn_attack,
+                      sync_bn=args.sync_bn)
     cfg.validate()
     return cfg
 
@@ -301,8 +315,24 @@ def claim_run_dir(out: Path, force: bool, resume: bool = False) -> None:
     check_writable(out)
 
 
+@contextlib.contextmanager
+def distributed_job(device_name: str):
+    """Under torchrun: join the job (training/distributed.py), quiet the logs of ranks other than 0,
+    and leave the process group at the end. Yields (dist, device)."""
+    from .training import distributed
+    dist, name = distributed.init(device_name)
+    try:
+        if not dist.main:
+            logging.getLogger().setLevel(logging.ERROR)
+        yield dist, resolve_device(name)
+    finally:
+        distributed.shutdown()
+
+
 def cmd_train(args) -> int:
     from .training import train
+    from .training.distributed import rank_seed
+    from .training.rundir import hold_run_dir
     cfg = train_config_from_args(args)
     check(args.checkpoint_every is None or args.checkpoint_every >= 1,
           f"--checkpoint-every must be >= 1 step, got {args.checkpoint_every}")   # before the data load
@@ -310,15 +340,25 @@ def cmd_train(args) -> int:
     if cfg.init is not None and not args.resume:
         from .checkpoint import resolve_model_file
         check(resolve_model_file(cfg.init).is_file(), f"--init {cfg.init}: no such checkpoint")
-    claim_run_dir(out, args.force, args.resume)
-    device = resolve_device(args.device)
-    seed_everything(cfg.seed)
-    train_set, test_set = load_data(args)
-    model, record = train(cfg, train_set, test_set, out_dir=out, device=device, resume=args.resume,
-                          force=args.force, checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
-    rows = record["epochs"]
-    print(f"{cfg.method}: {len(rows)} epochs, {sum(r['seconds'] for r in rows) / len(rows):.1f} s/epoch, "
-          f"test accuracy {100 * rows[-1]['test_acc']:.2f}% -> {out}")
+    with distributed_job(args.device) as (dist, device), contextlib.ExitStack() as held:
+        check(cfg.batch_size % dist.world == 0, f"--batch-size {cfg.batch_size} is the global batch: it must be "
+                                                f"divisible by the {dist.world} processes")
+
+        def claim():  # rank 0 locks and checks the folder, for the run's life; the others learn the outcome
+            check(not args.resume or out.is_dir(), f"--resume: {out} does not exist; there is no run to resume")
+            held.enter_context(hold_run_dir(out))
+            claim_run_dir(out, args.force, args.resume)
+        dist.share(claim)
+        seed_everything(rank_seed(cfg.seed, dist.rank))
+        train_set, test_set = load_data(args)
+        model, record = train(cfg, train_set, test_set, out_dir=out, device=device, resume=args.resume,
+                              force=args.force, checkpoint_every=args.checkpoint_every,
+                              tensorboard=args.tensorboard, dist=dist)
+        rows = record["epochs"]
+        if dist.main:
+            print(f"{cfg.method}: {len(rows)} epochs, {sum(r['seconds'] for r in rows) / len(rows):.1f} s/epoch, "
+                  f"test accuracy {100 * rows[-1]['test_acc']:.2f}% -> {out}"
+                  + (f" ({dist.world} processes)" if dist.active else ""))
     return 0
 
 
@@ -360,14 +400,21 @@ def cmd_eval(args) -> int:
     if args.out:
         from .checkpoint import check_writable
         check_writable(Path(args.out).parent)  # before the attack runs, not after
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    model, test_set = load_eval_model(args, device)
-    if args.full:
-        return _full_eval(args, model, test_set, device)
-    result = evaluate(model, test_set.images.to(device), test_set.labels.to(device), attack=args.attack,
-                      epsilons=args.eps, steps=args.steps, step_size=args.step_size, rel_step=args.rel_step,
-                      restarts=args.restarts, batch_size=args.batch_size, seed=args.seed)
+    with distributed_job(args.device) as (dist, device):
+        seed_everything(args.seed)
+        model, test_set = load_eval_model(args, device)
+        if args.full:
+            check(not dist.active, "--full runs in one process (it is resumable instead: run it again to continue)")
+            return _full_eval(args, model, test_set, device)
+        kwargs = dict(attack=args.attack, epsilons=args.eps, steps=args.steps, step_size=args.step_size,
+                      rel_step=args.rel_step, restarts=args.restarts, batch_size=args.batch_size, seed=args.seed)
+        if dist.active:
+            from .evaluate_sharded import evaluate_sharded
+            result = evaluate_sharded(dist, model, test_set.images, test_set.labels, device, **kwargs)
+        else:
+            result = evaluate(model, test_set.images.to(device), test_set.labels.to(device), **kwargs)
+        if not dist.main:
+            return 0
     result["model"] = str(resolve_model_file(args.model_path))
     print(f"{args.attack}, {result['n']} images, {args.steps} steps, {args.restarts} restart(s)")
     print(f"{'eps':>8}  {'accuracy':>8}")
@@ -492,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--data-dir")
     r.add_argument("--download", action="store_true")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    r.add_argument("--device", default="auto", type=_device_name, metavar="auto|cpu|cuda|cuda:N|mps",
+                   help="cuda under torchrun: each process takes cuda:LOCAL_RANK")
     r.set_defaults(func=cmd_reproduce)
 
     c = sub.add_parser("compare", help="every method from one base at several budgets and seeds: curves "
@@ -504,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "covers every entry already run in OUT")
     c.add_argument("--data-dir")
     c.add_argument("--download", action="store_true")
-    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    c.add_argument("--device", default="auto", type=_device_name, metavar="auto|cpu|cuda|cuda:N|mps",
+                   help="cuda under torchrun: each process takes cuda:LOCAL_RANK")
     c.set_defaults(func=cmd_compare)
     z = sub.add_parser("zoo", help="the models that ship with advgen (load one as zoo:NAME)")
     z.add_argument("--json", action="store_true", help="print the list of cards")

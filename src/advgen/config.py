@@ -109,8 +109,9 @@ class TrainConfig:
     # speed settings (benchmarks/README.md): the same training up to float rounding, except amp
     channels_last: bool | None = None  # NHWC layout of the classifier and its batches; None: on for the CPU only
     compile: bool = False              # torch.compile the classifier (on the CPU it needs a C++ compiler)
-    amp: bool = False                  # bf16 autocast of the forward passes (meant for CUDA; works on the CPU)
+    amp: bool = False                  # autocast of the forward passes: bf16, or fp16 + GradScaler on GPUs without bf16
     fold_bn_attack: bool = True        # attack methods: attack a BatchNorm-folded copy of the classifier
+    sync_bn: bool = False              # under torchrun: BatchNorm statistics over the global batch (CUDA only)
 
     def __post_init__(self):
         if self.options is None and isinstance(self.method, str):

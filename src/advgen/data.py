@@ -419,10 +419,14 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad:
     is read from the padded image at (dy + i, dx + j), or (dy + i, dx + W - 1 - j) when flipped.
     The gather is one flat index into the padded batch (about 4x cheaper than a 4-D advanced index).
     """
+    return _augment_with(images, *_augment_draws(images.shape[0], generator, pad), pad)
+
+
+def _augment_with(images: torch.Tensor, offs: torch.Tensor, flip: torch.Tensor, pad: int) -> torch.Tensor:
+    """augment() with its random numbers given (offsets (2, B), flips (B,))."""
     b, c, h, w = images.shape
     dev = images.device
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)).contiguous()
-    offs, flip = _augment_draws(b, generator, pad)
     offs, flip = offs.to(dev), flip.to(dev)
     ar_h = torch.arange(h, device=dev)
     ar_w = torch.arange(w, device=dev)
@@ -438,13 +442,22 @@ class Batches:
 
     The permutation of epoch e is drawn from a generator seeded with (seed, e), so the order of any epoch
     can be recomputed after a restart. `drop_last` drops the final incomplete batch (training).
+
+    Data parallel (rank, world): batch_size is the global batch; rank r gets rows [r*b, (r+1)*b) of
+    every batch, b = batch_size / world, with the augmentation those rows get in a one-process run (the
+    whole batch's draws are taken from the one stream and sliced), so the ranks' shards are disjoint,
+    cover every batch, and the data do not depend on the world size.
     """
 
     def __init__(self, ds: Dataset, batch_size: int, *, seed: int = 0, train: bool = True,
-                 drop_last: bool | None = None):
+                 drop_last: bool | None = None, rank: int = 0, world: int = 1):
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
+        if batch_size % world:
+            raise UserError(f"batch size {batch_size} (the global batch) must be divisible by the {world} "
+                            "processes, each training on an equal share of it")
         self.ds, self.batch_size, self.seed, self.train = ds, batch_size, seed, train
+        self.rank, self.world = rank, world
         self.drop_last = train if drop_last is None else drop_last
         self.pad = crop_padding(*ds.images.shape[2:])
         if self.drop_last and len(ds) < batch_size:
@@ -478,10 +491,26 @@ class Batches:
         order = order.to(dev)
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.ds.images[idx]
+            part = shard_rows(idx.numel(), self.rank, self.world)
+            x = self.ds.images[idx[part]]
             if self.train:
-                x = augment(x, g, self.pad)
-            yield x.float().div_(255), self.ds.labels[idx]
+                offs, flip = _augment_draws(idx.numel(), g, self.pad)
+                x = _augment_with(x, offs[:, part], flip[part], self.pad)
+            yield x.float().div_(255), self.ds.labels[idx[part]]
+
+    def shard(self, epoch: int) -> torch.Tensor:
+        """The dataset indices this rank trains on in `epoch`, in order (what epoch() yields)."""
+        order, _ = self.position(epoch)
+        rows = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
+        return torch.cat([r[shard_rows(r.numel(), self.rank, self.world)] for r in rows])
+
+
+def shard_rows(n: int, rank: int, world: int) -> slice:
+    """Rank `rank`'s rows of a batch of n rows split over `world` ranks: [r*b, (r+1)*b), b = n / world
+    (an evaluation's last, smaller batch: the first n % world ranks take one row more)."""
+    b, extra = divmod(n, world)
+    start = rank * b + min(rank, extra)
+    return slice(start, start + b + (rank < extra))
 
 
 # ------------------------------------------------------------------------------------ your own data

@@ -162,6 +162,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, at
                                 lambda e: PGD(model, norm=norm, eps=e, steps=max(steps, 20), rel_step=0.1, seed=seed),
                                 [LARGE_EPS[norm]], batch_size, fmt)[0]
         result["fgsm_accuracy"] = fgsm
+        result["large_eps_accuracy"], result["large_eps_n"] = large, k
         result["checks"] = sanity_checks(norm, epsilons, accs, fgsm, large, images.shape[0])
     return result
 

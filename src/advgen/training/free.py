@@ -74,7 +74,7 @@ class FreeAT(Method):
             self.delta = torch.zeros_like(x, memory_format=self.setup.memory_format)
         self.leaf = self.delta[:x.shape[0]].clone().requires_grad_(True)
         inputs = (x + self.leaf).clamp(0, 1).contiguous(memory_format=self.setup.memory_format)
-        logits = self.model(inputs)
+        logits = self.train_model(inputs)   # the training forward (DDP-wrapped under torchrun)
         return F.cross_entropy(logits, y), logits
 
     @torch.no_grad()

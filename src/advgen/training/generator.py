@@ -98,6 +98,7 @@ class GeneratorMethod(Method):
         self.bank = GeneratorBank(dataclasses.replace(g.bank), channels=setup.in_channels).to(setup.device)
         if setup.channels_last:
             self.bank.to(memory_format=torch.channels_last)  # grouped convs ~0.7x the time in NHWC on the CPU
+        setup.dist.broadcast_module(self.bank)   # one bank: rank 0's initial weights on every rank
         params = self.bank.parameters()
         if g.optimizer == "adam":
             self.opt = torch.optim.Adam(params, lr=g.lr, maximize=True)
@@ -174,12 +175,13 @@ class GeneratorMethod(Method):
             grads = torch.autograd.grad(loss, list(self.bank.parameters()))
             for p, gr in zip(self.bank.parameters(), grads):
                 p.grad = gr
+            self.setup.dist.average_grads(self.bank.parameters())
             self.opt.step()
         n_clean = int(round(g.clean_fraction * x.shape[0]))
         x_adv, ya, k = self._generate(x[n_clean:], y[n_clean:])
         inputs = torch.cat([x[:n_clean], x_adv]) if n_clean else x_adv
         labels = torch.cat([y[:n_clean], ya]) if n_clean else ya
-        logits = self.model(inputs)
+        logits = self.train_model(inputs)
         per_sample = F.cross_entropy(logits, labels, reduction="none")
         if g.reinit_every:
             with torch.no_grad():
@@ -191,11 +193,16 @@ class GeneratorMethod(Method):
 
     def after_step(self):
         """Called after the joint backward: the generators' ascent step (and an occasional re-draw)."""
-        self.opt.step()
+        dist = self.setup.dist
+        dist.average_grads(self.bank.parameters())   # under torchrun: the ascent on the whole global batch
+        self.setup.step(self.opt)
         self.step_count += 1
         if self.options.reinit_every and self.step_count % self.options.reinit_every == 0:
-            weakest = int(torch.argmin(self.gen_loss / self.gen_seen.clamp_min(1)))
+            loss, seen = self.gen_loss.clone(), self.gen_seen.clone()
+            dist.sum_(loss, seen)   # the weakest over every rank's samples
+            weakest = int(torch.argmin(loss / seen.clamp_min(1)))
             self.bank.reset_generator([weakest])
+            dist.broadcast_module(self.bank)   # rank 0's re-drawn weights
             for p in self.bank.parameters():  # forget that generator's optimizer history with the rest
                 self.opt.state.pop(p, None)
             self.gen_loss.zero_()

@@ -17,8 +17,10 @@ before it are exact).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import inspect
 import logging
 import math
 import os
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .. import __version__
@@ -37,10 +40,12 @@ from ..config import TrainConfig, with_defaults
 from ..data import Batches, Dataset, normalization_for
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
 from ..models import build_model
+from . import distributed
 from .control import STOP, Budget, StepTimer, StopFlag
+from .distributed import Dist
 from .method import Method, Setup, build_method
 from .metrics import EpochMeter, StepLog, evaluate_epoch, log_epoch, warn_on_overfitting
-from .rundir import prepare_run_dir, save_run
+from .rundir import hold_run_dir, prepare_run_dir, save_run
 from .state import read_state, rng_state, set_rng_state, write_state
 
 log = logging.getLogger(__name__)
@@ -57,8 +62,24 @@ def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cpu" if cfg.channels_last is None else cfg.channels_last
 
 
-def check_speed_options(cfg: TrainConfig, device: torch.device) -> None:
-    """ConfigError when compile or amp cannot work here (before any data is touched)."""
+# DDP keeps the buffers out of its forward (the loop broadcasts them before the attacks); the keyword
+# was renamed in torch 2.13
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device has it (CPUs, CUDA from Ampere on), else fp16 (with a GradScaler)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
+def check_speed_options(cfg: TrainConfig, device: torch.device, dist: Dist = distributed.SINGLE) -> None:
+    """ConfigError when compile, amp or sync_bn cannot work here (before any data is touched)."""
+    if cfg.sync_bn and dist.active and device.type != "cuda":
+        raise ConfigError("sync_bn", f"needs CUDA devices (torch's SyncBatchNorm has no {device.type} kernel)")
     if cfg.compile:
         if not hasattr(torch, "compile") or not hasattr(nn.Module, "compile"):
             raise ConfigError("compile", f"needs torch >= 2.2 (this is {torch.__version__})")
@@ -120,22 +141,35 @@ class Run:
     position and record; `state_dict()` / `load_state_dict()` cover all of it, RNGs included."""
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_set: Dataset, test_set: Dataset,
-                 device: torch.device):
-        self.cfg, self.device = cfg, device
+                 device: torch.device, dist: Dist = distributed.SINGLE):
+        self.cfg, self.device, self.dist = cfg, device, dist
         self.num_classes = train_set.num_classes
         self.fingerprint = data_fingerprint(train_set)
         self.train_set, self.test_set = train_set.to(device), test_set.to(device)
-        self.batches = Batches(self.train_set, cfg.batch_size, seed=cfg.seed, train=True)
+        self.batches = Batches(self.train_set, cfg.batch_size, seed=cfg.seed, train=True, rank=dist.rank,
+                               world=dist.world)
         self.steps_per_epoch = spe = len(self.batches)
         channels_last = use_channels_last(cfg, device)
         self.model = model.to(device)
         if channels_last:  # parameters keep this layout through load_state_dict (copy_)
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and dist.active:  # same state-dict keys
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.compile:  # compiles forward in place: the state dict keeps its keys
             self.model.compile()
+        # under torchrun the training forward goes through DDP (its backward all-reduces the gradients;
+        # it starts from rank 0's weights); buffers are broadcast by the loop before each step instead
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
+                                            **_NO_FORWARD_BUFFER_SYNC) if dist.active else None)
+        self.ddp_calls = self.descends = 0   # calls of the DDP-wrapped forward; classifier updates
+        if self.ddp is not None:
+            self.ddp.register_forward_pre_hook(lambda *_: setattr(self, "ddp_calls", self.ddp_calls + 1))
+        fp16 = cfg.amp and amp_dtype(device) == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.setup = Setup(device=device, channels_last=channels_last, fold_bn=cfg.fold_bn_attack and not cfg.compile,
-                           steps_per_epoch=spe, epochs=cfg.epochs, seed=cfg.seed,
-                           in_channels=train_set.images.shape[1], descend=self.descend)
+                           steps_per_epoch=spe, epochs=cfg.epochs, seed=distributed.rank_seed(cfg.seed, dist.rank),
+                           in_channels=train_set.images.shape[1], dist=dist, train_forward=self.ddp,
+                           scaler=self.scaler if fp16 else None, descend=self.descend)
         self.method: Method = build_method(cfg.method, self.model, cfg.options, self.setup)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
@@ -145,17 +179,23 @@ class Run:
         self.meter = EpochMeter(device)
         self.budget = Budget(cfg.time_budget, cfg.budget_clock)
         self.record = {"config": cfg.to_dict(), "epochs": [], "version": __version__, "git_commit": git_commit(),
-                       "device": str(device), "train_images": len(train_set), "test_images": len(test_set)}
+                       "device": str(device), "world_size": dist.world, "train_images": len(train_set),
+                       "test_images": len(test_set)}
         self.epoch, self.step = 1, 0   # the next step to run: batch `step` of epoch `epoch`
         self.finished = False          # every epoch done (or the time budget spent), evaluated, saved
         self.out_of_time = False       # the time budget ended the steps of the current epoch
         self.check_every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
 
-    def descend(self, loss: torch.Tensor) -> None:
-        """The classifier's update on `loss`: the step's own, and Free-AT's replays (Setup.descend)."""
+    def descend(self, loss: torch.Tensor, update: bool = True) -> None:
+        """The classifier's update on `loss`: the step's own, and Free-AT's replays (Setup.descend).
+        Through the GradScaler (a no-op without fp16); `update`: also update the scaler's scale (the
+        step's own update leaves that until the method's after_step has stepped through it)."""
+        self.descends += 1
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        if update:
+            self.scaler.update()
 
     @property
     def global_step(self) -> int:
@@ -172,20 +212,35 @@ class Run:
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
-                "finished": self.finished, "out_of_time": self.out_of_time, "spent": self.budget.spent}
+                "finished": self.finished, "out_of_time": self.out_of_time, "spent": self.budget.spent,
+                "world_size": self.dist.world}
 
-    def state_dict(self) -> dict:
+    # the parts of a state each rank has its own of; under torchrun the state holds a list, one per rank
+    PER_RANK = ("method", "meter", "rng")
+
+    def state_dict(self) -> dict | None:
+        """The whole state; under torchrun a collective (every rank's own parts are gathered), and None
+        on ranks other than 0."""
         state = {"model": self.model.state_dict(), "record": self.record, "position": self.position()}
         if not self.finished:
+            own = {"method": self.method.state_dict(), "meter": self.meter.state_dict(), "rng": rng_state(self.device)}
+            ranks = self.dist.gather(own)
+            if ranks is None:
+                return None
             order, g = self.batches.position(self.epoch, self.step)
             state.update(optimizer=self.opt.state_dict(), schedule=self.sched.state_dict(),
-                         method=self.method.state_dict(), meter=self.meter.state_dict(),
-                         data={"order": order, "augment_rng": g.get_state()}, rng=rng_state(self.device))
-        return state
+                         data={"order": order, "augment_rng": g.get_state()},
+                         **(own if not self.dist.active else {k: [r[k] for r in ranks] for k in own}))
+        return state if self.dist.main else None
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state; the RNGs last, after everything that draws from them."""
         pos = state["position"]
+        if int(pos.get("world_size", 1)) != self.dist.world:
+            raise CheckpointError(f"the run was trained by {pos.get('world_size', 1)} processes and cannot be resumed "
+                                  f"exactly by {self.dist.world}: resume it with the same number of processes "
+                                  f"(torchrun --nnodes x --nproc_per_node = {pos.get('world_size', 1)}), or --force "
+                                  "to start over")
         self.model.load_state_dict(state["model"])
         self.record = state["record"]
         self.epoch, self.step = int(pos["epoch"]), int(pos["step"])
@@ -195,15 +250,16 @@ class Run:
             raise ValueError(f"position {self.epoch}/{self.step} does not fit {self.steps_per_epoch} steps per epoch")
         if self.finished:
             return
+        own = {k: state[k][self.dist.rank] if self.dist.active else state[k] for k in self.PER_RANK}
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["schedule"])
-        self.method.load_state_dict(state["method"])
-        self.meter.load_state_dict(state["meter"])
+        self.method.load_state_dict(own["method"])
+        self.meter.load_state_dict(own["meter"])
         order, g = self.batches.position(self.epoch, self.step)
         if not (torch.equal(order, state["data"]["order"]) and torch.equal(g.get_state(), state["data"]["augment_rng"])):
             raise CheckpointError(f"this torch ({torch.__version__}) draws another data order than the run did; "
                                   "it cannot be resumed exactly (--force starts it over)")
-        set_rng_state(state["rng"], self.device)
+        set_rng_state(own["rng"], self.device)
 
 
 class Saver:
@@ -212,8 +268,9 @@ class Saver:
     def __init__(self, run: Run, out: Path | None, snapshots: set[int] = frozenset(), tensorboard: bool = False):
         self.run, self.out, self.snapshots = run, out, snapshots
         self.saved_at: tuple[int, int] | None = None
-        self.steplog = StepLog(out / METRICS_FILE if out is not None else None,
-                               out / "tensorboard" if out is not None and tensorboard else None)
+        self.writes = out is not None and run.dist.main   # under torchrun rank 0 alone writes
+        self.steplog = StepLog(out / METRICS_FILE if self.writes else None,
+                               out / "tensorboard" if self.writes and tensorboard else None)
 
     def diverged(self, what: str) -> TrainingDiverged:
         run = self.run
@@ -225,14 +282,16 @@ class Saver:
     def save_state(self) -> None:
         if self.out is None:
             return
-        bad = _nonfinite(self.run.modules())
-        if bad:
-            raise self.diverged(f"weights became non-finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
-        self.steplog.flush()   # before the state: the file never lacks a step the state has done
         run = self.run
-        write_state(self.out / STATE_FILE, run.state_dict(),
-                    {"version": __version__, "config": run.record["config"], "data_sha256": run.fingerprint,
-                     **run.position()})
+        bad = _nonfinite(run.modules())
+        if run.dist.agree(len(bad))[0]:   # every rank stops, none waits for the others
+            raise self.diverged(f"weights became non-finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+        state = run.state_dict()   # a collective under torchrun
+        if self.writes:
+            self.steplog.flush()   # before the state: the file never lacks a step the state has done
+            write_state(self.out / STATE_FILE, state,
+                        {"version": __version__, "config": run.record["config"], "data_sha256": run.fingerprint,
+                         **run.position()})
         self.saved_at = (run.epoch, run.step)
 
     def model_meta(self, epoch: int) -> dict:
@@ -241,13 +300,15 @@ class Saver:
                 "config": run.record["config"]}
 
     def save_run(self, epoch: int) -> None:
-        if self.out is not None:
+        if self.writes:
             save_run(self.out, self.run.model, self.run.method.modules(), self.run.record, self.model_meta(epoch))
 
     def snapshot(self) -> None:
         """The classifier as it is after this step: what a run with budget_steps = this step would end
         with (under a constant schedule), at no extra training cost."""
         run = self.run
+        if not self.writes:
+            return
         (self.out / SNAPSHOTS).mkdir(exist_ok=True)
         save_model(self.out / SNAPSHOTS / f"step-{run.global_step}.safetensors", run.model,
                    {**self.model_meta(run.epoch), "step": run.global_step,
@@ -256,11 +317,23 @@ class Saver:
 
 
 def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple:
-    """One step: the method's loss, the classifier's descent, the method's after-step hook."""
+    """One step: the method's loss, the classifier's descent, the method's after-step hook.
+
+    Under torchrun every rank starts the step with rank 0's BatchNorm statistics (its attacks use them)
+    and the loss's backward through DDP leaves the gradients averaged over the ranks. Under fp16
+    autocast the loss is scaled (GradScaler; the method's own optimizer steps through Setup.step)."""
+    run.dist.broadcast_module(run.model, buffers_only=True)
+    calls, descends = run.ddp_calls, run.descends
     with autocast:  # forward passes only; the backward runs in the dtypes autocast chose
         loss, logits, labels = run.method.loss(x.contiguous(memory_format=run.setup.memory_format), y)
-    run.descend(loss)
+    extra = run.descends - descends   # Free-AT's replays: each a call of train_model and an update
+    if run.ddp is not None and run.ddp_calls != calls + 1 + extra:
+        raise RuntimeError(f"method {run.cfg.method!r} called the DDP-wrapped classifier (Method.train_model) "
+                           f"{run.ddp_calls - calls} times in a step with {extra} extra updates; under torchrun each "
+                           "update's loss must come from exactly one call of self.train_model (attacks use self.model)")
+    run.descend(loss, update=False)
     run.method.after_step()
+    run.scaler.update()
     run.sched.step()
     run.step += 1
     return loss, logits, labels
@@ -270,12 +343,13 @@ def _between_steps(run: Run, saver: Saver, timer: StepTimer, every: int | None, 
                    loss: torch.Tensor) -> bool:
     """Divergence check, time budget, checkpoint cadence and stop requests; True ends the epoch's steps."""
     due = bool(every) and run.global_step % every == 0
-    requested = stop.signum is not None
-    if (due or requested or run.global_step % run.check_every == 0) and bool(run.meter.bad):
+    signum, out_of_time, bad = _decisions(run, stop, due or run.global_step % run.check_every == 0)
+    requested = signum is not None
+    if bad:
         raise saver.diverged(f"the training loss is {loss.item()}")
     # a spent budget ends the epoch here; it is evaluated and saved as usual
     steps_spent = run.cfg.budget_steps is not None and run.global_step >= run.cfg.budget_steps
-    run.out_of_time = steps_spent or run.budget.exhausted()
+    run.out_of_time = steps_spent or out_of_time
     snap = run.global_step in saver.snapshots
     if saver.out is not None and (due or requested or snap):
         run.meter.seconds += timer.elapsed()
@@ -287,20 +361,34 @@ def _between_steps(run: Run, saver: Saver, timer: StepTimer, every: int | None, 
         run.budget.resume()
         timer.start()
     if requested:
-        name = signal.Signals(stop.signum).name
+        name = signal.Signals(signum).name
         if saver.out is None:
-            raise Interrupted(stop.signum, f"interrupted by {name} after {run.where()} (no --out: nothing saved)")
-        raise Interrupted(stop.signum, f"interrupted by {name} after {run.where()}; the training state is saved "
+            raise Interrupted(signum, f"interrupted by {name} after {run.where()} (no --out: nothing saved)")
+        raise Interrupted(signum, f"interrupted by {name} after {run.where()}; the training state is saved "
                           f"in {saver.out / STATE_FILE}", saved=True)
     return run.out_of_time
 
 
+def _decisions(run: Run, stop: StopFlag, check: bool) -> tuple[int | None, bool, bool]:
+    """(the signal that asks to stop or None, time budget spent, training loss non-finite). Under
+    torchrun they are agreed by every rank at the check steps (one small all-reduce: the maximum of
+    each), so all ranks stop at the same step and none waits for one that stopped alone."""
+    if not run.dist.active:
+        signum = stop.signum
+        return signum, run.budget.exhausted(), (check or signum is not None) and bool(run.meter.bad)
+    if not check:
+        return None, False, False
+    signum, spent, bad = run.dist.agree(stop.signum or 0, run.budget.exhausted(), float(run.meter.bad))
+    return int(signum) or None, bool(spent), bool(bad)
+
+
 def run_steps(run: Run, saver: Saver, every: int | None, progress: bool, stop: StopFlag) -> None:
     """The remaining steps of the current epoch."""
-    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.amp)
+    autocast = torch.autocast(run.device.type, dtype=amp_dtype(run.device), enabled=run.cfg.amp)
     run.model.train()
     bar = tqdm(run.batches.epoch(run.epoch, run.step), total=run.steps_per_epoch, initial=run.step, leave=False,
-               desc=f"{run.cfg.method} epoch {run.epoch}/{run.cfg.epochs}", disable=None if progress else True)
+               desc=f"{run.cfg.method} epoch {run.epoch}/{run.cfg.epochs}",
+               disable=None if progress and run.dist.main else True)
     timer = StepTimer(run.device)
     run.budget.resume()
     stop.armed = True
@@ -324,16 +412,18 @@ def run_steps(run: Run, saver: Saver, every: int | None, progress: bool, stop: S
         bar.close()
         run.meter.seconds += timer.elapsed()
         run.budget.pause()
-    if bool(run.meter.bad):
+    if run.dist.agree(float(run.meter.bad))[0]:
         raise saver.diverged("the training loss is not finite")
 
 
 def end_epoch(run: Run, saver: Saver) -> None:
     """Evaluate, record the epoch's row, save the run folder and the state of the next epoch."""
     cfg = run.cfg
+    run.dist.broadcast_module(run.model, buffers_only=True)  # every rank evaluates (and saves) rank 0's model
     if saver.saved_at != (run.epoch, run.step):
         saver.save_state()  # the epoch's steps survive a kill during the evaluation
-    row = {"epoch": run.epoch, "steps": run.step, "passes": run.step * run.method.passes, **run.meter.summary(),
+    row = {"epoch": run.epoch, "steps": run.step, "passes": run.step * run.method.passes,
+           **run.meter.summary(run.dist),
            **evaluate_epoch(run.model, run.test_set.images, run.test_set.labels, watch=cfg.watch_subset,
                             watch_norm=cfg.watch_norm, watch_eps=cfg.watch_eps, watch_steps=cfg.watch_steps)}
     warn_on_overfitting(run.record["epochs"], row)
@@ -341,8 +431,9 @@ def end_epoch(run: Run, saver: Saver) -> None:
     last = run.epoch == cfg.epochs or run.out_of_time
     if last:
         run.record["finished"] = True
-    log_epoch(cfg.method, row)
-    saver.steplog.epoch_end(run.global_step, row)
+    if run.dist.main:
+        log_epoch(cfg.method, row)
+        saver.steplog.epoch_end(run.global_step, row)
     saver.save_run(run.epoch)
     run.epoch, run.step, run.finished = run.epoch + 1, 0, last
     run.meter.reset()
@@ -364,42 +455,61 @@ def _resume_state(out: Path, cfg: TrainConfig) -> tuple[dict, dict]:
 def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str | Path | None = None,
           device: str | torch.device = "cpu", progress: bool = True, *, model: nn.Module | None = None,
           resume: bool = False, force: bool = False, checkpoint_every: int | None = None,
-          snapshots: list[int] = (), tensorboard: bool = False, stop: StopFlag = STOP) -> tuple[nn.Module, dict]:
+          snapshots: list[int] = (), tensorboard: bool = False, stop: StopFlag = STOP,
+          dist: Dist | None = None) -> tuple[nn.Module, dict]:
     """Train a classifier with cfg.method; return (model in eval mode, run record).
 
     model: the classifier to train, any nn.Module mapping (B, C, H, W) pixels in [0, 1] to logits; None
     builds cfg.model (with the weights of cfg.init). On resume its weights come from the saved state.
     The record is {"config", "epochs": [{"epoch", "seconds", "steps", "train_loss", "train_acc", "test_acc",
-    ["watch_acc"]}], "version", "git_commit", "finished"}; with out_dir it is written to out_dir/run.json and the
-    weights to out_dir/model.safetensors after every epoch, and the training state to
-    out_dir/state.safetensors (see the module docstring). Seeds must be set by the caller (once).
+    ["watch_acc"]}], "version", "git_commit", "world_size", "finished"}; with out_dir it is written to
+    out_dir/run.json and the weights to out_dir/model.safetensors after every epoch, and the training state
+    to out_dir/state.safetensors (see the module docstring). Seeds must be set by the caller (once; under
+    torchrun distributed.rank_seed(seed, rank) on each rank).
 
     out_dir holding a run is refused (RunDirError) unless `resume` (continue from its state; a folder
-    without any run starts afresh) or `force` (delete its run files and start over).
+    without any run starts afresh) or `force` (delete its run files and start over); a folder another
+    process is writing (rundir.hold_run_dir) is refused in every case.
     checkpoint_every: also save the state every this many steps. snapshots: global steps after which
     the classifier is also written to out_dir/snapshots/step-N.safetensors. tensorboard: also write the
     per-step metrics and the epoch evaluations to out_dir/tensorboard (needs the tensorboard package).
     A non-finite loss or weight raises
     TrainingDiverged and keeps the last good state; a stop requested on `stop` (the CLI's signal
     handlers) raises Interrupted after saving the state of the current step.
+    dist: the data-parallel job this process is part of (training/distributed.py); None: the initialized
+    default process group if there is one (torchrun), else a single process.
     """
-    cfg.validate()
+    dist = distributed.current() if dist is None else dist
     device = torch.device(device)
-    check_speed_options(cfg, device)
+    cfg.validate()
+    check_speed_options(cfg, device, dist)
     check_field(checkpoint_every is None or (type(checkpoint_every) is int and checkpoint_every >= 1),
                 "checkpoint_every", f"must be a number of steps >= 1, got {checkpoint_every}")
     check_field(cfg.watch_subset <= len(test_set), "watch_subset",
                 f"{cfg.watch_subset} exceeds the {len(test_set)} test images")
+    check_field(cfg.batch_size % dist.world == 0, "batch_size",
+                f"{cfg.batch_size} (the global batch) must be divisible by the {dist.world} processes")
     out = Path(out_dir) if out_dir is not None else None
-    saved = None
-    if out is not None:
-        if prepare_run_dir(out, resume=resume, force=force):
-            saved = _resume_state(out, cfg)
-        elif resume:
-            log.info("nothing to resume in %s: starting the run", out)
+    with hold_run_dir(out) if out is not None and dist.main else contextlib.nullcontext():
+        return _train(cfg, train_set, test_set, out, device, progress, model, resume, force, checkpoint_every,
+                      snapshots, stop, dist)
+
+
+def _prepare(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> tuple[dict, dict] | None:
+    if prepare_run_dir(out, resume=resume, force=force):
+        return _resume_state(out, cfg)
+    if resume:
+        log.info("nothing to resume in %s: starting the run", out)
+    return None
+
+
+def _train(cfg, train_set, test_set, out, device, progress, model, resume, force, checkpoint_every, snapshots,
+           stop, dist):
+    # rank 0 checks the folder and reads the state; every rank gets the outcome
+    saved = dist.share(_prepare, out, cfg, resume, force) if out is not None else None
     if model is None:  # on resume the weights come from the state
         model = build_classifier(cfg, train_set, init=saved is None)
-    run = Run(cfg, model, train_set, test_set, device)
+    run = Run(cfg, model, train_set, test_set, device, dist)
     check(out is not None or not (snapshots or tensorboard), "snapshots and tensorboard need an out_dir")
     saver = Saver(run, out, set(snapshots), tensorboard)
     if saved is not None:
@@ -416,7 +526,8 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
                                   f"version ({first})") from None
         saver.saved_at = (run.epoch, run.step)
         saver.steplog.truncate(run.global_step)
-        log.info("resuming %s at %s", out, run.where())
+        if dist.main:
+            log.info("resuming %s at %s", out, run.where())
     while not run.finished:
         if run.step < run.steps_per_epoch and not run.out_of_time:
             run_steps(run, saver, checkpoint_every, progress, stop)

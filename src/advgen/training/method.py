@@ -18,11 +18,14 @@ torch optimizers do:
 
 A new method is one module: a class derived from Method, decorated with @register(name, Options),
 where Options is a dataclass with validate(); then one import line in training/__init__.py.
-Methods get the unwrapped classifier and a Setup of decisions already made, never the raw config.
+Methods get the unwrapped classifier and a Setup of decisions already made, never the raw config. The
+forward of the training loss goes through `self.train_model` (the DDP-wrapped classifier under
+torchrun, the classifier itself otherwise), exactly once per step; every other pass (attacks, input
+gradients) calls `self.model`.
 
 A loop step is one batch and ends with one classifier update by the loop. A method that updates the
 classifier more than once per batch (Free-AT's replays) makes the earlier updates inside loss() through
-Setup.descend, the loop's own update (zero_grad, backward, optimizer step), and counts them in `passes`.
+Setup.descend, each on a loss from one call of `self.train_model`, and counts them in `passes`.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .distributed import SINGLE, Dist
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -41,10 +46,17 @@ class Setup:
     device: where the classifier lives; channels_last: the classifier and its batches are NHWC;
     fold_bn: attacks may run on a BatchNorm-folded copy (off under torch.compile); steps_per_epoch
     and epochs: the schedule; seed: the run's seed (methods derive their own RNGs from it);
-    in_channels: channels of the images; descend: the loop's classifier update, descend(loss) = zero the
-    gradients, loss.backward(), one optimizer step at the current learning rate (the schedule advances
-    once per loop step, not per call), for methods that update the classifier more than once per batch
-    (None where no loop runs, e.g. when a method is built only to read its `passes`).
+    in_channels: channels of the images.
+    dist: this process's place in a data-parallel run (training/distributed.py; world 1 without torchrun):
+    seed is already this rank's, modules a method trains beside the classifier average their gradients
+    with dist.average_grads before their optimizer step. train_forward: the classifier's forward for the
+    training loss (under torchrun the DDP-wrapped classifier, whose backward all-reduces the gradients;
+    None: the classifier itself); attacks and extra passes call the unwrapped classifier.
+    scaler: the loop's torch.amp.GradScaler under fp16 autocast (None otherwise): a method's own optimizer
+    steps through scaler.step(opt) so it sees unscaled gradients.
+    descend: the loop's classifier update, descend(loss) = zero the gradients, backward, one optimizer
+    step at the current learning rate (the schedule advances once per loop step), for methods that update
+    the classifier more than once per batch (None where no loop runs).
     """
 
     device: torch.device
@@ -55,6 +67,16 @@ class Setup:
     seed: int = 0
     in_channels: int = 3
     descend: Callable[[torch.Tensor], None] | None = None
+    dist: Dist = SINGLE
+    train_forward: Callable | None = None
+    scaler: object | None = None
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A method's own optimizer step: through the GradScaler under fp16, else optimizer.step()."""
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -66,6 +88,8 @@ class Method:
 
     def __init__(self, model: nn.Module, options, setup: Setup):
         self.model, self.options, self.setup = model, options, setup
+        # the training loss's forward (DDP under torchrun: exactly one call per step); attacks use self.model
+        self.train_model = model if setup.train_forward is None else setup.train_forward
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -44,10 +44,17 @@ class EpochMeter:
         self.bad |= ~torch.isfinite(loss)
         return correct
 
-    def summary(self) -> dict:
-        seen = max(self.seen, 1)
-        return {"seconds": self.seconds, "train_loss": self.loss_sum.item() / seen,
-                "train_acc": self.correct.item() / seen}
+    def summary(self, dist=None) -> dict:
+        """The epoch's numbers; with a data-parallel `dist` over every rank's samples (sums all-reduced),
+        seconds those of the slowest rank."""
+        loss_sum, correct, seen, seconds = self.loss_sum.item(), self.correct.item(), self.seen, self.seconds
+        if dist is not None and dist.active:
+            t = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=self.device)
+            dist.sum_(t)
+            loss_sum, correct, seen = t.tolist()
+            seconds = dist.agree(seconds)[0]
+        seen = max(seen, 1)
+        return {"seconds": seconds, "train_loss": loss_sum / seen, "train_acc": correct / seen}
 
     def state_dict(self) -> dict:
         return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen, "seconds": self.seconds}

@@ -37,7 +37,7 @@ class AttackMethod(Method):
         return self.attack(x, y)
 
     def loss(self, x, y):
-        logits = self.model(self.adversarial(x, y))
+        logits = self.train_model(self.adversarial(x, y))
         return F.cross_entropy(logits, y), logits, y
 
     def state_dict(self) -> dict:

@@ -5,10 +5,20 @@ resume (continue from its state) or force (delete its run files and start over).
 model.safetensors (the classifier, with its architecture in the metadata), the method's modules
 (generators.safetensors for the generator bank), run.json (config and per-epoch metrics; written
 last, so it marks a complete save), state.safetensors (the resumable state, training/state.py).
+
+While a process writes a run folder it holds an OS lock on RUN_DIR/.lock (fcntl.flock, for the run's
+life; under torchrun rank 0 holds it): a second process on the same folder is refused, even with resume
+or force, with the holder's pid, host and start time read from the file. The kernel drops the lock
+when its process dies, however it dies, so a killed run never blocks its resume.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
+import os
+import socket
 from pathlib import Path
 
 from torch import nn
@@ -62,3 +72,55 @@ def save_run(out: Path, model: nn.Module, modules: dict[str, nn.Module], record:
         cfg = getattr(module, "cfg", None)
         save_tensors(out / f"{name}.safetensors", module, {"config": dataclasses.asdict(cfg)} if cfg is not None else {})
     write_json(out / RUN_FILE, record)
+
+
+LOCK_FILE = ".lock"
+_HELD: dict[Path, list] = {}   # folders this process holds: path -> [open lock file, depth]
+
+
+@contextlib.contextmanager
+def hold_run_dir(out: str | Path):
+    """Hold the run folder's lock for the block (created with the folder if missing); RunDirError
+    naming the holder if another process holds it. Re-entrant within a process (the CLI takes it before
+    loading the data, train() again)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        key = out.resolve()
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
+    if key in _HELD:
+        _HELD[key][1] += 1
+    else:
+        _HELD[key] = [_lock(out), 1]
+    try:
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if not _HELD[key][1]:
+            f = _HELD.pop(key)[0]
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+
+
+def _lock(out: Path):
+    try:
+        f = open(out / LOCK_FILE, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = " ".join(f.read().split()) or "another process"
+        f.close()
+        raise RunDirError(f"--out {out} is in use by another advgen process ({holder}); wait for it to end or "
+                          "choose another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()} since "
+            f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n")
+    f.flush()
+    return f

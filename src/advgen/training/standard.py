@@ -10,5 +10,5 @@ class Standard(Method):
     """loss(x, y) = CE(f(x), y)."""
 
     def loss(self, x, y):
-        logits = self.model(x)
+        logits = self.train_model(x)
         return F.cross_entropy(logits, y), logits, y

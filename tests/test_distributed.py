@@ -1,0 +1,228 @@
+"""Data-parallel training under torchrun on the CPU (gloo, 2 processes), the run-folder lock, and the
+CUDA paths (skipped without a GPU). The jobs are tiny: 48 images, global batch 16, 2 epochs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from synth_cifar import tiny_dataset, write_cifar
+
+import advgen
+from advgen.cli import main
+from advgen.config import TrainConfig
+from advgen.data import Batches
+from advgen.errors import CheckpointError, RunDirError
+from advgen.training import train
+from advgen.training.rundir import hold_run_dir
+
+torch.set_num_threads(1)
+HERE = Path(__file__).parent
+SRC = Path(advgen.__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+       "ADVGEN_DIST_TIMEOUT": "60"}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def torchrun(*args, n: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *map(str, args)]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def worker(mode: str, out: Path) -> subprocess.CompletedProcess:
+    return torchrun(HERE / "ddp_worker.py", mode, out)
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# ------------------------------------------------------------------------------------------ sharding
+
+def test_shards_cover_every_image_once_with_one_process_augmentation():
+    ds = tiny_dataset(50, 1)   # 3 batches of 16, 2 images dropped as in one process
+    one = Batches(ds, 16, seed=4)
+    ranks = [Batches(ds, 16, seed=4, rank=r, world=2) for r in range(2)]
+    for epoch in (1, 2):
+        shards = [b.shard(epoch) for b in ranks]
+        assert all(s.numel() == 24 for s in shards)
+        assert set(shards[0].tolist()).isdisjoint(shards[1].tolist())
+        assert sorted(torch.cat(shards).tolist()) == sorted(one.shard(epoch).tolist())
+        # rank r holds rows [8r, 8r+8) of every global batch, augmented as one process augments them
+        for (x1, y1), (xa, ya), (xb, yb) in zip(one.epoch(epoch), ranks[0].epoch(epoch), ranks[1].epoch(epoch)):
+            assert torch.equal(x1, torch.cat([xa, xb])) and torch.equal(y1, torch.cat([ya, yb]))
+    with pytest.raises(advgen.errors.UserError, match="divisible by the 3 processes"):
+        Batches(ds, 16, world=3)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    r = worker("run", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_two_processes_make_one_run(uninterrupted):
+    rec = json.loads((uninterrupted / "run.json").read_text())
+    assert rec["world_size"] == 2 and rec["finished"] and len(rec["epochs"]) == 2
+    assert rec["epochs"][0]["steps"] == 3          # 48 images / global batch 16
+    r0, r1 = (load_file(uninterrupted / f"rank-{r}.safetensors") for r in (0, 1))
+    _same(r0, r1)   # classifier (DDP) and generator bank (averaged ascent) identical on both ranks
+    assert any(k.startswith("generators.") for k in r0)
+    saved = load_file(uninterrupted / "model.safetensors")
+    assert all(torch.equal(saved[k], r0[f"model.{k}"]) for k in saved)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """The same global batch over 2 ranks: the same data and augmentation, gradients averaged over
+    the ranks instead of the batch. A BatchNorm-free model makes this the same arithmetic up to float
+    rounding: the weights agree to 1e-5 after 6 SGD steps."""
+    from conftest import make_tiny
+    sys.path.insert(0, str(HERE))
+    from ddp_worker import STANDARD, sets
+    r = worker("standard", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.manual_seed(STANDARD.seed)
+    model, rec = train(TrainConfig.from_dict(STANDARD.to_dict()), *sets(), out_dir=tmp_path / "one", progress=False,
+                       model=make_tiny(batchnorm=False))
+    two = load_file(tmp_path / "two" / "model.safetensors")
+    one = model.state_dict()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+    rec2 = json.loads((tmp_path / "two" / "run.json").read_text())
+    for a, b in zip(rec["epochs"], rec2["epochs"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
+
+
+def test_kill_both_ranks_and_resume_bit_identical(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    r = worker("kill:4", out)   # both ranks SIGKILLed inside step 4 (epoch 2, step 1)
+    assert r.returncode != 0 and not (out / "rank-0.safetensors").exists()
+    header = json.loads(json.dumps(advgen.checkpoint.read_tensors(out / "state.safetensors")[1]))
+    assert (header["epoch"], header["step"], header["world_size"]) == (2, 0, 2)
+    r = worker("resume", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        _same(load_file(out / f"rank-{rank}.safetensors"), load_file(uninterrupted / f"rank-{rank}.safetensors"))
+    strip = lambda rec: [{k: v for k, v in e.items() if k != "seconds"} for e in rec["epochs"]]  # noqa: E731
+    assert strip(json.loads((out / "run.json").read_text())) == strip(json.loads((uninterrupted / "run.json").read_text()))
+
+
+def test_other_world_size_is_refused(tmp_path):
+    sys.path.insert(0, str(HERE))
+    from ddp_worker import CONFIG, sets
+    out = tmp_path / "run"
+    r = worker("kill:2", out)
+    assert r.returncode != 0 and (out / "state.safetensors").exists()
+    with pytest.raises(CheckpointError, match="trained by 2 processes and cannot be resumed exactly by 1"):
+        train(TrainConfig.from_dict(CONFIG.to_dict()), *sets(), out_dir=out, progress=False, resume=True)
+
+
+def test_failing_rank_ends_the_job_and_keeps_the_state(tmp_path):
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    r = worker("raise:4", out)   # rank 1 raises inside step 4
+    took = time.perf_counter() - t0
+    assert r.returncode != 0 and "rank 1 fails on purpose" in r.stderr
+    assert took < 45, f"the job took {took:.0f} s to end"
+    header = advgen.checkpoint.read_tensors(out / "state.safetensors")[1]
+    assert (header["epoch"], header["step"]) == (2, 0)   # the last good state, readable
+
+
+def test_cli_under_torchrun_train_and_eval(tmp_path, capsys):
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=20)   # 80 training images
+    out = tmp_path / "run"
+    args = ["-m", "advgen", "train", "--method", "standard", "--model", "resnet20", "--device", "cpu",
+            "--epochs", "1", "--batch-size", "16", "--data-dir", data, "--out", out]
+    r = torchrun(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("test accuracy") == 1 and "(2 processes)" in r.stdout   # rank 0 alone prints
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["world_size"] == 2 and rec["epochs"][0]["steps"] == 5
+    r = torchrun(*args[:-1], tmp_path / "odd", "--batch-size", "15")
+    assert r.returncode != 0 and "must be divisible by the 2 processes" in r.stderr
+    # eval over 2 shards: clean accuracy exactly that of one process
+    ev = ["eval", str(out), "--device", "cpu", "--data-dir", str(data), "--eps", "0,0.25", "--steps", "2"]
+    r = torchrun("-m", "advgen", *ev, "--out", tmp_path / "two.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(ev + ["--out", str(tmp_path / "one.json")]) == 0
+    two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
+    assert two["n"] == one["n"] == 20 and two["processes"] == 2
+    assert two["results"][0] == one["results"][0]
+
+
+# ------------------------------------------------------------------------------------------ the lock
+
+def _holder(out: Path) -> subprocess.Popen:
+    code = ("import sys, time; from advgen.training.rundir import hold_run_dir\n"
+            f"with hold_run_dir({str(out)!r}):\n    print('held', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_live_run_folder_is_locked_and_a_dead_lock_is_not(tmp_path, capsys):
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=16)
+    out = tmp_path / "run"
+    holder = _holder(out)
+    try:
+        for extra in ([], ["--force"], ["--resume"]):
+            code = main(["train", "--method", "standard", "--device", "cpu", "--epochs", "1", "--batch-size", "16",
+                         "--data-dir", str(data), "--out", str(out), *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1, err
+            assert f"in use by another advgen process (pid {holder.pid} on host" in err
+        with pytest.raises(RunDirError, match="in use"):
+            train(TrainConfig(method="standard", epochs=1, batch_size=16), tiny_dataset(16, 1), tiny_dataset(16, 2),
+                  out_dir=out, progress=False)
+    finally:
+        holder.kill()          # SIGKILL: the kernel drops its lock
+        holder.wait()
+    with hold_run_dir(out), hold_run_dir(out):   # free again; re-entrant in one process
+        pass
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+@cuda
+def test_cuda_amp_step_and_timing(tmp_path):
+    from conftest import make_tiny
+    from advgen.training.loop import amp_dtype
+    cfg = TrainConfig(method="standard", epochs=1, batch_size=16, amp=True)
+    model, rec = train(cfg, tiny_dataset(48, 1), tiny_dataset(16, 2), device="cuda", progress=False,
+                       model=make_tiny())
+    assert amp_dtype(torch.device("cuda")) in (torch.bfloat16, torch.float16)
+    assert rec["epochs"][0]["seconds"] > 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@cuda
+def test_cuda_resume_restores_cuda_rng(tmp_path):
+    from advgen.training.state import rng_state, set_rng_state
+    dev = torch.device("cuda")
+    state = rng_state(dev)
+    a = torch.rand(4, device=dev)
+    set_rng_state(state, dev)
+    assert torch.equal(a, torch.rand(4, device=dev))
+
+
+@cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over NCCL needs 2 CUDA devices")
+def test_ddp_over_nccl(tmp_path):
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=16)
+    r = torchrun("-m", "advgen", "train", "--method", "generator", "--device", "cuda", "--epochs", "1",
+                 "--batch-size", "16", "--data-dir", data, "--out", tmp_path / "run", "--amp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["world_size"] == 2
