@@ -329,3 +329,16 @@ def test_full_evaluation_refuses_a_file_of_another_model_or_settings(tmp_path, t
     with pytest.raises(UserError, match="pgd_steps differ"):
         full_evaluation(trained_tiny.model, x, y, progress_file=progress, **{**FULL, "pgd_steps": 4})
     assert progress.read_bytes() == before              # refused, never overwritten
+
+
+def test_full_evaluation_with_the_real_standard_autoattack(tiny_model):
+    """The pyautoattack package's standard version through the adapter (an untrained model: few
+    points to attack, seconds): AutoAttack never does better than clean, the worst case never better
+    than either attack."""
+    from advgen.evaluate import full_evaluation
+    from conftest import synthetic_images
+    x, y = synthetic_images(8, 3)
+    out = full_evaluation(tiny_model(seed=1).eval(), x, y, pgd_eps=[0.0, 0.25], aa_eps=[0.25], pgd_steps=2,
+                          restarts=1)
+    aa, pgd, worst = (out[k]["0.25"]["correct"] for k in ("autoattack_l2", "pgd_l2", "worst_case_l2"))
+    assert aa <= out["clean"]["correct"] and worst <= min(aa, pgd)
