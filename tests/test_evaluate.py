@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import pytest
 import torch
 
 from advgen.attacks import PGD
+from advgen.errors import UserError
 from advgen.evaluate import LARGE_EPS, accuracy, evaluate, predict, robust_accuracy, sanity_checks
 
 L2_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
@@ -243,30 +245,100 @@ def test_wilson_interval_matches_the_formula_and_edges():
     assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0 and 0 < wilson(0, 20)[1] < 0.2
 
 
-def test_full_evaluation_worst_case_intervals_and_resume(tmp_path, trained_tiny, monkeypatch):
+class _FakeAA:
+    """Stands for AutoAttack (tested in test_trust_eval): replaces every other image by grey, counts
+    the images it is called on, and can be told to fail (a stopped run) after some calls."""
+    calls: list = []
+    fail_after: int | None = None
+
+    def __init__(self, model, *, norm, eps, seed):
+        self.model, self.eps, self.seed = model, eps, seed
+
+    def __call__(self, xb, yb):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls.append(xb.shape[0])
+        out = xb.clone()
+        out[::2] = 0.5
+        return out
+
+
+FULL = dict(pgd_eps=[0.0, 0.5, 2.0], aa_eps=[0.5], pgd_steps=3, restarts=1, batch_size=8)
+
+
+@pytest.fixture
+def fake_aa(monkeypatch):
+    monkeypatch.setattr("advgen.attacks.AutoAttack", _FakeAA)
+    _FakeAA.calls, _FakeAA.fail_after = [], None
+    return _FakeAA
+
+
+def _bits(out, key):
+    return torch.tensor([c == "1" for c in out["samples"][key]])
+
+
+def test_full_evaluation_worst_case_is_per_sample(tmp_path, trained_tiny, fake_aa):
     from advgen.evaluate import full_evaluation
     x, y = trained_tiny.x_test[:24], trained_tiny.y_test[:24]
-    calls = []
-
-    class FakeAA:   # stands for AutoAttack (tested elsewhere): fails on even samples, counts its calls
-        def __init__(self, model, *, norm, eps, seed):
-            self.model, self.eps = model, eps
-
-        def __call__(self, xb, yb):
-            calls.append(self.eps)
-            return xb
-    monkeypatch.setattr("advgen.attacks.AutoAttack", FakeAA)
-    progress = tmp_path / "eval.json"
-    out = full_evaluation(trained_tiny.model, x, y, pgd_eps=[0.0, 0.5, 2.0], aa_eps=[0.5], pgd_steps=3,
-                             restarts=1, progress_file=progress)
+    out = full_evaluation(trained_tiny.model, x, y, **{**FULL, "aa_eps": [2.0]})
     clean = out["clean"]
     assert clean["n"] == 24 and clean["ci95"][0] <= clean["accuracy"] <= clean["ci95"][1]
-    pgd, aa, worst = out["pgd_l2"]["0.5"], out["autoattack_l2"]["0.5"], out["worst_case_l2"]["0.5"]
-    assert aa["correct"] == clean["correct"]        # the fake AutoAttack changes nothing
-    assert worst["correct"] == min(pgd["correct"], aa["correct"])
-    assert out["pgd_l2"]["2.0"]["accuracy"] <= pgd["accuracy"] <= out["pgd_l2"]["0.0"]["accuracy"]
-    assert {c["name"] for c in out["checks"]} >= {"accuracy non-increasing in eps"}
-    n_calls = len(calls)
-    again = full_evaluation(trained_tiny.model, x, y, pgd_eps=[0.0, 0.5, 2.0], aa_eps=[0.5], pgd_steps=3,
-                               restarts=1, progress_file=progress)
-    assert len(calls) == n_calls and again["worst_case_l2"] == out["worst_case_l2"]   # read back, not rerun
+    pgd, aa = _bits(out, "pgd:2.0"), _bits(out, "aa:2.0")
+    assert (pgd & ~aa).any() or (aa & ~pgd).any(), "the test needs attacks that fail on different samples"
+    assert out["worst_case_l2"]["2.0"]["correct"] == int((pgd & aa).sum())
+    assert out["worst_case_l2"]["2.0"]["correct"] < min(out["pgd_l2"]["2.0"]["correct"],
+                                                        out["autoattack_l2"]["2.0"]["correct"])
+    assert out["autoattack_l2"]["2.0"]["correct"] == int(aa.sum())
+    assert out["pgd_l2"]["2.0"]["accuracy"] <= out["pgd_l2"]["0.5"]["accuracy"] <= out["pgd_l2"]["0.0"]["accuracy"]
+    assert out["pgd_l2"]["0.0"]["correct"] == clean["correct"]
+    assert {c["name"] for c in out["checks"]} >= {"accuracy non-increasing in eps", "attack at least as strong as FGSM"}
+
+
+def test_full_evaluation_resumes_inside_an_attack(tmp_path, trained_tiny, fake_aa):
+    from advgen.evaluate import full_evaluation
+    x, y = trained_tiny.x_test[:24], trained_tiny.y_test[:24]
+    whole = full_evaluation(trained_tiny.model, x, y, **FULL)
+    fake_aa.calls, fake_aa.fail_after = [], 1           # stopped during AutoAttack's second chunk of 8
+    progress = tmp_path / "eval.json"
+    with pytest.raises(KeyboardInterrupt):
+        full_evaluation(trained_tiny.model, x, y, progress_file=progress, **FULL)
+    saved = json.loads(progress.read_text())
+    assert len(saved["samples"]["aa:0.5"]) == 8 and "pgd:2.0" in saved["samples"]
+    fake_aa.calls, fake_aa.fail_after = [], None
+    again = full_evaluation(trained_tiny.model, x, y, progress_file=progress, **FULL)
+    assert len(fake_aa.calls) == 2                      # the two chunks left, not the whole attack
+    assert again["samples"] == whole["samples"] and again["worst_case_l2"] == whole["worst_case_l2"]
+    fake_aa.calls = []
+    full_evaluation(trained_tiny.model, x, y, progress_file=progress, **FULL)
+    assert fake_aa.calls == []                          # all read back
+
+
+def test_full_evaluation_refuses_a_file_of_another_model_or_settings(tmp_path, trained_tiny, fake_aa):
+    from advgen.evaluate import full_evaluation
+    x, y = trained_tiny.x_test[:16], trained_tiny.y_test[:16]
+    progress = tmp_path / "eval.json"
+    full_evaluation(trained_tiny.model, x, y, progress_file=progress, **FULL)
+    before = progress.read_bytes()
+    other = copy.deepcopy(trained_tiny.model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(UserError, match="model_sha256 differ"):
+        full_evaluation(other, x, y, progress_file=progress, **FULL)
+    with pytest.raises(UserError, match="data_sha256, n differ"):
+        full_evaluation(trained_tiny.model, x[:8], y[:8], progress_file=progress, **FULL)
+    with pytest.raises(UserError, match="pgd_steps differ"):
+        full_evaluation(trained_tiny.model, x, y, progress_file=progress, **{**FULL, "pgd_steps": 4})
+    assert progress.read_bytes() == before              # refused, never overwritten
+
+
+def test_full_evaluation_with_the_real_standard_autoattack(tiny_model):
+    """The pyautoattack package's standard version through the adapter (an untrained model: few
+    points to attack, seconds): AutoAttack never does better than clean, the worst case never better
+    than either attack."""
+    from advgen.evaluate import full_evaluation
+    from conftest import synthetic_images
+    x, y = synthetic_images(8, 3)
+    out = full_evaluation(tiny_model(seed=1).eval(), x, y, pgd_eps=[0.0, 0.25], aa_eps=[0.25], pgd_steps=2,
+                          restarts=1)
+    aa, pgd, worst = (out[k]["0.25"]["correct"] for k in ("autoattack_l2", "pgd_l2", "worst_case_l2"))
+    assert aa <= out["clean"]["correct"] and worst <= min(aa, pgd)

@@ -1,7 +1,11 @@
-"""The model zoo: cards, sha256 checked before loading, zoo:NAME in load_model and the CLI."""
+"""The model zoo: cards, sha256 checked before loading, zoo:NAME in load_model and the CLI, adding a run
+with its full evaluation. Tiny models in temporary zoo folders ($ADVGEN_ZOO_DIR); the real zoo is
+only checked for consistency."""
 from __future__ import annotations
 
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,53 +17,97 @@ from advgen.cli import main
 from advgen.config import TrainConfig
 from advgen.errors import CheckpointError, UserError
 
-EVAL = {"n": 16, "clean": {"accuracy": 0.5, "ci95": [0.28, 0.72], "correct": 8, "n": 16},
-        "pgd_l2": {"0.5": {"accuracy": 0.25, "ci95": [0.1, 0.5], "correct": 4, "n": 16}},
-        "autoattack_l2": {"0.5": {"accuracy": 0.1875, "ci95": [0.07, 0.43], "correct": 3, "n": 16}},
-        "worst_case_l2": {"0.5": {"accuracy": 0.1875, "ci95": [0.07, 0.43], "correct": 3, "n": 16}},
-        "checks": [], "samples": {"clean": "1" * 8 + "0" * 8}}
+
+class _FakeAA:
+    """Stands for AutoAttack (the real one runs in test_evaluate): every other image goes grey."""
+
+    def __init__(self, model, *, norm, eps, seed):
+        self.eps = eps
+
+    def __call__(self, x, y):
+        out = x.clone()
+        out[::2] = 0.5
+        return out
 
 
 @pytest.fixture
-def a_zoo(tmp_path, monkeypatch):
-    """A zoo folder holding one tiny trained model, as `advgen zoo --add` makes it."""
-    monkeypatch.setenv("ADVGEN_ZOO_DIR", str(tmp_path / "zoo"))
+def run_and_eval(tmp_path, monkeypatch):
+    """A finished tiny run, the test data, and its `advgen eval RUN --full` output (fake AutoAttack)."""
+    monkeypatch.setattr("advgen.attacks.AutoAttack", _FakeAA)
     torch.manual_seed(0)
     run = tmp_path / "run"
     advgen.train(TrainConfig(epochs=1, batch_size=16), tiny_dataset(32, 1), tiny_dataset(16, 2), out_dir=run,
                  progress=False)
-    (tmp_path / "eval.json").write_text(json.dumps(EVAL))
-    assert main(["zoo", "--add", str(run), "--name", "tiny-base", "--eval", str(tmp_path / "eval.json"),
-                 "--command", "advgen train ..."]) == 0
-    return tmp_path / "zoo", run
+    data = write_cifar(tmp_path / "data", per_batch=8, n_test=12)
+    ev = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--full", "--data-dir", str(data), "--test-subset", "10", "--eps", "0,0.5",
+                 "--aa-eps", "0.5", "--steps", "2", "--restarts", "1", "--batch-size", "4", "--out", str(ev)]) == 0
+    return run, ev, data
+
+
+@pytest.fixture
+def a_zoo(tmp_path, monkeypatch, run_and_eval):
+    """A zoo folder holding the tiny run as `advgen zoo --add` makes it."""
+    monkeypatch.setenv("ADVGEN_ZOO_DIR", str(tmp_path / "zoo"))
+    run, ev, _ = run_and_eval
+    assert main(["zoo", "--add", str(run), "--name", "tiny-base", "--eval", str(ev),
+                 "--command", "advgen train --method standard ...", "--machine", "a test machine"]) == 0
+    return tmp_path / "zoo", run, ev
+
+
+def test_full_eval_cli_writes_every_part(run_and_eval):
+    _, ev, _ = run_and_eval
+    out = json.loads(ev.read_text())
+    assert out["n"] == 10 and out["settings"]["pgd_steps"] == 2 and out["attacks"]["autoattack_l2"]["version"] == "standard"
+    assert set(out["samples"]) >= {"clean", "pgd:0.0", "pgd:0.5", "aa:0.5", "fgsm:0.5", "large"}
+    assert all(len(bits) == 10 for key, bits in out["samples"].items() if key != "large")
+    aa, pgd = (torch.tensor([c == "1" for c in out["samples"][k]]) for k in ("aa:0.5", "pgd:0.5"))
+    assert out["worst_case_l2"]["0.5"]["correct"] == int((aa & pgd).sum())
 
 
 def test_zoo_card_lists_and_loads(a_zoo, capsys):
-    folder, run = a_zoo
+    folder, run, ev = a_zoo
     card = json.loads((folder / "tiny-base.json").read_text())
+    ev = json.loads(ev.read_text())
     assert card["sha256"] == zoo.sha256(folder / "tiny-base.safetensors")
     assert (card["architecture"], card["method"], card["train_images"], card["epochs"]) == ("resnet20", "standard", 32, 1)
-    assert "samples" not in card["eval"] and card["eval"]["autoattack_l2"]["0.5"]["accuracy"] == 0.1875
+    assert card["command"].startswith("advgen train") and card["machine"] == "a test machine"
+    assert card["seconds_per_epoch"] == json.loads((run / "run.json").read_text())["epochs"][0]["seconds"]
+    assert "samples" not in card["eval"] and card["eval"]["autoattack_l2"] == ev["autoattack_l2"]
+    assert card["eval"]["worst_case_l2"]["0.5"]["ci95"] == ev["worst_case_l2"]["0.5"]["ci95"]
     capsys.readouterr()
     assert main(["zoo"]) == 0
     out = capsys.readouterr().out
-    assert "tiny-base" in out and "18.8 [7.0, 43.0]" in out
+    aa = card["eval"]["autoattack_l2"]["0.5"]
+    assert "tiny-base" in out and f"{100 * aa['accuracy']:.1f} [{100 * aa['ci95'][0]:.1f}, " in out
     assert main(["zoo", "--json"]) == 0
-    assert [c["name"] for c in json.loads(capsys.readouterr().out)] == ["tiny-base"]
+    assert json.loads(capsys.readouterr().out) == [card]
     model = advgen.load_model("zoo:tiny-base")
     ref = advgen.load_model(run)
     x = torch.rand(3, 3, 32, 32)
     assert torch.equal(model(x), ref(x))
 
 
-def test_a_changed_weights_file_is_refused_before_loading(a_zoo, tmp_path, capsys):
-    folder, _ = a_zoo
+def test_eval_of_a_zoo_model(a_zoo, tmp_path):
+    data = write_cifar(tmp_path / "data2", per_batch=8, n_test=8)
+    assert main(["eval", "zoo:tiny-base", "--data-dir", str(data), "--eps", "0", "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["model"].endswith("tiny-base.safetensors")
+
+
+def test_a_changed_weights_file_is_refused_before_loading(a_zoo, tmp_path, capsys, monkeypatch):
+    folder, _, _ = a_zoo
     raw = bytearray((folder / "tiny-base.safetensors").read_bytes())
     raw[-1] ^= 1
     (folder / "tiny-base.safetensors").write_bytes(bytes(raw))
+
+    def no_load(*a, **k):
+        raise AssertionError("a file that fails its sha256 was read as a model")
+    monkeypatch.setattr("advgen.checkpoint._load_advgen", no_load)
+    monkeypatch.setattr("advgen.checkpoint.read_tensors", no_load)
     with pytest.raises(CheckpointError, match="sha256 .* is not loaded"):
         advgen.load_model("zoo:tiny-base")
-    data = write_cifar(tmp_path / "data", per_batch=8, n_test=8)
+    data = write_cifar(tmp_path / "data2", per_batch=8, n_test=8)
+    capsys.readouterr()
     assert main(["eval", "zoo:tiny-base", "--data-dir", str(data), "--eps", "0"]) == 2
     err = capsys.readouterr().err
     assert "is not loaded" in err and err.count("\n") == 1
@@ -70,6 +118,52 @@ def test_unknown_names_and_an_empty_zoo(tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="known: none"):
         advgen.load_model("zoo:base")
     assert main(["zoo"]) == 0 and "is empty" in capsys.readouterr().out
+    assert main(["zoo", "--json"]) == 0 and json.loads(capsys.readouterr().out) == []
+
+
+def test_an_unknown_name_lists_the_known_ones(a_zoo, capsys):
+    with pytest.raises(UserError, match="no model 'resnet20-base' .*known: tiny-base"):
+        advgen.load_model("zoo:resnet20-base")
+    assert main(["eval", "zoo:../etc", "--eps", "0"]) == 2
+    assert "known: tiny-base" in capsys.readouterr().err
+
+
+def test_add_refuses_an_evaluation_of_other_weights_or_an_unfinished_one(run_and_eval, tmp_path):
+    run, ev, _ = run_and_eval
+    full = json.loads(ev.read_text())
+    other = {**full, "settings": {**full["settings"], "model_sha256": "0" * 64}}
+    with pytest.raises(UserError, match="other weights"):
+        zoo.add(run, "x", other, command="c", machine="m", folder=tmp_path / "z")
+    partial = {"settings": full["settings"], "samples": full["samples"]}    # a progress file, cut short
+    with pytest.raises(UserError, match="not a finished full evaluation"):
+        zoo.add(run, "x", partial, command="c", machine="m", folder=tmp_path / "z")
+    with pytest.raises(UserError, match="lower-case"):
+        zoo.add(run, "X/y", full, command="c", machine="m", folder=tmp_path / "z")
+    assert not (tmp_path / "z").exists()
+    zoo.add(run, "x", full, command="c", machine="m", folder=tmp_path / "z")
+    with pytest.raises(UserError, match="already has 'x'"):
+        zoo.add(run, "x", full, command="c", machine="m", folder=tmp_path / "z")
+    assert zoo.add(run, "x", full, command="d", machine="m", folder=tmp_path / "z", force=True)["command"] == "d"
+
+
+def test_add_reads_the_training_command_from_the_run_log(run_and_eval, tmp_path, capsys, monkeypatch):
+    run, ev, _ = run_and_eval
+    monkeypatch.setenv("ADVGEN_ZOO_DIR", str(tmp_path / "zoo"))
+    assert main(["zoo", "--add", str(run), "--name", "a", "--eval", str(ev)]) == 2
+    assert "--command" in capsys.readouterr().err
+    (run / "log.txt").write_text("== 2026-11-25T03:21:00 stage base: advgen train --method standard --out R --resume\n"
+                                 "epoch 1 ...\n")
+    assert main(["zoo", "--add", str(run), "--name", "a", "--eval", str(ev)]) == 0
+    card = json.loads((tmp_path / "zoo" / "a.json").read_text())
+    assert card["command"] == "advgen train --method standard --out R --resume"
+    assert "the machine advgen zoo --add ran on" in card["machine"]
+
+
+def test_the_package_data_globs_ship_the_zoo_files():
+    """pyproject's package-data takes every NAME.json and NAME.safetensors of src/advgen/zoo_models."""
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["advgen"]
+    assert {"zoo_models/*.json", "zoo_models/*.safetensors"} <= set(globs)
 
 
 def test_the_shipped_zoo_is_consistent():
@@ -78,3 +172,6 @@ def test_the_shipped_zoo_is_consistent():
         pytest.skip("the zoo ships no model yet (the full-data campaign is running)")
     for card in zoo.cards():
         assert zoo.model_file(card["name"]).name == card["file"]
+        assert {"name", "architecture", "method", "config", "command", "commit", "train_images", "epochs",
+                "seconds_per_epoch", "machine", "eval", "sha256"} <= set(card)
+        assert card["train_images"] == 50000

@@ -387,9 +387,26 @@ def load_eval_model(args, device: torch.device):
     return model.to(device), test_set
 
 
+EVAL_DEFAULTS = {"eps": [0.0, 0.25, 0.5], "steps": 20, "restarts": 1}
+FULL_EVAL_DEFAULTS = {"eps": [0.0, 0.1, 0.25, 0.5, 0.75, 1.0], "steps": 50, "restarts": 2}
+
+
+def _eval_defaults(args) -> None:
+    """--eps, --steps, --restarts left out: a quick curve, or with --full the zoo's full strength."""
+    for name, value in (FULL_EVAL_DEFAULTS if args.full else EVAL_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.full:
+        check(args.attack == "pgd-l2", "--full runs PGD-L2 and the standard AutoAttack-L2 itself: leave --attack out")
+        check(args.step_size is None and args.rel_step is None, "--full takes PGD steps of 2.5*eps/--steps: "
+                                                                "leave --step-size and --rel-step out")
+        check(all(math.isfinite(e) and e >= 0 for e in args.eps + args.aa_eps), "--eps and --aa-eps must be >= 0")
+
+
 def cmd_eval(args) -> int:
     from .checkpoint import resolve_model_file
     from .evaluate import evaluate
+    _eval_defaults(args)
     check(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     check(args.restarts >= 1, f"--restarts must be >= 1, got {args.restarts}")
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
@@ -437,7 +454,8 @@ def _full_eval(args, model, test_set, device) -> int:
                              aa_eps=args.aa_eps, pgd_steps=args.steps, restarts=args.restarts, seed=args.seed,
                              batch_size=args.batch_size, progress_file=Path(args.out))
     from .checkpoint import resolve_model_file, write_json
-    result["model"] = str(resolve_model_file(args.model_path))
+    result["model"] = str(args.model_path)
+    result["model_file"] = str(resolve_model_file(args.model_path))
     write_json(Path(args.out), result)
     cell = lambda d: f"{100 * d['accuracy']:6.2f}% [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]"  # noqa: E731
     print(f"{result['n']} images; PGD-L2 {args.steps} steps x {args.restarts} restarts; standard AutoAttack-L2; "
@@ -449,19 +467,23 @@ def _full_eval(args, model, test_set, device) -> int:
         print(f"AA-L2  {e:>5}  {cell(d)}   worst case of both {cell(result['worst_case_l2'][e])}")
     for c in result["checks"]:
         print(f"[{'ok' if c['passed'] else 'FAILED'}] {c['name']}: {c['detail']}")
+    print(f"{sum(result['seconds'].values()):.0f} s of attacks in all; results in {args.out}")
     return 0
 
 
 def cmd_zoo(args) -> int:
+    """advgen zoo [--json]: the table or the cards of the shipped models; --add RUN: put a run in the zoo."""
     import json
     from . import zoo
     if args.add:
-        from .checkpoint import read_json
+        from .checkpoint import RUN_FILE, read_json
         from .report import machine_description
         check(args.name and args.eval, "--add RUN needs --name NAME and --eval EVAL.json (from advgen eval --full)")
-        card = zoo.add(Path(args.add), args.name, read_json(Path(args.eval)), command=args.command or "",
-                       machine=args.machine or machine_description(torch.device("cpu")), force=args.force)
-        print(f"added {card['name']} to the zoo ({zoo.zoo_dir()})")
+        machine = (args.machine or read_json(Path(args.add) / RUN_FILE).get("machine")
+                   or f"{machine_description(torch.device('cpu'))} (the machine advgen zoo --add ran on)")
+        card = zoo.add(Path(args.add), args.name, read_json(Path(args.eval)), command=args.command,
+                       machine=machine, force=args.force, eval_path=args.eval)
+        print(f"added {card['name']} to the zoo ({zoo.zoo_dir()}): {card['file']}, sha256 {card['sha256'][:16]}…")
         return 0
     cards = zoo.cards()
     print(json.dumps(cards, indent=1) if args.json else zoo.table(cards))
@@ -518,12 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what goes in front of a foreign model: named statistics, none, or per-channel comma "
                         "lists MEAN/STD, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (default: the dataset's statistics)")
     e.add_argument("--attack", default="pgd-l2", choices=ATTACKS)
-    e.add_argument("--eps", type=_floats, default=[0.0, 0.25, 0.5], help="comma-separated radii, [0,1] pixel units")
-    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--eps", type=_floats, help="comma-separated radii, [0,1] pixel units "
+                                                "(default 0,0.25,0.5; with --full 0,0.1,0.25,0.5,0.75,1)")
+    e.add_argument("--steps", type=int, help="attack steps (default 20; with --full 50)")
     step = e.add_mutually_exclusive_group()
     step.add_argument("--step-size", type=_number, help="absolute PGD step size")
     step.add_argument("--rel-step", type=float, help="PGD step size as a fraction of eps (default 2.5/steps)")
-    e.add_argument("--restarts", type=int, default=1)
+    e.add_argument("--restarts", type=int, help="random restarts, each sample's worst case kept (default 1; with --full 2)")
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="write the results as JSON here")
@@ -560,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--add", metavar="RUN_DIR", help="add a finished run to the zoo (with --name, --eval)")
     z.add_argument("--name")
     z.add_argument("--eval", metavar="EVAL.json", help="its advgen eval --full output")
-    z.add_argument("--command", help="the command that trained it (for the card)")
+    z.add_argument("--command", help="the command that trained it (default: the one RUN_DIR/log.txt records)")
     z.add_argument("--machine", help="where it was trained (default: this machine)")
     z.add_argument("--force", action="store_true", help="replace a zoo model of that name")
     z.set_defaults(func=cmd_zoo)

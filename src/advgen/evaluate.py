@@ -171,6 +171,62 @@ def _bits(flags: torch.Tensor) -> str:
     return "".join("1" if f else "0" for f in flags.tolist())
 
 
+def _unbits(bits: str) -> torch.Tensor:
+    return torch.tensor([c == "1" for c in bits], dtype=torch.bool)
+
+
+def fingerprint(tensors) -> str:
+    """sha256 (hex) of a model's state dict or of a sequence of tensors: names, dtypes, shapes and bytes.
+    It names what a full evaluation measured, so that its results are never resumed or filed under
+    other weights or other images."""
+    import hashlib
+    items = sorted(tensors.state_dict().items()) if isinstance(tensors, nn.Module) else \
+        sorted(tensors.items()) if isinstance(tensors, dict) else list(enumerate(tensors))
+    h = hashlib.sha256()
+    for name, t in items:
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class FullEvalProgress:
+    """The per-sample results of a full evaluation as bit strings, one per part ("pgd:0.5", "aa:0.25",
+    ...), written to a JSON file after every chunk of images, so that a stopped evaluation resumes
+    where it was (an AutoAttack on 1,000 CPU images takes hours). A file written under other settings,
+    another model or other images is refused, never overwritten."""
+
+    def __init__(self, path: Path | None, settings: dict):
+        from .checkpoint import read_json
+        from .errors import UserError
+        self.path, self.settings, self.parts, self.seconds = path, settings, {}, {}
+        if path is not None and Path(path).exists():
+            saved = read_json(Path(path))
+            if saved.get("settings") != settings:
+                diff = sorted(k for k in set(settings) | set(saved.get("settings") or {})
+                              if (saved.get("settings") or {}).get(k) != settings.get(k))
+                raise UserError(f"{path} holds a full evaluation with other settings ({', '.join(diff)} differ); "
+                                "write to another file or remove it")
+            self.parts, self.seconds = saved.get("samples", {}), saved.get("seconds", {})
+
+    def save(self) -> None:
+        from .checkpoint import write_json
+        if self.path is not None:
+            write_json(Path(self.path), {"settings": self.settings, "samples": self.parts, "seconds": self.seconds})
+
+    def flags(self, key: str, n: int, chunk: int, compute: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        """Per-sample bits of part `key` for samples 0..n-1; compute(start, stop) gives those of a chunk
+        of at most `chunk` samples (the chunks are the same on every run, hence the same random starts)."""
+        bits = self.parts.get(key, "")
+        while len(bits) < n:
+            start, t0 = len(bits), time.perf_counter()
+            bits += _bits(compute(start, min(n, start + chunk)).cpu())
+            self.parts[key] = bits
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
+            self.save()
+        return _unbits(bits[:n])
+
+
 def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                     pgd_eps=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0), aa_eps=(0.25, 0.5), pgd_steps: int = 50,
                     restarts: int = 2, seed: int = 0, batch_size: int = 500, progress_file=None) -> dict:
@@ -178,52 +234,47 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     Wilson 95% interval:
 
     PGD-L2 (pgd_steps steps of 2.5·eps/steps, `restarts` random restarts, each sample's worst case) at
-    every pgd_eps; the standard AutoAttack (APGD-CE, APGD-T with 9 targets, FAB-T, Square) at every
-    aa_eps; per eps of both, the per-sample worst case (robust only if neither attack succeeds); the
-    sanity checks of the PGD curve. Per-sample correctness is kept as bit strings ("samples") so every
-    figure can be recomputed. progress_file: a JSON file the parts are written to as they finish and
-    read back from on a second call with the same settings (an AutoAttack on 1,000 CPU images takes hours).
+    every pgd_eps; the standard AutoAttack (APGD-CE, APGD-T with 9 targets, FAB-T, Square; Croce & Hein
+    2020) at every aa_eps; per aa eps, the per-sample worst case over both (a sample counts robust only
+    if every attack fails on it); the sanity checks of the PGD curve (Carlini et al. 2019).
+    images: (N, C, H, W) uint8 or float in [0, 1]; eps in the same [0, 1] pixel units.
+    Per-sample correctness is kept as bit strings ("samples", "1" = correct) so every figure can be
+    recomputed. progress_file: a JSON file the results are written to after every chunk of batch_size
+    images and resumed from (FullEvalProgress); its settings name the model's and the images' sha256.
     """
     from .attacks import AutoAttack
-    from .checkpoint import read_json, write_json
-    settings = {"n": int(images.shape[0]), "pgd_eps": [float(e) for e in pgd_eps], "aa_eps": [float(e) for e in aa_eps],
-                "pgd_steps": pgd_steps, "restarts": restarts, "seed": seed}
-    done = {}
-    if progress_file is not None and Path(progress_file).exists():
-        saved = read_json(Path(progress_file))
-        if saved.get("settings") == settings:
-            done = saved.get("samples", {})
-    fast = inference_copy(model)
-    fmt = torch.channels_last
+    n = int(images.shape[0])
+    settings = {"n": n, "pgd_eps": [float(e) for e in pgd_eps], "aa_eps": [float(e) for e in aa_eps],
+                "pgd_steps": pgd_steps, "restarts": restarts, "seed": seed, "batch_size": batch_size,
+                "model_sha256": fingerprint(model), "data_sha256": fingerprint([images, labels])}
+    progress = FullEvalProgress(progress_file, settings)
+    fast, fmt = inference_copy(model), torch.channels_last
 
-    def part(key: str, compute) -> torch.Tensor:
-        if key not in done:
-            done[key] = _bits(compute())
-            if progress_file is not None:
-                write_json(Path(progress_file), {"settings": settings, "samples": done})
-        return torch.tensor([c == "1" for c in done[key]])
+    def attacked(key: str, make: Callable[[float, int], Callable], eps: float, count: int = n) -> torch.Tensor:
+        return progress.flags(key, count, batch_size, lambda a, b: robust_flags(
+            fast, images[a:b], labels[a:b], lambda r: make(r, seed + a), [eps], batch_size, fmt)[0])
 
-    pgd = {e: part(f"pgd:{e}", lambda e=e: robust_flags(
-        fast, images, labels, lambda r: PGD(fast, norm="l2", eps=r, steps=pgd_steps, rel_step=2.5 / pgd_steps,
-                                            restarts=restarts, seed=seed), [e], batch_size, fmt)[0])
-           for e in settings["pgd_eps"]}
-    aa = {e: part(f"aa:{e}", lambda e=e: robust_flags(
-        fast, images, labels, lambda r: AutoAttack(fast, norm="l2", eps=r, seed=seed), [e], batch_size, fmt)[0])
-          for e in settings["aa_eps"]}
-    fgsm = part("fgsm", lambda: torch.stack([robust_flags(fast, images, labels, lambda r: FGSM(fast, norm="l2", eps=r,
-                                                                                               seed=seed), [e],
-                                                          batch_size, fmt)[0] for e in settings["pgd_eps"]]).flatten())
-    k = min(200, images.shape[0])
-    large = part("large", lambda: robust_flags(fast, images[:k], labels[:k], lambda r: PGD(
-        fast, norm="l2", eps=r, steps=20, rel_step=0.1, seed=seed), [LARGE_EPS["l2"]], batch_size, fmt)[0])
-    clean = part("clean", lambda: predict(fast, images, batch_size) == labels)
-    n = images.shape[0]
-    pgd_acc = [pgd[e].float().mean().item() for e in settings["pgd_eps"]]
-    fgsm_acc = fgsm.view(len(settings["pgd_eps"]), n).float().mean(1).tolist()
-    worst = {e: aa[e] & (pgd[e] if e in pgd else torch.ones_like(aa[e])) for e in settings["aa_eps"]}
-    return {"settings": settings, "n": n, "clean": with_interval(clean),
+    def pgd_at(r, s):
+        return PGD(fast, norm="l2", eps=r, steps=pgd_steps, rel_step=2.5 / pgd_steps, restarts=restarts, seed=s)
+
+    clean = progress.flags("clean", n, batch_size, lambda a, b: predict(fast, images[a:b], batch_size) == labels[a:b])
+    pgd = {e: attacked(f"pgd:{e}", pgd_at, e) for e in settings["pgd_eps"]}
+    aa = {e: attacked(f"aa:{e}", lambda r, s: AutoAttack(fast, norm="l2", eps=r, seed=s), e) for e in settings["aa_eps"]}
+    fgsm = [attacked(f"fgsm:{e}", lambda r, s: FGSM(fast, norm="l2", eps=r, seed=s), e) for e in settings["pgd_eps"]]
+    k = min(200, n)
+    large = attacked("large", lambda r, s: PGD(fast, norm="l2", eps=r, steps=20, rel_step=0.1, seed=s),
+                     LARGE_EPS["l2"], k)
+    worst = {e: aa[e] & pgd.get(e, aa[e]) for e in settings["aa_eps"]}
+    mean = lambda f: f.float().mean().item()  # noqa: E731
+    return {"settings": settings, "n": n,
+            "attacks": {"pgd_l2": {"steps": pgd_steps, "step_size": "2.5 * eps / steps", "restarts": restarts,
+                                   "random_start": True, "keep": "each sample's worst case over restarts"},
+                        "autoattack_l2": {"version": "standard",
+                                          "attacks": ["apgd-ce", "apgd-t (9 targets)", "fab-t", "square"]}},
+            "clean": with_interval(clean),
             "pgd_l2": {str(e): with_interval(f) for e, f in pgd.items()},
             "autoattack_l2": {str(e): with_interval(f) for e, f in aa.items()},
             "worst_case_l2": {str(e): with_interval(f) for e, f in worst.items()},
-            "checks": sanity_checks("l2", settings["pgd_eps"], pgd_acc, fgsm_acc, large.float().mean().item(), n),
-            "samples": done}
+            "checks": sanity_checks("l2", settings["pgd_eps"], [mean(pgd[e]) for e in settings["pgd_eps"]],
+                                    [mean(f) for f in fgsm], mean(large), n),
+            "samples": progress.parts, "seconds": progress.seconds}

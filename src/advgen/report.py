@@ -193,17 +193,26 @@ def figure2(gen_file: Path, test_set, path: Path, images: int = 6, generators: i
     plt.close(fig)
 
 
-def figure3(curves: dict, path: Path) -> None:
-    """Accuracy against the L2 size of PGD attacks, one line per model (Figure 3 of the paper)."""
+def figure3(curves: dict, path: Path, title: str | None = None) -> None:
+    """Accuracy against the L2 size of PGD attacks, one line per model (Figure 3 of the paper); a point
+    whose result holds "ci95" [low, high] gets that interval as its error bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, curve in curves.items():
+    for i, (name, curve) in enumerate(curves.items()):
         eps = [r["eps"] for r in curve["results"]]
         acc = [r["accuracy"] for r in curve["results"]]
-        ax.plot(eps, acc, marker="o", label=name)
+        if all("ci95" in r for r in curve["results"]):
+            err = [[a - r["ci95"][0] for a, r in zip(acc, curve["results"])],
+                   [r["ci95"][1] - a for a, r in zip(acc, curve["results"])]]
+            dodge = 0.006 * (i - (len(curves) - 1) / 2)   # side by side, so that the bars stay readable
+            ax.errorbar([e + dodge for e in eps], acc, yerr=err, marker="o", markersize=3, capsize=3, label=name)
+        else:
+            ax.plot(eps, acc, marker="o", label=name)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.set_xlabel("PGD-L2 eps (pixels in [0, 1])")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

@@ -26,6 +26,7 @@ def zoo_dir() -> Path:
 
 
 def sha256(path: Path) -> str:
+    """The sha256 (hex) of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -34,7 +35,7 @@ def sha256(path: Path) -> str:
 
 
 def cards(folder: Path | None = None) -> list[dict]:
-    """Every card of the zoo, by name."""
+    """Every card of the zoo (its NAME.json files), sorted by name; [] when the folder is absent."""
     folder = folder or zoo_dir()
     return sorted((read_json(p) for p in folder.glob("*.json")), key=lambda c: c.get("name", "")) if folder.is_dir() else []
 
@@ -57,13 +58,59 @@ def model_file(name: str, folder: Path | None = None) -> Path:
     return path
 
 
-def add(run_dir: Path, name: str, evaluation: dict, *, command: str, machine: str, folder: Path | None = None,
-        force: bool = False) -> dict:
-    """Copy a finished run's model into the zoo as NAME.safetensors with its card; returns the card.
+EVAL_KEYS = ("settings", "n", "clean", "pgd_l2", "autoattack_l2", "worst_case_l2", "checks")
 
-    evaluation: the output of evaluate.full_evaluation on the model (its per-sample bits are left out
-    of the card). An existing NAME is refused unless force."""
+
+def check_evaluation(evaluation: dict, tensors: dict, where: str) -> None:
+    """A finished full evaluation (evaluate.full_evaluation) of exactly these weights, or a UserError."""
+    from .evaluate import fingerprint
+    missing = [k for k in EVAL_KEYS if k not in evaluation]
+    if missing:
+        raise UserError(f"{where} is not a finished full evaluation (no {', '.join(missing)}): run "
+                        "advgen eval RUN --full --out FILE again until it completes")
+    if evaluation["settings"].get("model_sha256") != fingerprint(tensors):
+        raise UserError(f"{where} evaluated other weights than the run's model (model_sha256 differs)")
+
+
+def training_command(run_dir: Path, rec: dict) -> str | None:
+    """The command that trained a run: run.json's "command" if it has one, else the last
+    "... train ..." line experiments/campaign.sh logged in RUN/log.txt ("== DATE stage NAME: CMD")."""
+    if rec.get("command"):
+        return rec["command"]
+    log = run_dir / "log.txt"
+    if log.is_file():
+        lines = [ln.split(": ", 1)[1] for ln in log.read_text(errors="replace").splitlines()
+                 if ln.startswith("== ") and ": " in ln and " train " in ln]
+        return lines[-1] if lines else None
+    return None
+
+
+def card_for(name: str, rec: dict, meta: dict, evaluation: dict, *, command: str, machine: str) -> dict:
+    """The card of a zoo model (without its file and sha256): what it is, how it was trained, how it
+    did under the full evaluation (its per-sample bits left out)."""
+    import statistics
+
+    from .report import DATA_CAVEAT
+    cfg, rows = rec["config"], rec["epochs"]
+    return {"name": name, "architecture": meta["model"], "num_classes": meta["num_classes"],
+            "method": cfg["method"], "config": cfg, "command": command, "commit": rec.get("git_commit"),
+            "advgen_version": rec.get("version"), "train_images": rec.get("train_images"), "epochs": len(rows),
+            "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
+            "epoch_seconds": [r["seconds"] for r in rows], "machine": machine,
+            "bf16_autocast": bool(cfg.get("amp", False)), "data": DATA_CAVEAT,
+            "eval": {k: v for k, v in evaluation.items() if k not in ("samples", "model", "model_file")}}
+
+
+def add(run_dir: Path, name: str, evaluation: dict, *, command: str | None = None, machine: str,
+        folder: Path | None = None, force: bool = False, eval_path: str = "the evaluation") -> dict:
+    """Copy a finished run's model into the zoo as NAME.safetensors with its card NAME.json; returns
+    the card.
+
+    evaluation: the output of evaluate.full_evaluation on this very model (checked by its
+    model_sha256); command: the training command (default: the one the run's folder records).
+    An existing NAME is refused unless force."""
     folder = folder or zoo_dir()
+    run_dir = Path(run_dir)
     if not NAME.match(name):
         raise UserError(f"zoo names are lower-case letters, digits, '_', '.', '-': {name!r}")
     if (folder / f"{name}.json").exists() and not force:
@@ -71,34 +118,43 @@ def add(run_dir: Path, name: str, evaluation: dict, *, command: str, machine: st
     rec = read_json(run_dir / RUN_FILE)
     if not rec.get("finished"):
         raise UserError(f"{run_dir} is not a finished run")
-    _, meta = read_tensors(run_dir / MODEL_FILE)   # a valid advgen model file
+    tensors, meta = read_tensors(run_dir / MODEL_FILE)   # a valid advgen model file
+    check_evaluation(evaluation, tensors, eval_path)
+    command = command or training_command(run_dir, rec)
+    if not command:
+        raise UserError(f"{run_dir} does not record the command that trained it: give it (--command)")
+    card = card_for(name, rec, meta, evaluation, command=command, machine=machine)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{name}.safetensors"
     atomic_write(weights, (run_dir / MODEL_FILE).read_bytes())
-    rows = rec["epochs"]
-    card = {"name": name, "architecture": meta["model"], "num_classes": meta["num_classes"],
-            "method": rec["config"]["method"], "config": rec["config"], "command": command,
-            "commit": rec.get("git_commit"), "train_images": rec.get("train_images"), "epochs": len(rows),
-            "seconds_per_epoch": sorted(r["seconds"] for r in rows)[len(rows) // 2], "machine": machine,
-            "eval": {k: v for k, v in evaluation.items() if k != "samples"},
-            "file": weights.name, "sha256": sha256(weights)}
+    card.update(file=weights.name, sha256=sha256(weights))
     write_json(folder / f"{name}.json", card)
     return card
 
 
-def table(all_cards: list[dict]) -> str:
-    """The zoo as a text table: clean, PGD-L2 and AutoAttack-L2 at 0.5 (with 95% intervals)."""
+def _cell(d: dict | None) -> str:
+    return "-" if not d else f"{100 * d['accuracy']:.1f} [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]"
+
+
+def table(all_cards: list[dict], folder: Path | None = None) -> str:
+    """The zoo as a text table: clean, PGD-L2, AutoAttack-L2 and their worst case at 0.5 (% with 95%
+    Wilson intervals), seconds per epoch."""
     if not all_cards:
-        return f"the model zoo ({zoo_dir()}) is empty: no full-data model has been added yet"
-
-    def cell(d: dict | None) -> str:
-        return "-" if not d else f"{100 * d['accuracy']:.1f} [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]"
-
-    head = f"{'name':<16} {'arch':<10} {'method':<10} {'images':>7} {'ep':>3} {'clean':>18} {'PGD-L2 0.5':>18} {'AA-L2 0.5':>18}"
-    lines = [head, "-" * len(head)]
+        return (f"the model zoo ({folder or zoo_dir()}) is empty: no full-data model has been added yet "
+                "(see docs/campaign.md)")
+    heads = ["name", "arch", "method", "images", "epochs", "s/epoch", "clean", "PGD-L2 0.5", "AA-L2 0.5",
+             "worst 0.5"]
+    rows = []
     for c in all_cards:
         e = c.get("eval", {})
-        lines.append(f"{c['name']:<16} {c['architecture']:<10} {c['method']:<10} {c.get('train_images') or 0:>7} "
-                     f"{c.get('epochs', 0):>3} {cell(e.get('clean')):>18} {cell(e.get('pgd_l2', {}).get('0.5')):>18} "
-                     f"{cell(e.get('autoattack_l2', {}).get('0.5')):>18}")
-    return "\n".join(lines + [f"n = {all_cards[0].get('eval', {}).get('n', '?')} test images; 95% Wilson intervals"])
+        at = lambda key: _cell(e.get(key, {}).get("0.5"))  # noqa: E731
+        spe = c.get("seconds_per_epoch")
+        rows.append([c["name"], c.get("architecture", "?"), c.get("method", "?"), str(c.get("train_images") or "?"),
+                     str(c.get("epochs", "?")), "?" if spe is None else f"{spe:.0f}", _cell(e.get("clean")),
+                     at("pgd_l2"), at("autoattack_l2"), at("worst_case_l2")])
+    widths = [max(len(r[i]) for r in rows + [heads]) for i in range(len(heads))]
+    line = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+    ns = sorted({str(c.get("eval", {}).get("n", "?")) for c in all_cards})
+    return "\n".join([line(heads), "-" * len(line(heads))] + [line(r) for r in rows] +
+                      [f"accuracy % [95% Wilson interval] on the first {'/'.join(ns)} test images; "
+                       "load one as zoo:NAME"])

@@ -48,5 +48,7 @@ class AutoAttack:
             if self.version == "custom":
                 aa.apgd.n_restarts = 1
                 aa.apgd_targeted.n_target_classes = self.targets
-            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=self.batch_size)
+            # pyautoattack reshapes with .view: a channels-last batch (speed.inference_copy) must be made
+            # contiguous first, or APGD fails with "view size is not compatible"
+            x_adv, _ = aa.run_standard_evaluation(x.contiguous(), y, batch_size=self.batch_size)
         return x_adv.detach()

@@ -1,0 +1,256 @@
+"""docs/report-paper.md: the paper's experiment at full scale, from the campaign's run folders
+(experiments/campaign.sh) and their full evaluations (`advgen eval RUN --full`).
+
+It uses what is finished and lists the rest as pending: a stage's training numbers once its run.json
+says it finished, its accuracies once a finished full evaluation of exactly its weights exists (checked
+by the evaluation's model_sha256). Nothing is filled in by hand. Outputs, beside the report:
+figure2-paper.png (generator samples), figure3-paper.png (accuracy against PGD-L2 eps, Wilson 95%
+error bars), results-paper.json (everything the report shows, without the per-sample bits).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import GENERATORS_FILE, MODEL_FILE, RUN_FILE, atomic_write, git_commit, read_json, read_tensors, \
+    write_json
+from .errors import UserError
+from .report import DATA_CAVEAT, figure2, figure3, machine_description
+
+# the campaign's stages (docs/campaign.md), in the order the report shows them
+STAGES = {
+    "base": "standard training (the base of every other model)",
+    "gen_paper": "generators as in the paper: 32, box s = 0.2, SGD 0.005",
+    "minmax_paper": "min-max as in the paper: PGD-L2 eps 0.05, 40 steps of 0.005",
+    "fgsm_rs": "FGSM-RS, L2 eps 0.5",
+    "gen_gradient": "advgen's generator variant (--gen-preset gradient), L2 bound 0.5",
+    "pgd10": "min-max PGD-10, L2 eps 0.5",
+}
+EVAL_FILE = "eval-full.json"
+PAPER_RATIO = 551 / 105   # the paper's Table 1: min-max 551 s, generator 105 s per epoch
+
+
+def eval_path(runs_dir: Path, stage: str, evals_dir: Path | None) -> Path:
+    """Where a stage's full evaluation lies: EVALS_DIR/STAGE.json, else RUNS_DIR/STAGE/eval-full.json."""
+    return evals_dir / f"{stage}.json" if evals_dir is not None else runs_dir / stage / EVAL_FILE
+
+
+def stage_status(run_dir: Path, ev_path: Path) -> dict:
+    """{"state", "run", "eval", "note"} of one stage. state: "pending" (no run yet), "training",
+    "trained" (finished, no usable evaluation yet) or "evaluated"; run and eval are the JSON records
+    (eval without its per-sample bits) or None."""
+    from .zoo import check_evaluation
+    if not (run_dir / RUN_FILE).is_file():
+        return {"state": "pending", "run": None, "eval": None, "note": "not started"}
+    rec = read_json(run_dir / RUN_FILE)
+    if not rec.get("finished"):
+        done = len(rec.get("epochs", []))
+        return {"state": "training", "run": None, "eval": None,
+                "note": f"training: {done} of {rec.get('config', {}).get('epochs', '?')} epochs done"}
+    if not ev_path.is_file():
+        return {"state": "trained", "run": rec, "eval": None, "note": f"trained; no evaluation yet ({ev_path})"}
+    ev = read_json(ev_path)
+    try:
+        check_evaluation(ev, read_tensors(run_dir / MODEL_FILE)[0], str(ev_path))
+    except UserError as e:
+        return {"state": "trained", "run": rec, "eval": None, "note": f"trained; evaluation not usable: {e}"}
+    return {"state": "evaluated", "run": rec, "eval": {k: v for k, v in ev.items() if k != "samples"},
+            "samples": ev["samples"], "note": "evaluated"}
+
+
+def collect(runs_dir: Path, evals_dir: Path | None = None) -> dict[str, dict]:
+    """stage_status of every campaign stage."""
+    return {s: stage_status(runs_dir / s, eval_path(runs_dir, s, evals_dir)) for s in STAGES}
+
+
+def table1(stages: dict[str, dict]) -> dict:
+    """Median seconds per epoch (full-data epochs) of every finished stage and the paper's ratios:
+    min-max/generator (minmax_paper / gen_paper) and generator/standard (gen_paper / base); a ratio
+    whose stages are not both finished is None."""
+    rows = {}
+    for name, st in stages.items():
+        if st["run"] is None:
+            continue
+        rec = st["run"]
+        secs = statistics.median(r["seconds"] for r in rec["epochs"])
+        rows[name] = {"seconds_per_epoch": secs, "images_per_second": rec["train_images"] / secs,
+                      "epochs": len(rec["epochs"]), "train_images": rec["train_images"],
+                      "bf16_autocast": bool(rec["config"].get("amp", False))}
+
+    def ratio(a: str, b: str) -> float | None:
+        return rows[a]["seconds_per_epoch"] / rows[b]["seconds_per_epoch"] if a in rows and b in rows else None
+    return {"rows": rows, "ratios": {"minmax/generator": ratio("minmax_paper", "gen_paper"),
+                                     "generator/standard": ratio("gen_paper", "base"),
+                                     "pgd10/gen_gradient": ratio("pgd10", "gen_gradient")}}
+
+
+def pgd_curve(ev: dict) -> dict:
+    """A full evaluation's PGD-L2 results as the curve report.figure3 draws (with "ci95")."""
+    pts = sorted((float(e), d) for e, d in ev["pgd_l2"].items())
+    return {"results": [{"eps": e, "accuracy": d["accuracy"], "ci95": d["ci95"]} for e, d in pts]}
+
+
+def mcnemar(a: str, b: str) -> dict:
+    """Exact two-sided McNemar test of two models' per-sample bit strings on the same images:
+    {"only_a", "only_b", "p"} (the samples only a / only b gets right, and the p-value)."""
+    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return {"only_a": only_a, "only_b": only_b, "p": p}
+
+
+def _pct(d: dict | None) -> str:
+    return "pending" if d is None else f"{100 * d['accuracy']:.1f} [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]"
+
+
+def _table1_lines(t: dict, stages: dict) -> list[str]:
+    lines = ["| model | what | seconds per epoch (median) | images per second | epochs |", "|---|---|---|---|---|"]
+    for name, what in STAGES.items():
+        r = t["rows"].get(name)
+        lines.append(f"| {name} | {what} | " + (f"{r['seconds_per_epoch']:.0f} | {r['images_per_second']:.0f} | "
+                                               f"{r['epochs']} |" if r else f"{stages[name]['note']} | | |"))
+    ra = t["ratios"]
+    fmt = lambda v: "pending" if v is None else f"**{v:.2f}×**"  # noqa: E731
+    return lines + ["", f"min-max / generator (minmax_paper / gen_paper) = {fmt(ra['minmax/generator'])} "
+                        f"(paper: 551 s / 105 s = {PAPER_RATIO:.1f}×); generator / standard (gen_paper / base) = "
+                        f"{fmt(ra['generator/standard'])}; PGD-10 / generator variant (pgd10 / gen_gradient) = "
+                        f"{fmt(ra['pgd10/gen_gradient'])}."]
+
+
+def _aa_lines(stages: dict) -> list[str]:
+    lines = ["| model | clean | PGD-L2 0.25 | AA-L2 0.25 | worst 0.25 | PGD-L2 0.5 | AA-L2 0.5 | worst 0.5 |",
+             "|---|" + "---|" * 7]
+    for name, st in stages.items():
+        ev = st["eval"]
+        if ev is None:
+            lines.append(f"| {name} | {st['note']} |" + " |" * 6)
+            continue
+        cells = [_pct(ev["clean"])]
+        for e in ("0.25", "0.5"):
+            cells += [_pct(ev[k].get(e)) for k in ("pgd_l2", "autoattack_l2", "worst_case_l2")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def claims(stages: dict, t: dict) -> list[str]:
+    """What the paper's two claims become, computed from the finished stages (pending otherwise):
+    speed (min-max / generator time per epoch) and robustness (the paper's generator model against its
+    min-max model, worst case over PGD and AutoAttack at L2 0.5, paired McNemar test on the same images)."""
+    ratio = t["ratios"]["minmax/generator"]
+    out = ["- **Speed** (the generator method trains faster than min-max): " +
+           ("pending (gen_paper and minmax_paper must both finish)." if ratio is None else
+            f"an epoch of the paper's min-max takes {ratio:.2f}× one of the paper's generator method here "
+            f"(paper: {PAPER_RATIO:.1f}×).")]
+    g, m = stages["gen_paper"], stages["minmax_paper"]
+    if g["eval"] is None or m["eval"] is None or "0.5" not in g["eval"]["worst_case_l2"] \
+            or "0.5" not in m["eval"]["worst_case_l2"]:
+        out.append("- **Robustness** (the generator model is as robust as the min-max model): pending (both "
+                   "models need their full evaluation at L2 0.5).")
+        return out
+    gw, mw = g["eval"]["worst_case_l2"]["0.5"], m["eval"]["worst_case_l2"]["0.5"]
+    test = mcnemar(_and(g["samples"], "0.5"), _and(m["samples"], "0.5"))
+    out.append(f"- **Robustness** (the generator model is as robust as the min-max model): worst case over PGD and "
+               f"AutoAttack at L2 0.5, gen_paper {_pct(gw)} % against minmax_paper {_pct(mw)} %, a difference of "
+               f"{100 * (gw['accuracy'] - mw['accuracy']):+.1f} points; on the same {gw['n']} images "
+               f"{test['only_a']} are robust only for gen_paper and {test['only_b']} only for minmax_paper "
+               f"(exact McNemar p = {test['p']:.3g}).")
+    return out
+
+
+def _and(samples: dict, eps: str) -> str:
+    """The per-sample worst case at eps as bits: robust under PGD (when evaluated there) and AutoAttack."""
+    aa, pgd = samples[f"aa:{eps}"], samples.get(f"pgd:{eps}", samples[f"aa:{eps}"])
+    return "".join("1" if a == "1" and p == "1" else "0" for a, p in zip(aa, pgd))
+
+
+def _listed(values) -> str:
+    """Distinct values, in order, joined by " / "; "pending" when there are none."""
+    seen = list(dict.fromkeys(str(v) for v in values))
+    return " / ".join(seen) if seen else "pending"
+
+
+def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool) -> str:
+    """The Markdown of docs/report-paper.md."""
+    evaluated = [s for s, st in stages.items() if st["eval"] is not None]
+    ev0 = stages[evaluated[0]]["eval"] if evaluated else None
+    pending = [f"- {s}: {st['note']}" for s, st in stages.items() if st["state"] != "evaluated"]
+    finished = [st for st in stages.values() if st["run"] is not None]
+    lines = ["# The paper's experiment at full scale (Jung 2024, advgen)", "",
+             f"Built by advgen {__version__} (commit {git_commit() or 'unknown'}) from the campaign's run folders "
+             f"([docs/campaign.md](campaign.md)). Machine of the timings: {machine}.", "", DATA_CAVEAT, "",
+             "## Settings", "",
+             f"- Data and architecture (from the finished runs): {_listed(st['run']['train_images'] for st in finished)} "
+             f"CIFAR-10 training images; {_listed(st['run']['config']['model'] for st in finished)}.",
+             "- Models: " + "; ".join(f"`{s}` {w}" for s, w in STAGES.items()) + " (docs/campaign.md has each "
+             "command; Table 1 the epochs each ran).",
+             ("- Evaluation: " + (f"the first {ev0['n']} test images; PGD-L2 {ev0['settings']['pgd_steps']} steps "
+                                  f"of 2.5·eps/steps with {ev0['settings']['restarts']} random restarts, each "
+                                  "sample's worst case; the standard AutoAttack (APGD-CE, APGD-T with 9 targets, "
+                                  "FAB-T, Square); worst case = robust only if both attacks fail; "
+                                  "[low, high] = Wilson 95% interval." if ev0 else "pending.")), ""]
+    if pending:
+        lines += ["## Pending", "", "These stages are not in the tables and figures yet:", ""] + pending + [""]
+    lines += ["## What the paper's two claims become", ""] + claims(stages, t) + [""]
+    lines += ["## Table 1: training time per epoch (full-data epochs)", ""] + _table1_lines(t, stages) + [""]
+    lines += ["## Figure 2: generator samples (gen_paper)", "",
+              f"![Figure 2]({fig2})" if fig2 else "pending (gen_paper's generators, and --data-dir for the images).",
+              "", "## Figure 3: accuracy against PGD-L2 eps (95% Wilson error bars)", "",
+              "![Figure 3](figure3-paper.png)" if fig3 else "pending (no model evaluated yet).", ""]
+    if evaluated:
+        eps = [r["eps"] for r in pgd_curve(ev0)["results"]]
+        lines += ["| model | " + " | ".join(f"eps {e:g}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
+        for s in evaluated:
+            ev = stages[s]["eval"]
+            lines.append(f"| {s} | " + " | ".join(_pct(ev["pgd_l2"].get(str(e))) for e in eps) + " |")
+        lines.append("")
+    lines += ["## AutoAttack (accuracy % [Wilson 95%])", ""] + _aa_lines(stages) + ["",
+              "## Sanity checks (Carlini et al. 2019)", ""]
+    for s in evaluated:
+        for c in stages[s]["eval"].get("checks", []):
+            lines.append(f"- {s}: [{'ok' if c['passed'] else 'FAILED'}] {c['name']}: {c['detail']}")
+    return "\n".join(lines + [""])
+
+
+def build(runs_dir: Path, out_dir: Path, *, evals_dir: Path | None = None, data_dir=None,
+          machine: str | None = None) -> Path:
+    """Write out_dir/report-paper.md, figure2-paper.png, figure3-paper.png and results-paper.json from
+    whatever stages of the campaign in runs_dir are finished; return the report's path.
+
+    evals_dir: where the full evaluations lie as STAGE.json (default RUNS_DIR/STAGE/eval-full.json);
+    data_dir: the CIFAR-10 folder for Figure 2's images (no Figure 2 without it); machine: where the
+    campaign trained (its run.json files do not say; default: this machine)."""
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    if not runs_dir.is_dir():
+        raise UserError(f"{runs_dir} is not a folder of campaign runs")
+    stages = collect(runs_dir, None if evals_dir is None else Path(evals_dir))
+    t = table1(stages)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig2 = _figure2(runs_dir / "gen_paper", stages["gen_paper"], data_dir, out_dir / "figure2-paper.png")
+    curves = {s: pgd_curve(st["eval"]) for s, st in stages.items() if st["eval"] is not None}
+    if curves:
+        figure3(curves, out_dir / "figure3-paper.png", title=f"first {next(iter(stages[s]['eval'] for s in curves))['n']} "
+                                                              "test images, 95% Wilson intervals")
+    machine = machine or f"{machine_description(torch.device('cpu'))} (where the report was built)"
+    write_json(out_dir / "results-paper.json",
+               {"version": __version__, "git_commit": git_commit(), "machine": machine, "table1": t,
+                "stages": {s: {k: v for k, v in st.items() if k not in ("samples", "run")} |
+                           {"config": st["run"]["config"] if st["run"] else None} for s, st in stages.items()}})
+    path = out_dir / "report-paper.md"
+    atomic_write(path, render(stages, t, machine=machine, fig2=fig2, fig3=bool(curves)).encode())
+    return path
+
+
+def _figure2(run_dir: Path, st: dict, data_dir, path: Path) -> str | None:
+    """report.figure2 of the paper's generators on the first test images; None (pending) when the
+    stage or the data are missing."""
+    if st["run"] is None or data_dir is None or not (run_dir / GENERATORS_FILE).is_file():
+        return None
+    from .data import first_n, load_dataset
+    test = first_n(load_dataset("cifar10", data_dir)[1], 6)
+    figure2(run_dir / GENERATORS_FILE, test, path)
+    return path.name

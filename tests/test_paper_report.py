@@ -1,0 +1,145 @@
+"""docs/report-paper.md from a campaign's run folders: tiny fake campaigns in a tmp folder, some stages
+finished and evaluated, some not; the report uses the finished ones and lists the rest as pending."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from synth_cifar import tiny_dataset, write_cifar
+
+import advgen
+from advgen import paper_report
+from advgen.config import TrainConfig
+from advgen.evaluate import full_evaluation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _FakeAA:
+    """Stands for AutoAttack (the real one runs in test_evaluate): every third image goes grey."""
+
+    def __init__(self, model, *, norm, eps, seed):
+        pass
+
+    def __call__(self, x, y):
+        out = x.clone()
+        out[::3] = 0.5
+        return out
+
+
+def _train(run: Path, method: str, seconds: list[float], seed: int) -> None:
+    """A tiny finished run, its epoch seconds then set to known values (Table 1 is checked against them)."""
+    torch.manual_seed(seed)
+    advgen.train(TrainConfig(method=method, epochs=1, batch_size=16, seed=seed), tiny_dataset(32, 1),
+                 tiny_dataset(16, 2), out_dir=run, progress=False)
+    rec = json.loads((run / "run.json").read_text())
+    rec["epochs"] = [{**rec["epochs"][0], "epoch": i + 1, "seconds": s} for i, s in enumerate(seconds)]
+    (run / "run.json").write_text(json.dumps(rec))
+
+
+def _evaluate(run: Path, out: Path) -> dict:
+    x, y = tiny_dataset(10, 5).images, tiny_dataset(10, 5).labels
+    ev = full_evaluation(advgen.load_model(run), x, y, pgd_eps=[0.0, 0.25, 0.5], aa_eps=[0.25, 0.5], pgd_steps=1,
+                         restarts=1, batch_size=5)
+    out.write_text(json.dumps(ev))
+    return ev
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    """runs/: base and gen_paper finished and evaluated, minmax_paper finished and not evaluated,
+    fgsm_rs half-trained, gen_gradient and pgd10 not started; evals/ holds STAGE.json."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr("advgen.attacks.AutoAttack", _FakeAA)
+    root = tmp_path_factory.mktemp("campaign")
+    runs, evals = root / "runs", root / "evals"
+    evals.mkdir()
+    _train(runs / "base", "standard", [30.0, 10.0, 20.0], 0)
+    _train(runs / "gen_paper", "generator", [40.0], 1)
+    _train(runs / "minmax_paper", "minmax", [200.0], 2)
+    _train(runs / "fgsm_rs", "fgsm", [50.0], 3)
+    rec = json.loads((runs / "fgsm_rs" / "run.json").read_text())
+    (runs / "fgsm_rs" / "run.json").write_text(json.dumps({**rec, "finished": False, "config": {**rec["config"],
+                                                                                              "epochs": 8}}))
+    evs = {s: _evaluate(runs / s, evals / f"{s}.json") for s in ("base", "gen_paper")}
+    yield root, runs, evals, evs
+    mp.undo()
+
+
+def test_report_uses_the_finished_stages_and_lists_the_rest(campaign, tmp_path):
+    root, runs, evals, evs = campaign
+    data = write_cifar(tmp_path / "data", per_batch=8, n_test=8)
+    path = paper_report.build(runs, tmp_path / "docs", evals_dir=evals, data_dir=data, machine="test machine, 1 thread")
+    md = path.read_text()
+    # Table 1 from the runs' epochs: medians 20 (base), 40 (gen_paper), 200 (minmax_paper)
+    assert "| base | standard training" in md and "| 20 | 2 | 3 |" in md
+    assert "(from the finished runs): 32 CIFAR-10 training images; resnet20." in md
+    assert "min-max / generator (minmax_paper / gen_paper) = **5.00×**" in md
+    assert "generator / standard (gen_paper / base) = **2.00×**" in md
+    assert "pgd10 / gen_gradient) = pending" in md and "test machine, 1 thread" in md
+    # pending stages named, never given numbers
+    pending = md.split("## Pending")[1].split("##")[0]
+    for line in ("fgsm_rs: training: 1 of 8 epochs done", "gen_gradient: not started", "pgd10: not started",
+                 "minmax_paper: trained; no evaluation yet"):
+        assert line in pending
+    assert "| fgsm_rs | training" in md and "| pgd10 | not started |" in md
+    # the AutoAttack table holds the evaluations' numbers with their intervals
+    ev = evs["gen_paper"]
+    row = next(ln for ln in md.splitlines() if ln.startswith("| gen_paper | ") and "[" in ln and "|---" not in ln
+               and ln.count("|") == 9)
+    wc = ev["worst_case_l2"]["0.5"]
+    assert row.endswith(f"{100 * wc['accuracy']:.1f} [{100 * wc['ci95'][0]:.1f}, {100 * wc['ci95'][1]:.1f}] |")
+    assert "Robustness** (the generator model is as robust as the min-max model): pending" in md
+    assert paper_report.DATA_CAVEAT in md
+    for png in ("figure2-paper.png", "figure3-paper.png"):
+        assert (tmp_path / "docs" / png).stat().st_size > 1000 and f"]({png})" in md
+    res = json.loads((tmp_path / "docs" / "results-paper.json").read_text())
+    assert res["stages"]["pgd10"]["state"] == "pending" and res["stages"]["base"]["state"] == "evaluated"
+    assert res["table1"]["ratios"]["minmax/generator"] == pytest.approx(5.0)
+    assert "samples" not in json.dumps(res["stages"]["base"]["eval"])
+
+
+def test_the_robustness_claim_once_both_paper_models_are_evaluated(campaign, tmp_path, monkeypatch):
+    root, runs, evals, evs = campaign
+    monkeypatch.setattr("advgen.attacks.AutoAttack", _FakeAA)
+    mm = _evaluate(runs / "minmax_paper", tmp_path / "minmax_paper.json")
+    both = tmp_path / "evals"
+    both.mkdir()
+    for s in ("base", "gen_paper"):
+        (both / f"{s}.json").write_text((evals / f"{s}.json").read_text())
+    (both / "minmax_paper.json").write_text(json.dumps(mm))
+    md = paper_report.build(runs, tmp_path / "docs", evals_dir=both).read_text()
+
+    def worst(ev):
+        return [a == "1" and p == "1" for a, p in zip(ev["samples"]["aa:0.5"], ev["samples"]["pgd:0.5"])]
+    g, m = worst(evs["gen_paper"]), worst(mm)
+    only_g, only_m = sum(a and not b for a, b in zip(g, m)), sum(b and not a for a, b in zip(g, m))
+    assert f"{only_g} are robust only for gen_paper and {only_m} only for minmax_paper" in md
+    assert "Figure 2: generator samples (gen_paper)\n\npending" in md        # no --data-dir: no Figure 2
+
+
+def test_an_evaluation_of_other_weights_is_not_used(campaign, tmp_path):
+    root, runs, evals, _ = campaign
+    wrong = tmp_path / "evals"
+    wrong.mkdir()
+    (wrong / "minmax_paper.json").write_text((evals / "gen_paper.json").read_text())   # filed under the wrong model
+    md = paper_report.build(runs, tmp_path / "docs", evals_dir=wrong).read_text()
+    assert "minmax_paper: trained; evaluation not usable:" in md and "other weights" in md
+    assert "pending (no model evaluated yet)" in md and "| minmax_paper | trained; evaluation not usable" in md
+
+
+def test_mcnemar_exact_p_values():
+    assert paper_report.mcnemar("1111", "1111") == {"only_a": 0, "only_b": 0, "p": 1.0}
+    r = paper_report.mcnemar("1" * 10 + "0" * 2, "0" * 10 + "1" * 2)     # 10 vs 2 discordant: p = 0.0386
+    assert (r["only_a"], r["only_b"]) == (10, 2) and r["p"] == pytest.approx(0.03857, abs=1e-4)
+
+
+def test_the_script_errors_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "paper_report.py"), str(tmp_path / "nope"),
+                          "--out", str(tmp_path / "docs")], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a folder of campaign runs" in out.stderr
