@@ -154,7 +154,7 @@ def test_sanity_checks_flag_large_eps_accuracy(large, ok):
 # ------------------------------------------------------------------------------------------ evaluate
 
 EVAL_KEYS = {"attack", "norm", "steps", "step_size", "rel_step", "restarts", "n", "results", "checks",
-             "seconds", "fgsm_accuracy"}
+             "seconds", "fgsm_accuracy", "large_eps_accuracy", "large_eps_n"}
 
 
 @pytest.mark.parametrize("attack,grid", [("pgd-l2", L2_GRID), ("pgd-linf", LINF_GRID)])

@@ -492,7 +492,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     out = Path(out_dir) if out_dir is not None else None
     with hold_run_dir(out) if out is not None and dist.main else contextlib.nullcontext():
         return _train(cfg, train_set, test_set, out, device, progress, model, resume, force, checkpoint_every,
-                      snapshots, stop, dist)
+                      snapshots, tensorboard, stop, dist)
 
 
 def _prepare(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> tuple[dict, dict] | None:
@@ -504,7 +504,7 @@ def _prepare(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> tuple[di
 
 
 def _train(cfg, train_set, test_set, out, device, progress, model, resume, force, checkpoint_every, snapshots,
-           stop, dist):
+           tensorboard, stop, dist):
     # rank 0 checks the folder and reads the state; every rank gets the outcome
     saved = dist.share(_prepare, out, cfg, resume, force) if out is not None else None
     if model is None:  # on resume the weights come from the state
