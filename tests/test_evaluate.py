@@ -183,7 +183,7 @@ def test_evaluate_fgsm_and_without_checks(trained_tiny):
     assert r["norm"] == "l2" and r["fgsm_accuracy"] is None
     assert len(r["checks"]) == 2                                     # no FGSM comparison for FGSM itself
     r = evaluate(model, x, y, attack="pgd-l2", epsilons=[0, 2.0], steps=5, checks=False)
-    assert set(r) == EVAL_KEYS - {"checks", "fgsm_accuracy"}
+    assert set(r) == EVAL_KEYS - {"checks", "fgsm_accuracy", "large_eps_accuracy", "large_eps_n"}
     assert r["results"][1]["accuracy"] < r["results"][0]["accuracy"]
 
 
