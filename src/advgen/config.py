@@ -54,6 +54,22 @@ def check_step_size(step_size: float | None) -> None:
 
 
 @dataclass
+class SignedStepThreatModel(ThreatModel):
+    """A threat model whose ascent takes steps of step_size (pixel units; None: eps), as N-FGSM's and
+    Free-AT's do."""
+
+    step_size: float | None = None
+
+    @property
+    def step(self) -> float:
+        return self.radius if self.step_size is None else self.step_size
+
+    def validate(self) -> None:
+        super().validate()
+        check_step_size(self.step_size)
+
+
+@dataclass
 class AttackConfig(ThreatModel):
     """A training attack: the inner maximiser of min-max training (eq. 1) and of FGSM-RS.
 

@@ -33,27 +33,21 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.pgd import NORMS
-from ..config import ThreatModel, check_step_size
+from ..config import SignedStepThreatModel
 from ..errors import check_field
 from .method import Method, register
 
 
 @dataclass
-class FreeOptions(ThreatModel):
+class FreeOptions(SignedStepThreatModel):
     """norm, eps (ThreatModel); replays: m ≥ 1, the classifier updates per minibatch; step_size: α of
     δ's ascent in pixel units (None: eps, as Shafahi et al.)."""
 
     replays: int = 8
-    step_size: float | None = None
-
-    @property
-    def step(self) -> float:
-        return self.radius if self.step_size is None else self.step_size
 
     def validate(self) -> None:
         super().validate()
         check_field(self.replays >= 1, "free.replays", f"must be >= 1, got {self.replays}")
-        check_step_size(self.step_size)
 
 
 @register("free", FreeOptions, "Free-AT: m replays of each batch, the perturbation carried over (Shafahi et al. 2019)")

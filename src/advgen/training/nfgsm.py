@@ -28,28 +28,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.pgd import NORMS, eval_mode
-from ..config import ThreatModel, check_step_size
+from ..config import SignedStepThreatModel
 from ..errors import check_field
 from .method import register
 from .minmax import AttackMethod
 
 
 @dataclass
-class NFGSMOptions(ThreatModel):
+class NFGSMOptions(SignedStepThreatModel):
     """norm, eps (ThreatModel); k: noise radius in units of eps (k·eps, pixel units); step_size: α in
     pixel units (None: eps, the authors' default)."""
 
     k: float = 2.0
-    step_size: float | None = None
-
-    @property
-    def step(self) -> float:
-        return self.radius if self.step_size is None else self.step_size
 
     def validate(self) -> None:
         super().validate()
         check_field(math.isfinite(self.k) and self.k >= 0, "nfgsm.k", f"must be >= 0, got {self.k}")
-        check_step_size(self.step_size)
 
 
 class NoisyFGSM:
