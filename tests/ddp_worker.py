@@ -4,7 +4,7 @@
 
 MODE: run (train the generator CONFIG to the end), kill:K (both ranks SIGKILL themselves inside
 global step K), resume (continue OUT), raise:K (rank 1 raises inside step K), standard (the BN-free
-standard CONFIG, to compare with one process). Every rank writes its classifier and method modules to
+standard CONFIG, to compare with one process), trades (TRADES: two training forwards in one DDP call). Every rank writes its classifier and method modules to
 OUT/rank-R.safetensors at the end.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from advgen.config import TrainConfig  # noqa: E402
 from advgen.models.generators import BankConfig  # noqa: E402
 from advgen.training import METHODS, distributed, registered, train  # noqa: E402
 from advgen.training.generator import GeneratorOptions  # noqa: E402
+from advgen.training.trades import TradesOptions  # noqa: E402
 
 torch.set_num_threads(1)
 # 48 images, global batch 16: 3 steps per epoch, 8 rows per rank
@@ -33,6 +34,7 @@ CONFIG = TrainConfig(method="generator", epochs=2, batch_size=16, seed=5, option
     bank=BankConfig(n=4, assign="random", grad_input=True, width=4, depth=2), momentum=0.9, steps=2,
     warmup_epochs=1, reinit_every=2, clean_fraction=0.25))
 STANDARD = TrainConfig(method="standard", epochs=2, batch_size=16, seed=5, lr=0.05)
+TRADES = TrainConfig(method="trades", epochs=2, batch_size=16, seed=5, options=TradesOptions(steps=2))
 
 
 def sets():
@@ -64,7 +66,7 @@ def fail() -> None:
 
 def main(mode: str, out: Path) -> None:
     dist, _ = distributed.init("cpu")
-    cfg = TrainConfig.from_dict((STANDARD if mode == "standard" else CONFIG).to_dict())
+    cfg = TrainConfig.from_dict({"standard": STANDARD, "trades": TRADES}.get(mode, CONFIG).to_dict())
     seed_everything(distributed.rank_seed(cfg.seed, dist.rank))
     model = make_tiny(batchnorm=mode != "standard")
     kind, _, k = mode.partition(":")

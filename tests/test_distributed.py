@@ -121,6 +121,17 @@ def test_kill_both_ranks_and_resume_bit_identical(uninterrupted, tmp_path):
     assert strip(json.loads((out / "run.json").read_text())) == strip(json.loads((uninterrupted / "run.json").read_text()))
 
 
+def test_trades_two_training_forwards_in_one_ddp_call(tmp_path):
+    """TRADES' f(x) and f(x') go through DDP as one call (Forwards): the job trains to the end with the
+    classifier identical on both ranks (DDP's all-reduce ran every step)."""
+    r = worker("trades", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert rec["world_size"] == 2 and rec["finished"] and rec["epochs"][-1]["passes"] == 3 * (2 + 2)
+    r0, r1 = (load_file(tmp_path / "run" / f"rank-{r}.safetensors") for r in (0, 1))
+    _same(r0, r1)   # each rank trained on its own shard: equal only through the all-reduce
+
+
 def test_other_world_size_is_refused(tmp_path):
     sys.path.insert(0, str(HERE))
     from ddp_worker import CONFIG, sets
@@ -162,6 +173,36 @@ def test_cli_under_torchrun_train_and_eval(tmp_path, capsys):
     two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
     assert two["n"] == one["n"] == 20 and two["processes"] == 2
     assert two["results"][0] == one["results"][0]
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_saved_and_resumable(tmp_path):
+    """SIGTERM to torchrun (what a cluster scheduler sends): the agent forwards it to both ranks, they
+    agree to stop after the same step, rank 0 saves, the job exits non-zero with the resume command;
+    resuming under torchrun ends with the weights of a run left alone, bit for bit."""
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=16)   # 80 training images: 5 steps an epoch
+    args = ["-m", "advgen", "train", "--method", "standard", "--model", "resnet20", "--device", "cpu",
+            "--epochs", "10", "--batch-size", "16", "--schedule", "constant", "--data-dir", data,
+            "--checkpoint-every", "1"]
+    r = torchrun(*args, "--out", tmp_path / "alone", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *map(str, args), "--out", str(out)]
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "state.safetensors").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, "the job ended before the signal"
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert "SIGTERM received" in err and "--resume" in err, err[-3000:]
+    header = advgen.checkpoint.read_tensors(out / "state.safetensors")[1]
+    assert header["world_size"] == 2 and 0 < header["epoch"] * 5 + header["step"] < 50
+    assert not (out / "run.json").exists() or not json.loads((out / "run.json").read_text()).get("finished")
+    r = torchrun(*args, "--out", out, "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same(load_file(out / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------ the lock

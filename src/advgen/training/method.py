@@ -15,13 +15,17 @@ torch optimizers do:
     modules()                              {name: module} saved beside the classifier (e.g. "generators")
     passes                                 forward-backward passes of the classifier per step (the
                                            work a step costs: budgets in work done, not seconds)
+    per_sample                             True: the method keeps state per training sample and its
+                                           loss is called as loss(x, y, where=Where) (data.Where: the
+                                           rows' dataset indices and augmentation)
 
 A new method is one module: a class derived from Method, decorated with @register(name, Options),
 where Options is a dataclass with validate(); then one import line in training/__init__.py.
 Methods get the unwrapped classifier and a Setup of decisions already made, never the raw config. The
 forward of the training loss goes through `self.train_model` (the DDP-wrapped classifier under
-torchrun, the classifier itself otherwise), exactly once per step; every other pass (attacks, input
-gradients) calls `self.model`.
+torchrun, the classifier itself otherwise), exactly once per step; a loss of two training forwards
+makes them in that one call, `self.train_model(x1, x2) -> (logits1, logits2)` (Forwards); every other
+pass (attacks, input gradients) calls `self.model`.
 
 A loop step is one batch and ends with one classifier update by the loop. A method that updates the
 classifier more than once per batch (Free-AT's replays) makes the earlier updates inside loss() through
@@ -39,6 +43,22 @@ from torch import nn
 from .distributed import SINGLE, Dist
 
 
+class Forwards(nn.Module):
+    """The classifier as the training loss's forward: Forwards(f)(x) = f(x), Forwards(f)(x1, x2, ...) =
+    (f(x1), f(x2), ...). Several inputs in one call are what a DistributedDataParallel-wrapped module
+    needs when a loss takes two training forwards (TRADES' f(x) and f(x')): DDP allows one forward per
+    backward, while BatchNorm still sees each input as a batch of its own. Parameters and buffers are
+    the classifier's (the same tensors)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: torch.Tensor):
+        out = tuple(self.model(x) for x in xs)
+        return out[0] if len(out) == 1 else out
+
+
 @dataclass(frozen=True)
 class Setup:
     """What the loop decided before building the method.
@@ -46,12 +66,13 @@ class Setup:
     device: where the classifier lives; channels_last: the classifier and its batches are NHWC;
     fold_bn: attacks may run on a BatchNorm-folded copy (off under torch.compile); steps_per_epoch
     and epochs: the schedule; seed: the run's seed (methods derive their own RNGs from it);
-    in_channels: channels of the images.
+    in_channels: channels of the images; train_size: training images (for per-sample state).
     dist: this process's place in a data-parallel run (training/distributed.py; world 1 without torchrun):
     seed is already this rank's, modules a method trains beside the classifier average their gradients
     with dist.average_grads before their optimizer step. train_forward: the classifier's forward for the
-    training loss (under torchrun the DDP-wrapped classifier, whose backward all-reduces the gradients;
-    None: the classifier itself); attacks and extra passes call the unwrapped classifier.
+    training loss (under torchrun the DDP-wrapped Forwards of the classifier, whose backward all-reduces
+    the gradients; None: Forwards of the classifier itself); attacks and extra passes call the unwrapped
+    classifier.
     scaler: the loop's torch.amp.GradScaler under fp16 autocast (None otherwise): a method's own optimizer
     steps through scaler.step(opt) so it sees unscaled gradients.
     descend: the loop's classifier update, descend(loss) = zero the gradients, backward, one optimizer
@@ -66,6 +87,7 @@ class Setup:
     epochs: int = 1
     seed: int = 0
     in_channels: int = 3
+    train_size: int = 0
     descend: Callable[[torch.Tensor], None] | None = None
     dist: Dist = SINGLE
     train_forward: Callable | None = None
@@ -89,7 +111,7 @@ class Method:
     def __init__(self, model: nn.Module, options, setup: Setup):
         self.model, self.options, self.setup = model, options, setup
         # the training loss's forward (DDP under torchrun: exactly one call per step); attacks use self.model
-        self.train_model = model if setup.train_forward is None else setup.train_forward
+        self.train_model = Forwards(model) if setup.train_forward is None else setup.train_forward
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -100,6 +122,10 @@ class Method:
     @property
     def passes(self) -> int:
         return 1
+
+    @property
+    def per_sample(self) -> bool:
+        return False
 
     def modules(self) -> dict[str, nn.Module]:
         return {}

@@ -15,7 +15,8 @@ to the metrics is L; the logits are those of x' (accuracy on the adversarial poi
 As in the authors' code (yaodongyu/TRADES, trades.py) the inner maximisation runs in eval mode and x'
 is clipped to [0, 1]; advgen also clips the start (the authors' first iterate may leave [0, 1] by the
 0.001 noise) and runs it on the BatchNorm-folded copy under Setup.fold_bn. f(x) and f(x') are two
-separate forward passes in train mode (BatchNorm sees each batch alone, as theirs). Cost: K attack
+separate forward passes in train mode (BatchNorm sees each batch alone, as theirs), made in one call of
+the training forward (Method.train_model), so TRADES runs under torchrun/DDP too. Cost: K attack
 passes + 2 training passes (clean and adversarial) per step.
 """
 from __future__ import annotations
@@ -85,5 +86,5 @@ class Trades(AttackMethod):
 
     def loss(self, x, y):
         x_adv = self.adversarial(x, y)
-        logits, logits_adv = self.model(x), self.model(x_adv)
+        logits, logits_adv = self.train_model(x, x_adv)   # one (DDP) call, BatchNorm sees each batch alone
         return trades_loss(logits, logits_adv, y, self.options.beta), logits_adv, y
