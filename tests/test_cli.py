@@ -67,7 +67,29 @@ def test_reproduce_smoke_writes_report_and_skips_done_stages(tmp_path, capsys):
     assert code == 0 and (out / "minmax" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@needs_data
+def test_reproduce_seeds_reports_mean_and_std_of_the_seeds(tmp_path, capsys):
+    out = tmp_path / "repro"
+    code, _, _ = run(["reproduce", "--preset", "smoke", "--seeds", "0,1", "--data-dir", DATA, "--device", "cpu",
+                      "--out", out], capsys)
+    assert code == 0
+    one = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert one[0]["settings"]["seed"] == 0 and one[1]["settings"]["seed"] == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1]
+    base0, base1 = (o["curves"]["base"]["results"][0]["accuracy"] for o in one)
+    point = res["curves"]["base"]["results"][0]
+    assert point["accuracy"] == pytest.approx((base0 + base1) / 2)
+    assert point["std"] == pytest.approx(abs(base0 - base1) / 2 ** 0.5)   # sample std of two values
+    r = [o["table1"]["ratios"]["minmax/generator"] for o in one]
+    assert res["table1"]["ratios"]["minmax/generator"]["mean"] == pytest.approx(sum(r) / 2)
+    report = (out / "report.md").read_text()
+    assert "2 seeds" in report and " ± " in report and (out / "figure3.png").exists()
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["reproduce", "--seeds", "1,1", "--out", "x"], "--seeds"),
+    (["reproduce", "--seeds", "a,b", "--out", "x"], "--seeds"),
     (["train", "--method", "nope", "--out", "x"], "nope"),
     (["train", "--method", "standard", "--epochs", "0", "--out", "x"], "--epochs"),
     (["train", "--method", "minmax", "--attack-eps", "-1", "--out", "x"], "--attack-eps"),

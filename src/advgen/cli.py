@@ -91,6 +91,19 @@ def _floats(text) -> list[float]:
     return vals
 
 
+def _ints(text) -> list[int]:
+    """Comma-separated distinct non-negative integers: "0,1,2"."""
+    if isinstance(text, (list, tuple)):   # from a --config file
+        text = ",".join(str(t) for t in text)
+    try:
+        vals = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals) or len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"expected distinct integers >= 0, got {text!r}")
+    return vals
+
+
 def _bool(text: str) -> bool:
     t = text.lower()
     if t in ("1", "true", "yes", "on"):
@@ -494,8 +507,14 @@ def cmd_reproduce(args) -> int:
     from .report import PRESETS, reproduce
     check(args.preset in PRESETS, f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     device = resolve_device(args.device)
-    seed_everything(PRESETS[args.preset].seed)
-    path = reproduce(args.preset, Path(args.out), data_dir=args.data_dir, download=args.download, device=device)
+    kw = dict(data_dir=args.data_dir, download=args.download, device=device)
+    if args.seeds:
+        from .report import reproduce_seeds
+        seed_everything(args.seeds[0])
+        path = reproduce_seeds(args.preset, Path(args.out), args.seeds, **kw)
+    else:
+        seed_everything(PRESETS[args.preset].seed)
+        path = reproduce(args.preset, Path(args.out), **kw)
     print(f"report written to {path}")
     return 0
 
@@ -560,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="the paper's Table 1 and Figures 2-3")
     r.add_argument("--preset", default="quick")
     r.add_argument("--out", required=True)
+    r.add_argument("--seeds", type=_ints, default=None, metavar="S1,S2,...",
+                   help="one reproduction per seed in OUT/seed-S, and a report of the mean ± std over them")
     r.add_argument("--data-dir")
     r.add_argument("--download", action="store_true")
     r.add_argument("--device", default="auto", type=_device_name, metavar="auto|cpu|cuda|cuda:N|mps",

@@ -99,14 +99,18 @@ def machine_description(device: torch.device) -> str:
     return f"{desc}, device {device}"
 
 
-def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, device="cpu") -> Path:
-    """Run every missing stage of the reproduction into `out`; return the path of report.md."""
+def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, device="cpu",
+              seed: int | None = None) -> Path:
+    """Run every missing stage of the reproduction into `out`; return the path of report.md.
+
+    seed: replaces the preset's seed (the training subset, initialisation, data order and attack starts
+    all follow it)."""
     from .checkpoint import load_model
     from .data import load_subsets
     from .evaluate import evaluate
     from .training import train
 
-    p = PRESETS[preset]
+    p = PRESETS[preset] if seed is None else dataclasses.replace(PRESETS[preset], seed=seed)
     device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
     train_set, test_set = load_subsets("cifar10", data_dir, download=download, train_subset=p.train_subset,
@@ -146,6 +150,80 @@ def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, 
     path = out / "report.md"
     atomic_write(path, render_report(preset, p, results).encode())
     return path
+
+
+def reproduce_seeds(preset: str, out: Path, seeds: list[int], **kw) -> Path:
+    """The reproduction once per seed, into out/seed-K (each resumable as one reproduction), then
+    out/report.md, out/results.json and out/figure3.png with the mean ± std over the seeds of every
+    number: seconds per epoch and the two ratios of Table 1, and each point of Figure 3."""
+    if len(set(seeds)) < 2:
+        from .errors import UserError
+        raise UserError(f"--seeds needs at least 2 distinct seeds, got {seeds}")
+    per_seed = {}
+    for seed in seeds:
+        log.info("seed %d of %s", seed, seeds)
+        reproduce(preset, out / f"seed-{seed}", seed=seed, **kw)
+        per_seed[seed] = read_json(out / f"seed-{seed}" / "results.json")
+    results = aggregate_seeds(per_seed)
+    figure3(results["curves"], out / "figure3.png",
+            title=f"mean ± std over {len(seeds)} seeds, first {results['n']} test images")
+    write_json(out / "results.json", results)
+    path = out / "report.md"
+    atomic_write(path, render_seeds_report(preset, results).encode())
+    return path
+
+
+def _ms(vals: list[float]) -> dict:
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals), "values": vals}
+
+
+def aggregate_seeds(per_seed: dict[int, dict]) -> dict:
+    """Mean ± std (sample std, n − 1) over seeds of Table 1 and of Figure 3's accuracies; per_seed maps
+    a seed to the results.json of its reproduction."""
+    first = next(iter(per_seed.values()))
+    t1 = {name: {k: _ms([r["table1"]["rows"][name][k] for r in per_seed.values()])
+                 for k in ("seconds_per_epoch", "images_per_second")} for name in STAGES}
+    ratios = {k: _ms([r["table1"]["ratios"][k] for r in per_seed.values()]) for k in first["table1"]["ratios"]}
+    curves = {}
+    for name in STAGES:
+        eps = [q["eps"] for q in first["curves"][name]["results"]]
+        acc = [[r["curves"][name]["results"][i]["accuracy"] for r in per_seed.values()] for i in range(len(eps))]
+        curves[name] = {"results": [{"eps": e, "accuracy": statistics.fmean(a), "std": statistics.stdev(a),
+                                     "values": a} for e, a in zip(eps, acc)]}
+    failed = [f"seed {seed}, {name}: {c['name']}: {c['detail']}" for seed, r in per_seed.items() for name in STAGES
+              for c in r["curves"][name].get("checks", []) if not c["passed"]]
+    return {"preset": first["preset"], "seeds": list(per_seed), "settings": first["settings"],
+            "machine": first["machine"], "version": __version__, "git_commit": git_commit(),
+            "n": first["curves"]["base"]["n"], "table1": {"rows": t1, "ratios": ratios}, "curves": curves,
+            "failed_checks": failed}
+
+
+def render_seeds_report(preset: str, results: dict) -> str:
+    pm = lambda v, scale=1.0, d=1: f"{scale * v['mean']:.{d}f} ± {scale * v['std']:.{d}f}"  # noqa: E731
+    t, seeds, n = results["table1"], results["seeds"], results["n"]
+    lines = [f"# advgen reproduction of Jung (2024), preset `{preset}`, {len(seeds)} seeds", "",
+             f"advgen {results['version']} (commit {results['git_commit'] or 'unknown'}); machine: {results['machine']}.",
+             "", DATA_CAVEAT, "",
+             f"Seeds {seeds}: each seed draws its own training subset, initialisation, data order and attack starts "
+             f"(one reproduction per seed in seed-K/, with its own report.md and settings). Every number is the mean ± "
+             f"std over the seeds (sample std); the first {n} test images.", "",
+             "## Table 1: training time per epoch", "",
+             "| method | seconds per epoch (median of the run's epochs) | images per second |", "|---|---|---|"]
+    for name in STAGES:
+        r = t["rows"][name]
+        lines.append(f"| {name} | {pm(r['seconds_per_epoch'])} | {pm(r['images_per_second'], d=0)} |")
+    lines += ["", f"min-max / generator = **{pm(t['ratios']['minmax/generator'])}×** (paper: 5.2×); generator / "
+                  f"standard = {pm(t['ratios']['generator/standard'], d=2)}×.", "",
+              "## Figure 3: accuracy against PGD-L2 eps", "", "![Figure 3](figure3.png)", ""]
+    eps = [r["eps"] for r in results["curves"]["base"]["results"]]
+    lines += ["| model | " + " | ".join(f"eps {e:g}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
+    for name in STAGES:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r['accuracy']:.1f} ± {100 * r['std']:.1f}"
+                                                 for r in results["curves"][name]["results"]) + " |")
+    lines += ["", "## Sanity checks (Carlini et al. 2019)", "",
+              "Every check of every seed passed." if not results["failed_checks"] else
+              "\n".join(f"- FAILED: {f}" for f in results["failed_checks"]), ""]
+    return "\n".join(lines)
 
 
 def table1(runs: dict) -> dict:
@@ -195,7 +273,8 @@ def figure2(gen_file: Path, test_set, path: Path, images: int = 6, generators: i
 
 def figure3(curves: dict, path: Path, title: str | None = None) -> None:
     """Accuracy against the L2 size of PGD attacks, one line per model (Figure 3 of the paper); a point
-    whose result holds "ci95" [low, high] gets that interval as its error bar."""
+    whose result holds "ci95" [low, high] gets that interval as its error bar, one holding "std" (a mean
+    over seeds) ± std."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -204,9 +283,11 @@ def figure3(curves: dict, path: Path, title: str | None = None) -> None:
     for i, (name, curve) in enumerate(curves.items()):
         eps = [r["eps"] for r in curve["results"]]
         acc = [r["accuracy"] for r in curve["results"]]
-        if all("ci95" in r for r in curve["results"]):
-            err = [[a - r["ci95"][0] for a, r in zip(acc, curve["results"])],
-                   [r["ci95"][1] - a for a, r in zip(acc, curve["results"])]]
+        bars = all("ci95" in r for r in curve["results"]) or all("std" in r for r in curve["results"])
+        if bars:
+            err = ([[r["std"] for r in curve["results"]]] * 2 if "std" in curve["results"][0] else
+                   [[a - r["ci95"][0] for a, r in zip(acc, curve["results"])],
+                    [r["ci95"][1] - a for a, r in zip(acc, curve["results"])]])
             dodge = 0.006 * (i - (len(curves) - 1) / 2)   # side by side, so that the bars stay readable
             ax.errorbar([e + dodge for e in eps], acc, yerr=err, marker="o", markersize=3, capsize=3, label=name)
         else:
