@@ -437,6 +437,53 @@ def _augment_with(images: torch.Tensor, offs: torch.Tensor, flip: torch.Tensor, 
     return padded.view(-1)[plane + (rows * wp).view(b, 1, h, 1) + cols.view(b, 1, 1, w)]
 
 
+@dataclass(frozen=True)
+class Where:
+    """Where a training batch's rows come from: dataset indices and the augmentation each row got.
+
+    idx (B,) int64 on the data's device; offs (2, B) crop offsets and flip (B,) coins as drawn by
+    _augment_draws (None for unaugmented batches); pad: the crop padding. Per-sample state kept in the
+    dataset's frame (N, C, H, W) -- e.g. each sample's last adversarial perturbation -- is read into the
+    batch's augmented frame with gather() and written back with scatter_(), so a perturbation stays on
+    the pixels it was made for when the next epoch crops and flips the image differently.
+    """
+
+    idx: torch.Tensor
+    offs: torch.Tensor | None = None
+    flip: torch.Tensor | None = None
+    pad: int = 0
+
+    def __getitem__(self, rows: slice) -> "Where":
+        """The record of a slice of the batch's rows."""
+        if self.offs is None:
+            return Where(self.idx[rows], pad=self.pad)
+        return Where(self.idx[rows], self.offs[:, rows], self.flip[rows], self.pad)
+
+    def gather(self, store: torch.Tensor) -> torch.Tensor:
+        """store (N, C, H, W) -> its rows of this batch, augmented as the batch: (B, C, H, W); pixels
+        the crop takes from the padding are 0."""
+        rows = store[self.idx]
+        return rows if self.offs is None else _augment_with(rows, self.offs, self.flip, self.pad)
+
+    def scatter_(self, store: torch.Tensor, values: torch.Tensor) -> None:
+        """Write values (B, C, H, W), in the batch's augmented frame, back into store's rows, un-flipped
+        and un-cropped; the pixels a crop cut off keep what store held."""
+        values = values.to(store.dtype)
+        if self.offs is not None:
+            b, c, h, w = values.shape
+            p = self.pad
+            canvas = torch.nn.functional.pad(store[self.idx], (p, p, p, p))
+            dev = values.device
+            offs, flip = self.offs.to(dev), self.flip.to(dev)
+            ar_w = torch.arange(w, device=dev)
+            rows = (offs[0, :, None] + torch.arange(h, device=dev)).view(b, 1, h, 1).expand(b, c, h, w)
+            cols = (offs[1, :, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)).view(b, 1, 1, w)
+            flat = (rows * canvas.shape[-1] + cols).reshape(b, c, -1)   # (dy+i, col) in the padded image
+            canvas.view(b, c, -1).scatter_(2, flat, values.reshape(b, c, -1))
+            values = canvas[:, :, p:p + h, p:p + w]
+        store[self.idx] = values
+
+
 class Batches:
     """Iterates over a Dataset in seeded random order, augmenting on the device; float32 in [0, 1].
 
@@ -484,19 +531,23 @@ class Batches:
                 _augment_draws(order[i * self.batch_size:(i + 1) * self.batch_size].numel(), g, self.pad)
         return order, g
 
-    def epoch(self, epoch: int, start: int = 0):
-        """Yield (x float (B, C, H, W) in [0, 1], y int64 (B,)) for batches start, start+1, ..."""
+    def epoch(self, epoch: int, start: int = 0, where: bool = False):
+        """Yield (x float (B, C, H, W) in [0, 1], y int64 (B,)) for batches start, start+1, ...;
+        with where=True, (x, y, Where): the rows' dataset indices and augmentation."""
         order, g = self.position(epoch, start)
         dev = self.ds.images.device
         order = order.to(dev)
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             part = shard_rows(idx.numel(), self.rank, self.world)
+            offs = flip = None
             x = self.ds.images[idx[part]]
             if self.train:
                 offs, flip = _augment_draws(idx.numel(), g, self.pad)
-                x = _augment_with(x, offs[:, part], flip[part], self.pad)
-            yield x.float().div_(255), self.ds.labels[idx[part]]
+                offs, flip = offs[:, part], flip[part]
+                x = _augment_with(x, offs, flip, self.pad)
+            batch = (x.float().div_(255), self.ds.labels[idx[part]])
+            yield (*batch, Where(idx[part], offs, flip, self.pad)) if where else batch
 
     def shard(self, epoch: int) -> torch.Tensor:
         """The dataset indices this rank trains on in `epoch`, in order (what epoch() yields)."""

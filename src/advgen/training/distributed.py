@@ -89,6 +89,14 @@ class Dist:
             for t in tensors:
                 tdist.all_reduce(t)
 
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's t (same shape on each) stacked along dim 0 in rank order."""
+        if not self.active:
+            return t
+        out = t.new_empty((self.world * t.shape[0], *t.shape[1:]))
+        tdist.all_gather_into_tensor(out, t.contiguous())
+        return out
+
     def broadcast_module(self, module: nn.Module, buffers_only: bool = False) -> None:
         """Copy rank 0's parameters (unless buffers_only) and buffers into every rank's module."""
         if not self.active:

@@ -168,7 +168,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.setup = Setup(device=device, channels_last=channels_last, fold_bn=cfg.fold_bn_attack and not cfg.compile,
                            steps_per_epoch=spe, epochs=cfg.epochs, seed=distributed.rank_seed(cfg.seed, dist.rank),
-                           in_channels=train_set.images.shape[1], dist=dist, train_forward=self.ddp,
+                           in_channels=train_set.images.shape[1], train_size=len(train_set), dist=dist, train_forward=self.ddp,
                            scaler=self.scaler if fp16 else None, descend=self.descend)
         self.method: Method = build_method(cfg.method, self.model, cfg.options, self.setup)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -316,7 +316,7 @@ class Saver:
                     "seconds": sum(r["seconds"] for r in run.record["epochs"]) + run.meter.seconds})
 
 
-def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple:
+def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor, autocast, where=None) -> tuple:
     """One step: the method's loss, the classifier's descent, the method's after-step hook.
 
     Under torchrun every rank starts the step with rank 0's BatchNorm statistics (its attacks use them)
@@ -325,7 +325,8 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple:
     run.dist.broadcast_module(run.model, buffers_only=True)
     calls, descends = run.ddp_calls, run.descends
     with autocast:  # forward passes only; the backward runs in the dtypes autocast chose
-        loss, logits, labels = run.method.loss(x.contiguous(memory_format=run.setup.memory_format), y)
+        x = x.contiguous(memory_format=run.setup.memory_format)
+        loss, logits, labels = run.method.loss(x, y) if where is None else run.method.loss(x, y, where=where)
     extra = run.descends - descends   # Free-AT's replays: each a call of train_model and an update
     if run.ddp is not None and run.ddp_calls != calls + 1 + extra:
         raise RuntimeError(f"method {run.cfg.method!r} called the DDP-wrapped classifier (Method.train_model) "
@@ -386,7 +387,8 @@ def run_steps(run: Run, saver: Saver, every: int | None, progress: bool, stop: S
     """The remaining steps of the current epoch."""
     autocast = torch.autocast(run.device.type, dtype=amp_dtype(run.device), enabled=run.cfg.amp)
     run.model.train()
-    bar = tqdm(run.batches.epoch(run.epoch, run.step), total=run.steps_per_epoch, initial=run.step, leave=False,
+    per_sample = run.method.per_sample
+    bar = tqdm(run.batches.epoch(run.epoch, run.step, where=per_sample), total=run.steps_per_epoch, initial=run.step, leave=False,
                desc=f"{run.cfg.method} epoch {run.epoch}/{run.cfg.epochs}",
                disable=None if progress and run.dist.main else True)
     timer = StepTimer(run.device)
@@ -394,9 +396,9 @@ def run_steps(run: Run, saver: Saver, every: int | None, progress: bool, stop: S
     stop.armed = True
     try:
         done = sum(r["seconds"] for r in run.record["epochs"])
-        for x, y in bar:
+        for x, y, *where in bar:
             lr = run.opt.param_groups[0]["lr"]
-            loss, logits, labels = _train_step(run, x, y, autocast)
+            loss, logits, labels = _train_step(run, x, y, autocast, *where)
             correct = run.meter.update(loss, logits, labels)
             saver.steplog.record(run.global_step, run.epoch, loss, correct, labels.shape[0], lr,
                                  done + run.meter.seconds + timer.host_elapsed())

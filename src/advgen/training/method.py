@@ -15,6 +15,9 @@ torch optimizers do:
     modules()                              {name: module} saved beside the classifier (e.g. "generators")
     passes                                 forward-backward passes of the classifier per step (the
                                            work a step costs: budgets in work done, not seconds)
+    per_sample                             True: the method keeps state per training sample and its
+                                           loss is called as loss(x, y, where=Where) (data.Where: the
+                                           rows' dataset indices and augmentation)
 
 A new method is one module: a class derived from Method, decorated with @register(name, Options),
 where Options is a dataclass with validate(); then one import line in training/__init__.py.
@@ -46,7 +49,7 @@ class Setup:
     device: where the classifier lives; channels_last: the classifier and its batches are NHWC;
     fold_bn: attacks may run on a BatchNorm-folded copy (off under torch.compile); steps_per_epoch
     and epochs: the schedule; seed: the run's seed (methods derive their own RNGs from it);
-    in_channels: channels of the images.
+    in_channels: channels of the images; train_size: training images (for per-sample state).
     dist: this process's place in a data-parallel run (training/distributed.py; world 1 without torchrun):
     seed is already this rank's, modules a method trains beside the classifier average their gradients
     with dist.average_grads before their optimizer step. train_forward: the classifier's forward for the
@@ -66,6 +69,7 @@ class Setup:
     epochs: int = 1
     seed: int = 0
     in_channels: int = 3
+    train_size: int = 0
     descend: Callable[[torch.Tensor], None] | None = None
     dist: Dist = SINGLE
     train_forward: Callable | None = None
@@ -100,6 +104,10 @@ class Method:
     @property
     def passes(self) -> int:
         return 1
+
+    @property
+    def per_sample(self) -> bool:
+        return False
 
     def modules(self) -> dict[str, nn.Module]:
         return {}
