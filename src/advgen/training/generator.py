@@ -15,7 +15,9 @@ Memory across epochs (memory=True). The method keeps each training sample's last
 perturbation δ_i = x_adv,i − x_i in a buffer M (N_train, C, H, W) on the classifier's device, zeros at
 the start, in the dataset's frame: a batch reads its rows into its own crop and flip (data.Where.gather;
 pixels the crop takes from the padding read 0) and writes the new δ back un-cropped and un-flipped
-(Where.scatter_), so a perturbation stays on the pixels it was made for. The bank sees δ_prev as C more
+(Where.scatter_), so a perturbation stays on the pixels it was made for. A row holds one visit's δ:
+the pixels that visit's crop cut off are set to 0, not kept from an earlier visit (two visits' parts
+together could exceed the L2 bound), so every stored and every read δ_prev is within the bound s. The bank sees δ_prev as C more
 input channels, φ_k(x, [∇L,] δ_prev) (models/generators.py, in units of the bound), the prior-guided
 initialisation of FGSM-PGI (Jia et al. 2022) and ATTA's accumulated perturbations (Zheng et al. 2020)
 with a network deciding how to use it. The intended strong variant: memory + bank.grad_input +
@@ -233,9 +235,12 @@ class GeneratorMethod(Method):
         return where.gather(self._buffer(x)).to(x.dtype).contiguous(memory_format=self.setup.memory_format)
 
     def _remember(self, where: Where, delta: torch.Tensor) -> None:
-        """Store δ (B, C, H, W) in the batch's frame into the rows `where` names; under torchrun every
-        rank then receives every other rank's rows, so the buffers stay identical."""
+        """Store δ (B, C, H, W) in the batch's frame as the whole of the rows `where` names (pixels this
+        crop cut off become 0: kept from an earlier visit, they would add to this δ and could leave the
+        L2 ball); under torchrun every rank then receives every other rank's rows, so the buffers stay
+        identical."""
         store = self._buffer(delta)
+        store.index_fill_(0, where.idx, 0)
         where.scatter_(store, delta.detach())   # no graph into the buffer: δ_prev is a constant next time
         dist = self.setup.dist
         if dist.active:
