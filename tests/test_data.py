@@ -10,7 +10,7 @@ import torch
 import advgen
 from advgen.data import Batches, Dataset, augment, balanced_subset, first_n, load_cifar
 from advgen.errors import DataError, UserError
-from synth_cifar import System, Touch
+from synth_cifar import System, Touch, shown_pixels
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -357,15 +357,6 @@ def test_batches_reject_bad_sizes():
 
 
 # ---------------------------------------------------------------------------- per-sample state (Where)
-
-def shown_pixels(dy: int, dx: int, flipped: bool, pad: int, h: int = 32, w: int = 32):
-    """For every pixel (i, j) of an augmented image, the image pixel (r, c) it shows, and whether it
-    shows one at all (False: the crop's zero padding). Written from augment()'s docstring, pixel by pixel."""
-    i = torch.arange(h)[:, None].expand(h, w)
-    j = torch.arange(w)[None, :].expand(h, w)
-    r, c = dy + i - pad, dx + (w - 1 - j if flipped else j) - pad
-    return r, c, (r >= 0) & (r < h) & (c >= 0) & (c < w)
-
 
 def test_where_gather_augments_like_the_batch():
     ds = id_dataset(24)
