@@ -70,7 +70,8 @@ def fail() -> None:
 
 def main(mode: str, out: Path, which: str = "") -> None:
     dist, _ = distributed.init("cpu")
-    cfg = TrainConfig.from_dict((STANDARD if mode == "standard" else MEMORY if which == "memory" else CONFIG).to_dict())
+    chosen = STANDARD if mode == "standard" else MEMORY if which == "memory" else CONFIG
+    cfg = TrainConfig.from_dict(chosen.to_dict())
     seed_everything(distributed.rank_seed(cfg.seed, dist.rank))
     model = make_tiny(batchnorm=mode != "standard")
     kind, _, k = mode.partition(":")

@@ -661,7 +661,8 @@ def test_memory_cli_flags():
     assert not parse().memory and parse().start == "bank"
     strong = parse("--gen-preset", "gradient", "--gen-memory", "true", "--gen-step-after", "true")
     assert strong.memory and strong.step_after and strong.bank.grad_input and strong.passes == 3
-    control = parse("--gen-memory", "yes", "--gen-step-after", "on", "--gen-start", "memory")   # paper preset: no gradient input
+    # the paper preset has no gradient input, so the control needs no --gen-grad-input false
+    control = parse("--gen-memory", "yes", "--gen-step-after", "on", "--gen-start", "memory")
     assert (control.memory, control.start, control.passes) == (True, "memory", 2)
     assert not parse("--gen-memory", "false").memory
 

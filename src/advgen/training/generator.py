@@ -12,39 +12,47 @@ each batch, a warm-up of the bound s; and variants that do what one gradient ste
 a gradient step after the bank (step_after), and memory across epochs (memory).
 
 Memory across epochs (memory=True). The method keeps each training sample's last adversarial
-perturbation δ_i = x_adv,i − x_i in a buffer M (N_train, C, H, W) on the classifier's device, zeros at
-the start, in the dataset's frame: a batch reads its rows into its own crop and flip (data.Where.gather;
-pixels the crop takes from the padding read 0) and writes the new δ back un-cropped and un-flipped
-(Where.scatter_), so a perturbation stays on the pixels it was made for. A row holds one visit's δ:
-the pixels that visit's crop cut off are set to 0, not kept from an earlier visit (two visits' parts
-together could exceed the L2 bound), so every stored and every read δ_prev is within the bound s. The bank sees δ_prev as C more
-input channels, φ_k(x, [∇L,] δ_prev) (models/generators.py, in units of the bound), the prior-guided
-initialisation of FGSM-PGI (Jia et al. 2022) and ATTA's accumulated perturbations (Zheng et al. 2020)
-with a network deciding how to use it. The intended strong variant: memory + bank.grad_input +
-step_after, x_adv = x + P_s(φ(x, ∇L(x), δ_prev) + α·d(∇L) − x), one gradient after the bank.
-- dtype: float16, half of float32's memory: 50,000 CIFAR-10 images take 50,000·3·32·32·2 B ≈ 307 MB,
-  10,000 about 61 MB. Its rounding (relative 2⁻¹¹, < 10⁻⁴ of a pixel for |δ| ≤ 0.2) is far below the
-  1/255 of an 8-bit image; a stored δ meets the bound s to that rounding.
-- gradient flow: δ_prev is a constant input (the buffer never holds a graph: δ is detached before it is
-  stored); the bank's ascent gradient flows through its output x_cur alone, as without memory. The bank
-  is not credited with what its δ does to the sample's next visit (no back-propagation across epochs).
-- the first visit of every sample reads zeros; a sample is next read one epoch later.
-- resume: the buffer is part of state_dict(), so a killed and resumed run is bit-identical.
-- torchrun: every rank holds the whole buffer. Each step the ranks all-gather the rows they wrote
-  (their dataset indices and the written rows, in the dataset frame), so the buffers stay identical on
-  every rank: a sample trained by rank 1 in one epoch may fall to rank 0 in the next, and reads the δ
-  rank 1 made (one all-gather of B·C·H·W float16 values per step). The buffer is saved once, in rank
-  0's method state (the other ranks store None: their copy is the same), and a resume hands rank 0's
-  copy to every rank (Dist.share), so the state file holds one buffer whatever the world size.
+perturbation δ_i = x_adv,i − x_i (pixel units) in a buffer M (N_train, C, H, W) on the classifier's
+device, zeros at the start, in the dataset's frame: a batch reads its rows into its own crop and flip
+(data.Where.gather; pixels the crop takes from the padding read 0) and writes the new δ back
+un-cropped and un-flipped (Where.scatter_), so a perturbation stays on the pixels it was made for. A
+row holds one visit's δ: the pixels that visit's crop cut off are set to 0, not kept from an earlier
+visit (two visits' parts together could exceed the L2 bound), so every stored and every read δ_prev is
+within the bound s. The bank sees δ_prev as C more input channels, φ_k(x, [∇L,] δ_prev)
+(models/generators.py, in units of the bound): the prior-guided initialisation of FGSM-PGI (Jia et al.
+2022) and the accumulated perturbations of ATTA (Zheng et al. 2020), with a network deciding how to use
+them. The intended strong variant is memory + bank.grad_input + step_after:
 
-The control without the network (start="memory", with memory and step_after): x_adv =
-x + P_s(x0 + α·d(∇L(x0)) − x), x0 = clip(x + δ_prev): each sample's previous perturbation is the start
-of one gradient step (FGSM-PGI's prior-guided initialisation, without its gradient momentum and its
-regulariser; zeros on the first visit, where FGSM-PGI draws a random start), projected onto the bound
-and stored. Everything else is the generator method's own (bound, step, buffer, DDP, state); the
-bank is not built and its settings (n, width, depth, assign, optimizer, lr) are unused, so a
-comparison with memory + step_after says what the network adds over the memory itself. It costs
-2 passes per step (1 gradient + the training pass).
+    x1 = φ(x, ∇L(x), δ_prev),   x_adv = clip(x + P_s(x1 + α·d(∇L(x1)) − x)),   δ = x_adv − x stored
+
+with d the norm's unit ascent direction (g/‖g‖₂ for l2, sign g for box and linf), α = step_size
+(default s), P_s the projection onto the s-ball, clip to [0, 1]; 3 passes per step.
+- dtype: float16, half of float32's memory: 50,000 CIFAR-10 images take 50,000·3·32·32·2 B ≈ 307 MB,
+  10,000 about 61 MB. Its rounding (relative 2⁻¹¹: under 10⁻⁴ in pixel units for |δ| ≤ 0.2) is far
+  below the 1/255 step of an 8-bit image; a stored δ meets the bound s up to that rounding.
+- gradient flow: δ_prev is a constant input (the buffer never holds a graph: δ is detached before it is
+  stored); the bank's ascent gradient flows through its output x1 alone, as without memory (the step's
+  direction is a constant too). The bank is not credited with what its δ does at the sample's next
+  visit: no back-propagation across epochs.
+- the first visit of every sample reads zeros; a sample is read again one epoch later.
+- resume: the buffer is part of state_dict(), so a killed and resumed run is bit-identical.
+- torchrun: every rank holds the whole buffer. After each step the ranks all-gather the rows they
+  wrote (two all-gathers: the dataset indices, and the rows as B·C·H·W float16 values in the dataset
+  frame), so the buffers stay identical on every rank: a sample trained by rank 1 in one epoch may fall
+  to rank 0 in the next, and reads the δ rank 1 made. The buffer is saved once, in rank 0's method
+  state (the other ranks store None: their copy is the same), and a resume hands rank 0's copy to every
+  rank (Dist.share), so the state file holds one buffer whatever the world size.
+
+The control without the network (start="memory", with memory and step_after):
+
+    x0 = clip(x + δ_prev),   x_adv = clip(x + P_s(x0 + α·d(∇L(x0)) − x)),   δ = x_adv − x stored
+
+each sample's previous perturbation is the start of one gradient step: FGSM-PGI's prior-guided
+initialisation without its gradient momentum and its regulariser, and with zeros on the first visit
+(FGSM-PGI starts its first epoch from random noise). Everything else is the generator method's own
+(bound, step, input gradient, buffer, DDP, state); the bank is not built and its settings (n, width,
+depth, assign, optimizer, lr) are unused, so comparing it with memory + step_after tells what the
+network adds over the memory itself. 2 passes per step (1 gradient + the training pass).
 
 Names: the method is GeneratorMethod ("generator"), its options GeneratorOptions, the networks a
 GeneratorBank configured by a BankConfig, the RNG that assigns samples to generators `assign_rng`,
@@ -119,7 +127,8 @@ class GeneratorOptions:
             check_field(self.memory and self.step_after, "generator.start",
                         "memory needs generator.memory and generator.step_after (x0 = x + δ_prev, then the step)")
             for name, unused in (("steps", self.steps != 1), ("recursions", self.recursions != 1),
-                                 ("reinit_every", self.reinit_every != 0), ("warmup_epochs", self.warmup_epochs != 0)):
+                                 ("reinit_every", self.reinit_every != 0),
+                                 ("warmup_epochs", self.warmup_epochs != 0)):
                 check_field(not unused, f"generator.{name}", "acts on the bank, which start memory does not build")
             check_field(not self.bank.grad_input, "bank.grad_input",
                         "feeds the bank, which start memory does not build (it would cost a pass for nothing)")
