@@ -1,10 +1,12 @@
 """A training job for tests/test_distributed.py, started by torchrun (2 processes, gloo on the CPU):
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py MODE OUT
+    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py MODE OUT [memory]
 
 MODE: run (train the generator CONFIG to the end), kill:K (both ranks SIGKILL themselves inside
 global step K), resume (continue OUT), raise:K (rank 1 raises inside step K), standard (the BN-free
-standard CONFIG, to compare with one process), trades (TRADES: two training forwards in one DDP call). Every rank writes its classifier and method modules to
+standard CONFIG, to compare with one process), trades (TRADES: two training forwards in one DDP
+call). With a third argument `memory`, the generator MEMORY config instead of CONFIG. Every rank
+writes its classifier and method modules (and the buffer of previous perturbations, as "memory") to
 OUT/rank-R.safetensors at the end.
 """
 from __future__ import annotations
@@ -35,6 +37,11 @@ CONFIG = TrainConfig(method="generator", epochs=2, batch_size=16, seed=5, option
     warmup_epochs=1, reinit_every=2, clean_fraction=0.25))
 STANDARD = TrainConfig(method="standard", epochs=2, batch_size=16, seed=5, lr=0.05)
 TRADES = TrainConfig(method="trades", epochs=2, batch_size=16, seed=5, options=TradesOptions(steps=2))
+# memory across epochs: every image is written in epoch 1 (no clean rows) and read in epoch 2, mostly
+# on the other rank than the one that wrote it
+MEMORY = TrainConfig(method="generator", epochs=2, batch_size=16, seed=5, options=GeneratorOptions(
+    bank=BankConfig(n=4, bound="l2", size=0.5, grad_input=True, grad_skip=True, width=4, depth=2),
+    memory=True, step_after=True, lr=0.05))
 
 
 def sets():
@@ -52,11 +59,11 @@ def probed(base, at_step: int = 0, action=None):
             INSTANCES.append(self)
             self.calls = 0
 
-        def loss(self, x, y):
+        def loss(self, x, y, **where):
             self.calls += 1
             if self.calls == at_step:
                 action()
-            return super().loss(x, y)
+            return super().loss(x, y, **where)
     return Probe
 
 
@@ -64,9 +71,10 @@ def fail() -> None:
     raise RuntimeError("rank 1 fails on purpose")
 
 
-def main(mode: str, out: Path) -> None:
+def main(mode: str, out: Path, which: str = "") -> None:
     dist, _ = distributed.init("cpu")
-    cfg = TrainConfig.from_dict({"standard": STANDARD, "trades": TRADES}.get(mode, CONFIG).to_dict())
+    chosen = {"standard": STANDARD, "trades": TRADES}.get(mode, MEMORY if which == "memory" else CONFIG)
+    cfg = TrainConfig.from_dict(chosen.to_dict())
     seed_everything(distributed.rank_seed(cfg.seed, dist.rank))
     model = make_tiny(batchnorm=mode != "standard")
     kind, _, k = mode.partition(":")
@@ -83,9 +91,11 @@ def main(mode: str, out: Path) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for name, module in INSTANCES[-1].modules().items():
         tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    if getattr(INSTANCES[-1], "memory", None) is not None:
+        tensors["memory"] = INSTANCES[-1].memory
     save_tensors(out / f"rank-{dist.rank}.safetensors", tensors, {})
     distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:])

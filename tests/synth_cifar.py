@@ -37,6 +37,16 @@ def tiny_dataset(n: int, seed: int) -> Dataset:
                    torch.tensor(d[b"labels"], dtype=torch.long), 10)
 
 
+def shown_pixels(dy: int, dx: int, flipped: bool, pad: int, h: int = 32, w: int = 32):
+    """For every pixel (i, j) of an augmented image (crop at offset (dy, dx) of the zero-padded image,
+    then the optional flip), the image pixel (r, c) it shows, and whether it shows one at all (False:
+    the crop's padding). Written from data.augment's docstring, pixel by pixel, as the tests' reference."""
+    i = torch.arange(h)[:, None].expand(h, w)
+    j = torch.arange(w)[None, :].expand(h, w)
+    r, c = dy + i - pad, dx + (w - 1 - j if flipped else j) - pad
+    return r, c, (r >= 0) & (r < h) & (c >= 0) & (c < w)
+
+
 class Touch:
     """A pickle payload: unpickling it would create a file (arbitrary code execution)."""
 

@@ -10,7 +10,7 @@ import torch
 import advgen
 from advgen.data import Batches, Dataset, augment, balanced_subset, first_n, load_cifar
 from advgen.errors import DataError, UserError
-from synth_cifar import System, Touch
+from synth_cifar import System, Touch, shown_pixels
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -354,6 +354,58 @@ def test_batches_reject_bad_sizes():
     with pytest.raises(UserError):
         Batches(ds, 6, train=True)
     assert len(Batches(ds, 6, train=False)) == 1
+
+
+# ---------------------------------------------------------------------------- per-sample state (Where)
+
+def test_where_gather_augments_like_the_batch():
+    ds = id_dataset(24)
+    bt = Batches(ds, 8, seed=3)
+    for x, y, where in bt.epoch(1, where=True):
+        assert torch.equal(where.idx, y)                           # id_dataset: labels are the indices
+        assert torch.equal(where.gather(ds.images), (x * 255).round().to(torch.uint8))
+
+
+def test_where_scatter_then_gather_follows_the_pixels_through_other_crops_and_flips():
+    """A value stored for a pixel of an augmented image is read back, in the next epoch's other crop and
+    flip, on the same image pixel; pixels a crop cut off keep what the store held; padding reads 0."""
+    ds = id_dataset(24)
+    bt = Batches(ds, 8, seed=3)
+    store = torch.full((24, 3, 32, 32), -1.0)
+    expect = store.clone()
+    seen = {}
+    for x, _, where in bt.epoch(1, where=True):
+        values = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(where.idx[0])))
+        where.scatter_(store, values)
+        for b, i in enumerate(where.idx.tolist()):
+            aug = (int(where.offs[0, b]), int(where.offs[1, b]), bool(where.flip[b]))
+            r, c, inside = shown_pixels(*aug, where.pad)
+            expect[i][:, r[inside], c[inside]] = values[b][:, inside]
+            seen[i] = aug
+    assert torch.equal(store, expect)
+    assert (store == -1).any() and (store != -1).float().mean() > 0.5   # some pixels cut off, most written
+    moved = 0
+    for x, _, where in bt.epoch(2, where=True):
+        got = where.gather(store)
+        for b, i in enumerate(where.idx.tolist()):
+            aug = (int(where.offs[0, b]), int(where.offs[1, b]), bool(where.flip[b]))
+            r, c, inside = shown_pixels(*aug, where.pad)
+            want = torch.zeros(3, 32, 32)
+            want[:, inside] = expect[i][:, r[inside], c[inside]]
+            assert torch.equal(got[b], want), i
+            moved += aug != seen[i]
+    assert moved >= 20                                           # nearly every image got another crop or flip
+
+
+def test_where_scatter_into_float16_and_unaugmented_batches():
+    ds = id_dataset(16)
+    store = torch.zeros(16, 3, 32, 32, dtype=torch.float16)
+    for x, _, where in Batches(ds, 8, train=False).epoch(0, where=True):
+        assert where.offs is None
+        where.scatter_(store, x)
+        assert torch.equal(where.gather(store), x.half())
+        assert torch.equal(where[2:5].idx, where.idx[2:5])
+    assert torch.equal(store, (ds.images.float() / 255).half())
 
 
 # ---------------------------------------------------------------------------------------------- real data

@@ -36,8 +36,8 @@ def torchrun(*args, n: int = 2, timeout: float = 120) -> subprocess.CompletedPro
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def worker(mode: str, out: Path) -> subprocess.CompletedProcess:
-    return torchrun(HERE / "ddp_worker.py", mode, out)
+def worker(mode: str, out: Path, *which: str) -> subprocess.CompletedProcess:
+    return torchrun(HERE / "ddp_worker.py", mode, out, *which)
 
 
 def _same(a: dict, b: dict) -> None:
@@ -130,6 +130,32 @@ def test_trades_two_training_forwards_in_one_ddp_call(tmp_path):
     assert rec["world_size"] == 2 and rec["finished"] and rec["epochs"][-1]["passes"] == 3 * (2 + 2)
     r0, r1 = (load_file(tmp_path / "run" / f"rank-{r}.safetensors") for r in (0, 1))
     _same(r0, r1)   # each rank trained on its own shard: equal only through the all-reduce
+
+
+def test_memory_buffers_agree_on_every_rank_and_resume_bit_identical(tmp_path):
+    """Generator memory under 2 ranks: each step's rows reach both ranks (a sample trained by rank 1 in
+    epoch 1 may be read by rank 0 in epoch 2), the state holds the buffer once (rank 0's), and a killed
+    run resumes to the very weights and buffers of an uninterrupted one."""
+    from advgen.training.state import read_state
+    whole = tmp_path / "whole"
+    r = worker("run", whole, "memory")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = (load_file(whole / f"rank-{r}.safetensors") for r in (0, 1))
+    _same(r0, r1)
+    memory = r0["memory"]
+    assert memory.dtype == torch.float16 and memory.shape == (48, 3, 32, 32)
+    assert (memory.float().flatten(1).norm(dim=1) > 0.25).all()   # every image written, on both ranks
+    out = tmp_path / "run"
+    r = worker("kill:4", out, "memory")   # inside epoch 2's first step: its δ_prev come from epoch 1
+    assert r.returncode != 0
+    state, header = read_state(out / "state.safetensors")
+    assert (header["epoch"], header["step"]) == (2, 0)
+    saved = [m["memory"] for m in state["method"]]
+    assert saved[0].dtype == torch.float16 and saved[0].shape == (48, 3, 32, 32) and saved[1] is None
+    r = worker("resume", out, "memory")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        _same(load_file(out / f"rank-{rank}.safetensors"), load_file(whole / f"rank-{rank}.safetensors"))
 
 
 def test_other_world_size_is_refused(tmp_path):

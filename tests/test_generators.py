@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 import advgen
 from advgen.errors import UserError
 from advgen.models.generators import GeneratorBank, BankConfig
-from advgen.training.generator import GeneratorMethod
+from advgen.training.generator import GeneratorMethod, GeneratorOptions
 from advgen.training.method import Setup
 
 
@@ -43,14 +44,16 @@ def ref_bound(psi, x, cfg):
     return adv.clamp(0, 1)
 
 
-def reference(bank, x, k, grad=None):
-    """Expected output for samples x assigned to generators k (one generator at a time)."""
-    inp = x if grad is None else torch.cat([x, grad], 1)
+def reference(bank, x, k, grad=None, memory=None, skip=None):
+    """Expected output for samples x assigned to generators k (one generator at a time); grad and
+    memory: the extra input channels as given, in this order; skip: added to ψ (grad_skip)."""
+    inp = torch.cat([x] + [t for t in (grad, memory) if t is not None], 1)
     out = torch.empty_like(x)
     for j in range(bank.cfg.n):
         sel = k == j
         if sel.any():
-            out[sel] = ref_bound(ref_psi(bank, j, inp[sel]), x[sel], bank.cfg)
+            psi = ref_psi(bank, j, inp[sel]) + (0 if skip is None else skip[sel])
+            out[sel] = ref_bound(psi, x[sel], bank.cfg)
     return out
 
 
@@ -448,3 +451,236 @@ def test_random_assignment_is_kept_across_recursions(trained_tiny):
     _, _, k = method._generate(x, y)
     assert torch.equal(k, (torch.arange(16) % 4)[torch.argsort(perm)])
     assert torch.equal(method.assign_rng.get_state(), ref.get_state())
+
+
+# ------------------------------------------------------------------------------ memory across epochs
+
+def test_bank_sees_the_previous_perturbation_in_units_of_the_bound():
+    """With memory_input the bank's input is [x, g, δ_prev / unit] (unit: s/√D for l2, s for box), and
+    grad_skip adds the gradient's channels alone; a bank that ignored δ_prev would fail both checks."""
+    x = rand_images(6)
+    g = torch.Generator().manual_seed(2)
+    grad, delta = torch.randn(6, 3, 32, 32, generator=g), 0.01 * torch.randn(6, 3, 32, 32, generator=g)
+    for bound, unit in (("l2", 0.5 / 3072 ** 0.5), ("box", 0.5)):
+        bank = make_bank(bound=bound, size=0.5, grad_input=True, grad_skip=True, memory_input=True)
+        assert bank.convs[0].in_channels == 4 * 9                       # N generators x (x, g, δ_prev)
+        with torch.no_grad():
+            adv, k = bank(x, grad, memory=delta)
+            torch.testing.assert_close(adv, reference(bank, x, k, grad, delta / unit, skip=grad), atol=1e-5, rtol=0)
+            assert (adv - bank(x, grad, memory=torch.zeros_like(delta))[0]).abs().max() > 1e-3
+    bank = make_bank(memory_input=True)                                  # without the gradient: [x, δ_prev / s]
+    with torch.no_grad():
+        adv, k = bank(x, memory=delta)
+        torch.testing.assert_close(adv, reference(bank, x, k, memory=delta / 0.2), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pass memory="):
+        bank(x)
+
+
+def _memory_data(trained_tiny, n=24, batch=8, seed=1):
+    """(Dataset of n of the tiny test images as uint8, augmenting Batches over it)."""
+    from advgen.data import Batches, Dataset
+    ds = Dataset((trained_tiny.x_test[:n] * 255).round().to(torch.uint8), trained_tiny.y_test[:n], 10)
+    return ds, Batches(ds, batch, seed=seed)
+
+
+def memory_method(model, train_size=24, bank=None, **opts):
+    cfg = advgen.TrainConfig(method="generator", seed=0)
+    cfg.options.bank = BankConfig(**{"n": 4, "bound": "l2", "size": 0.5, "grad_input": True, "grad_skip": True,
+                                     "width": 4, **(bank or {})})
+    cfg.options.memory = True
+    for k, v in opts.items():
+        setattr(cfg.options, k, v)
+    cfg.validate()
+    torch.manual_seed(0)
+    return GeneratorMethod(model, cfg.options, Setup(device=torch.device("cpu"), steps_per_epoch=3, seed=0,
+                                                     train_size=train_size))
+
+
+def _training_inputs(model):
+    """A list that receives the input of every classifier call (the last one of a step: the training pass)."""
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
+    return seen
+
+
+def test_memory_is_written_in_the_dataset_frame_and_read_in_the_next_crop(trained_tiny):
+    """Epoch 1 stores δ = x_adv − x of every sample; in epoch 2 the bank's δ_prev shows each stored value
+    on the image pixel it was made for, after another crop and flip (reference: synth_cifar.shown_pixels)."""
+    from synth_cifar import shown_pixels
+    model = copy.deepcopy(trained_tiny.model).train()
+    ds, batches = _memory_data(trained_tiny)
+    method = memory_method(model, step_after=True)
+    assert method.per_sample and method.passes == 3
+    inputs = _training_inputs(model)
+    made = torch.zeros(24, 3, 32, 32)                 # δ in the dataset frame, from the augmentation alone
+    aug = {}
+    for x, y, where in batches.epoch(1, where=True):
+        method.loss(x, y, where=where)
+        delta = inputs[-1] - x
+        for b, i in enumerate(where.idx.tolist()):
+            aug[i] = (int(where.offs[0, b]), int(where.offs[1, b]), bool(where.flip[b]))
+            r, c, inside = shown_pixels(*aug[i], where.pad)
+            made[i][:, r[inside], c[inside]] = delta[b][:, inside]
+    assert method.memory.dtype == torch.float16 and method.memory.shape == (24, 3, 32, 32)
+    assert torch.equal(method.memory, made.half())   # the pixels every crop cut off hold 0
+    seen = []
+    method.bank.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["memory"].clone()), with_kwargs=True)
+    moved = 0
+    remade = torch.zeros(24, 3, 32, 32)
+    for x, y, where in batches.epoch(2, where=True):
+        method.loss(x, y, where=where)
+        delta = inputs[-1] - x
+        for b, i in enumerate(where.idx.tolist()):
+            now = (int(where.offs[0, b]), int(where.offs[1, b]), bool(where.flip[b]))
+            r, c, inside = shown_pixels(*now, where.pad)
+            want = torch.zeros(3, 32, 32)
+            want[:, inside] = made[i][:, r[inside], c[inside]].half().float()
+            assert torch.equal(seen[-1][b], want), i
+            remade[i][:, r[inside], c[inside]] = delta[b][:, inside]
+            moved += now != aug[i]
+    assert moved >= 20
+    # a row holds the last visit's δ alone: pixels that crop cut off are 0, not epoch 1's values
+    assert torch.equal(method.memory, remade.half())
+    assert not method.memory.requires_grad and method.memory.grad_fn is None
+
+
+def test_the_bank_uses_the_previous_perturbation(trained_tiny):
+    """The same bank and batch with another buffer give another x_adv: δ_prev reaches the bank."""
+    model = copy.deepcopy(trained_tiny.model).eval()
+    _, batches = _memory_data(trained_tiny)
+    x, y, where = next(batches.epoch(1, where=True))
+    method = memory_method(model)
+    inputs = _training_inputs(model)
+    method.loss(x, y, where=where)
+    first = inputs[-1]
+    method.loss(x, y, where=where)                   # the same rows again: now δ_prev = the first δ
+    assert (inputs[-1] - first).abs().max() > 1e-3
+    method.memory.zero_()
+    method.loss(x, y, where=where)                   # back to zeros: the first sample again
+    torch.testing.assert_close(inputs[-1], first, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bound, size", [("box", 0.05), ("linf", 0.03), ("l2", 0.5)])
+def test_stored_perturbations_respect_the_bound(trained_tiny, bound, size):
+    model = copy.deepcopy(trained_tiny.model).train()
+    ds, batches = _memory_data(trained_tiny)
+    method = memory_method(model, bank={"bound": bound, "size": size, "grad_skip": bound == "l2"},
+                           step_after=True, lr=0.05)
+    images = ds.images.float() / 255
+    for epoch in (1, 2):
+        for x, y, where in batches.epoch(epoch, where=True):
+            loss, _, _ = method.loss(x, y, where=where)
+            loss.backward()
+            method.after_step()
+            delta = method.memory.float()
+            tol = size * 2 ** -10                    # float16 rounding of the stored values
+            if bound == "l2":
+                assert (delta.flatten(1).norm(dim=1) <= size + tol).all()
+            else:
+                assert delta.abs().max() <= size + tol
+            # each δ is one for its own image, un-cropped and un-flipped: x + δ stays in [0, 1]
+            assert (images + delta).min() >= -tol and (images + delta).max() <= 1 + tol
+    assert (method.memory.float().flatten(1).norm(dim=1) > 0.5 * size).all()   # every sample was perturbed
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.bank.parameters())
+
+
+def test_memory_needs_where_and_a_training_set_size(trained_tiny):
+    model = copy.deepcopy(trained_tiny.model)
+    x, y = trained_tiny.x_test[:8], trained_tiny.y_test[:8]
+    with pytest.raises(ValueError, match="where=Where"):
+        memory_method(model).loss(x, y)
+    _, batches = _memory_data(trained_tiny)
+    x, y, where = next(batches.epoch(1, where=True))
+    with pytest.raises(ValueError, match="train_size"):
+        memory_method(model, train_size=0).loss(x, y, where=where)
+    assert not generator_method(model).per_sample
+
+
+@pytest.mark.parametrize("bound, size, norm", [("l2", 0.5, "l2"), ("box", 0.05, "linf")])
+def test_the_control_steps_from_the_previous_perturbation(trained_tiny, bound, size, norm):
+    """start memory: x_adv = x + P_s(x0 + α·d(∇L(x0)) − x), x0 = clip(x + δ_prev), no bank, 2 passes;
+    the first visit (δ_prev = 0) is the plain step from x; the stored δ is x_adv − x."""
+    from advgen.attacks.pgd import NORMS
+    model = copy.deepcopy(trained_tiny.model).train()
+    _, batches = _memory_data(trained_tiny)
+    method = memory_method(model, bank={"bound": bound, "size": size, "grad_input": False, "grad_skip": False},
+                           step_after=True, start="memory", step_size=0.75 * size)
+    assert method.bank is None and method.modules() == {} and method.passes == 2
+    inputs = _training_inputs(model)
+    p = NORMS[norm]
+    starts = []
+    for epoch in (1, 2):
+        for x, y, where in batches.epoch(epoch, where=True):
+            prev = where.gather(method.memory).float() if method.memory is not None else torch.zeros_like(x)
+            starts.append(prev.abs().max().item())
+            x0 = (x + prev).clamp(0, 1).requires_grad_(True)
+            model.eval()
+            (grad,) = torch.autograd.grad(F.cross_entropy(model(x0), y, reduction="sum"), x0)
+            model.train()
+            want = (x + p.project(x0.detach() + 0.75 * size * p.direction(grad) - x, size)).clamp(0, 1)
+            inputs.clear()
+            loss, _, labels = method.loss(x, y, where=where)
+            assert len(inputs) == 2 and torch.equal(labels, y)
+            torch.testing.assert_close(inputs[-1], want, atol=1e-5, rtol=0)
+            inside = where.gather(torch.ones_like(method.memory))
+            assert torch.equal(where.gather(method.memory), ((inputs[-1] - x) * inside).half())
+            loss.backward()
+            method.after_step()
+    assert max(starts[:3]) == 0 and min(starts[3:]) > 0   # epoch 1 starts at x, epoch 2 at x + δ_prev
+
+
+def test_memory_options_that_make_no_sense_are_refused():
+    def options(bank=None, **kw):
+        cfg = advgen.TrainConfig(method="generator")
+        for k, v in (bank or {}).items():
+            setattr(cfg.options.bank, k, v)
+        for k, v in kw.items():
+            setattr(cfg.options, k, v)
+        return cfg
+    cases = [
+        (dict(start="memory"), "generator.start memory needs generator.memory and generator.step_after"),
+        (dict(start="memory", memory=True), "generator.start memory needs"),
+        (dict(start="memory", memory=True, step_after=True, steps=2), "generator.steps acts on the bank"),
+        (dict(start="memory", memory=True, step_after=True, warmup_epochs=1.0), "generator.warmup_epochs acts on"),
+        (dict(start="memory", memory=True, step_after=True, bank={"grad_input": True}), "bank.grad_input feeds"),
+        (dict(start="sample"), "generator.start unknown: 'sample'; choose from bank, memory"),
+        (dict(memory=True, bank={"assign": "all"}), "generator.memory cannot be combined with bank.assign all"),
+        (dict(bank={"memory_input": True}), "bank.memory_input needs generator.memory"),
+    ]
+    for kw, needle in cases:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            options(**kw).validate()
+    options(memory=True, step_after=True, start="memory").validate()   # the control itself is fine
+    options(memory=True, recursions=2, bank={"grad_input": True}).validate()
+
+
+def test_memory_cli_flags():
+    from advgen.cli import build_parser, train_config_from_args
+    parse = lambda *a: train_config_from_args(build_parser().parse_args(  # noqa: E731
+        ["train", "--method", "generator", "--out", "x", *a])).options
+    assert not parse().memory and parse().start == "bank"
+    strong = parse("--gen-preset", "gradient", "--gen-memory", "true", "--gen-step-after", "true")
+    assert strong.memory and strong.step_after and strong.bank.grad_input and strong.passes == 3
+    # the paper preset has no gradient input, so the control needs no --gen-grad-input false
+    control = parse("--gen-memory", "yes", "--gen-step-after", "on", "--gen-start", "memory")
+    assert (control.memory, control.start, control.passes) == (True, "memory", 2)
+    assert not parse("--gen-memory", "false").memory
+
+
+def test_compare_entries_of_the_memory_variant_and_its_control():
+    from advgen.compare import COMPARE_PRESETS, ENTRIES, passes_per_step
+    from advgen.config import from_dict
+    quick = {e.name: e for e in COMPARE_PRESETS["quick"].entries}
+    costs = {}
+    for name in ("gen_mem", "mem_step"):
+        e = quick[name]
+        cfg = advgen.TrainConfig(method=e.method, options=from_dict(GeneratorOptions, e.options))
+        cfg.validate()
+        costs[name] = passes_per_step(cfg)
+        assert cfg.options.memory and cfg.options.step_after
+    assert costs == {"gen_mem": 3, "mem_step": 2}
+    mem, ctl = (from_dict(GeneratorOptions, quick[n].options) for n in ("gen_mem", "mem_step"))
+    assert mem.bank.grad_input and mem.start == "bank" and ctl.start == "memory"
+    assert (ctl.bank.bound, ctl.bank.size, ctl.step_size) == (mem.bank.bound, mem.bank.size, mem.step_size)
+    assert {e.name for e in ENTRIES} >= {"gen_mem", "mem_step"}
+    assert not any(e.options.get("memory") for e in COMPARE_PRESETS["smoke"].entries)

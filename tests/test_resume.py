@@ -37,6 +37,12 @@ CONFIGS = {
     "generator": TrainConfig(method="generator", epochs=2, batch_size=16, options=GeneratorOptions(
         bank=BankConfig(n=4, assign="random", grad_input=True, width=4, depth=2), momentum=0.9, steps=2,
         warmup_epochs=1, reinit_every=2, clean_fraction=0.25)),
+    # memory across epochs: epoch 2 reads the buffer epoch 1 wrote (and a crash in epoch 2 must restore it)
+    "gen_memory": TrainConfig(method="generator", epochs=2, batch_size=16, options=GeneratorOptions(
+        bank=BankConfig(n=4, assign="random", bound="l2", size=0.5, grad_input=True, grad_skip=True, width=4,
+                        depth=2), memory=True, step_after=True, momentum=0.9, clean_fraction=0.25)),
+    "gen_control": TrainConfig(method="generator", epochs=2, batch_size=16, options=GeneratorOptions(
+        bank=BankConfig(bound="l2", size=0.5), memory=True, step_after=True, start="memory")),
 }
 
 
@@ -83,11 +89,11 @@ def _crashing(method: str, at_call: int):
     base = METHODS[method].cls
     calls = {"n": 0}
 
-    def loss(self, x, y):
+    def loss(self, x, y, **where):
         calls["n"] += 1
         if calls["n"] == at_call:
             raise Crash()
-        return base.loss(self, x, y)
+        return base.loss(self, x, y, **where)
 
     return registered(method, type("Crashing", (base,), {"loss": loss}))
 
@@ -107,17 +113,23 @@ def _compare_runs(ref: Path, out: Path) -> None:
     ("minmax", 2, 4),        # mid-epoch, one step after a checkpoint
     ("fgsm", 1, 2),
     ("generator", 2, 5),     # bank, its momentum, its rng, re-draws (global rng), warm-up, attack seed
+    ("gen_memory", 2, 5),    # + the buffer of previous perturbations, mid-epoch 2
+    ("gen_control", None, 6),  # the control without a bank: the buffer alone, from the epoch-end state
 ])
 def test_crash_then_resume_is_bit_identical(method, every, crash_at, tmp_path, tmp_path_factory):
     ref = reference(method, tmp_path_factory)
     out = tmp_path / "run"
-    with _crashing(method, crash_at):
+    with _crashing(CONFIGS[method].method, crash_at):
         torch.manual_seed(0)
         with pytest.raises(Crash):
             train(_copy(CONFIGS[method]), *_sets(), out_dir=out, progress=False, checkpoint_every=every)
-    _, meta = read_state(out / STATE_FILE)
+    state, meta = read_state(out / STATE_FILE)
     done = crash_at - 1   # steps completed before the crash; the state is saved every `every` and at epoch ends
     assert (meta["epoch"] - 1) * 3 + meta["step"] == max(done // 3 * 3, done // every * every if every else 0)
+    if getattr(CONFIGS[method].options, "memory", False):   # one float16 row per training image, written
+        memory = state["method"]["memory"]
+        assert memory.dtype == torch.float16 and memory.shape == (48, 3, 32, 32)
+        assert (memory.float().flatten(1).norm(dim=1) > 0).float().mean() >= 0.75
     with pytest.raises(RunDirError, match="already holds a run"):
         train(_copy(CONFIGS[method]), *_sets(), out_dir=out, progress=False)
     torch.manual_seed(12345)  # the resumed run restores every RNG; the caller's seed must not matter

@@ -31,7 +31,7 @@ from .models.generators import ASSIGNMENTS, BOUNDS
 from .training import METHODS
 from .training.control import STOP
 from .training.free import FreeOptions
-from .training.generator import GENERATOR_PRESETS, GeneratorOptions, generator_preset
+from .training.generator import GENERATOR_PRESETS, STARTS, GeneratorOptions, generator_preset
 from .training.nfgsm import NFGSMOptions
 from .training.trades import TradesOptions
 
@@ -239,6 +239,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--gen-step-after", type=_bool, help="a gradient step from the bank's output, projected onto "
                      "the bound: the bank learns the start of the step (FGSM-SDI style; one more gradient)")
     gen.add_argument("--gen-step-size", type=_number, help="size of that step (default: the bound s)")
+    gen.add_argument("--gen-memory", type=_bool, help="keep each sample's last perturbation (float16 on the device, "
+                     "about 6 KB per CIFAR image) and show it to the bank (FGSM-PGI style; no extra pass)")
+    gen.add_argument("--gen-start", choices=STARTS, help="memory: the control without the network, one gradient "
+                     "step from each sample's previous perturbation (needs --gen-memory, --gen-step-after)")
 
 
 # library config fields whose flag is not "--" + the field with dashes (the peers' own fields follow that
@@ -252,6 +256,7 @@ FLAGS = {"attack.norm": "--attack-norm", "attack.eps": "--attack-eps", "attack.s
          "generator.steps": "--gen-steps", "generator.clean_fraction": "--clean-fraction",
          "generator.warmup_epochs": "--gen-warmup", "generator.reinit_every": "--gen-reinit-every",
          "generator.recursions": "--gen-recursions", "generator.step_size": "--gen-step-size",
+         "generator.step_after": "--gen-step-after", "generator.memory": "--gen-memory", "generator.start": "--gen-start",
          "checkpoint_every": "--checkpoint-every"}
 
 
@@ -269,7 +274,8 @@ def _generator_options(args) -> GeneratorOptions:
     for flag, name in (("gen_lr", "lr"), ("gen_optimizer", "optimizer"), ("gen_momentum", "momentum"),
                        ("gen_steps", "steps"), ("gen_warmup", "warmup_epochs"), ("gen_reinit_every", "reinit_every"),
                        ("clean_fraction", "clean_fraction"), ("gen_recursions", "recursions"),
-                       ("gen_step_after", "step_after"), ("gen_step_size", "step_size")):
+                       ("gen_step_after", "step_after"), ("gen_step_size", "step_size"), ("gen_memory", "memory"),
+                       ("gen_start", "start")):
         if getattr(args, flag) is not None:
             setattr(gen, name, getattr(args, flag))
     return gen

@@ -66,6 +66,12 @@ ENTRIES = [
     Entry("gen_grad", "generators seeing the gradient, grad skip (advgen 0.1's recommendation)", "generator", _gen()),
     Entry("gen_sdi", "generator init + a gradient step from it (FGSM-SDI style)", "generator", _gen(step_after=True)),
     Entry("gen_rec2", "2 recursive generator steps", "generator", _gen(recursions=2)),
+    Entry("gen_mem", "generators seeing x, the gradient and the sample's previous perturbation, + a gradient step",
+          "generator", _gen(memory=True, step_after=True)),
+    # gen_mem without the network: what the memory alone gives (FGSM-PGI-like)
+    Entry("mem_step", "the sample's previous perturbation + a gradient step, no network (control of gen_mem)",
+          "generator", _gen(memory=True, step_after=True, start="memory",
+                            bank={**GRADIENT_BANK, "grad_input": False, "grad_skip": False})),
 ]
 
 

@@ -253,7 +253,8 @@ def figure2(gen_file: Path, test_set, path: Path, images: int = 6, generators: i
     x = test_set.float_images()[:images]
     with torch.no_grad():
         grad = torch.zeros_like(x) if cfg.grad_input else None
-        adv, _ = bank(x, grad)
+        memory = torch.zeros_like(x) if cfg.memory_input else None   # as on a sample's first visit
+        adv, _ = bank(x, grad, memory=memory)
     adv = adv.view(cfg.n, images, *x.shape[1:])
     cols = min(generators, cfg.n)
     fig, axes = plt.subplots(images, cols + 1, figsize=(1.3 * (cols + 1), 1.3 * images))

@@ -40,6 +40,7 @@ class BankConfig:
     residual: bool = True       # φ(x) = x + ψ(x) rather than φ(x) = ψ(x) (box bound only)
     grad_input: bool = False    # φ also sees the input gradient of the loss (one extra backward pass)
     grad_skip: bool = False     # with grad_input: ψ(x, g) = g + net(x, g), so φ starts as the FGSM step
+    memory_input: bool = False  # φ also sees the sample's previous perturbation (set from GeneratorOptions.memory)
     assign: str = "split"       # split: batch cut in N parts; random: random parts; all: every generator on every sample
 
     def validate(self) -> None:
@@ -55,7 +56,8 @@ class BankConfig:
 
 
 class GeneratorBank(nn.Module):
-    """N generators as grouped convolutions. forward(x (B,C,H,W) in [0,1], grad=None) -> (x_adv, sample->generator)."""
+    """N generators as grouped convolutions. forward(x (B,C,H,W) in [0,1], grad=None, memory=None) ->
+    (x_adv, sample->generator)."""
 
     def __init__(self, cfg: BankConfig, channels: int = 3):
         super().__init__()
@@ -63,7 +65,7 @@ class GeneratorBank(nn.Module):
         # a private copy: the training loop's warm-up changes self.cfg.size, not the run's config
         self.cfg, self.channels = dataclasses.replace(cfg), channels
         n, w = cfg.n, cfg.width
-        cin = channels * (2 if cfg.grad_input else 1)
+        cin = channels * (1 + cfg.grad_input + cfg.memory_input)   # [x, g, δ_prev / unit] along channels
         sizes = [cin] + [w] * (cfg.depth - 1) + [channels]
         self.convs = nn.ModuleList(
             nn.Conv2d(n * a, n * b, 3, padding=1, groups=n) for a, b in zip(sizes[:-1], sizes[1:]))
@@ -92,8 +94,13 @@ class GeneratorBank(nn.Module):
 
     def forward(self, x: torch.Tensor, grad: torch.Tensor | None = None,
                 generator: torch.Generator | None = None,
-                perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                perm: torch.Tensor | None = None, *,
+                memory: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (x_adv, k): k (B,) is the generator of each sample.
+
+        grad (B,C,H,W): the input gradient at unit RMS (with grad_input); memory (B,C,H,W): each sample's
+        previous perturbation δ_prev in pixel units, ‖δ_prev‖ ≤ s in the bound's norm (with memory_input;
+        zeros for a sample never perturbed before).
 
         Sample j of the (optionally shuffled) batch goes to generator j mod N, slot j // N: the batch
         viewed as (ceil(B/N), N*C, H, W) is exactly the grouped-conv layout, with no copy when N | B.
@@ -104,7 +111,12 @@ class GeneratorBank(nn.Module):
         n, c = self.cfg.n, self.channels
         if self.cfg.grad_input and grad is None:
             raise ValueError("this generator bank takes the input gradient: pass grad=")
-        inp = x if grad is None else torch.cat([x, grad], 1)
+        if self.cfg.memory_input and memory is None:
+            raise ValueError("this generator bank takes each sample's previous perturbation: pass memory=")
+        parts = [x] + ([grad] if self.cfg.grad_input else [])
+        if self.cfg.memory_input:
+            parts.append(memory / self.memory_unit(x))
+        inp = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         b, cin, h, w = inp.shape
         if self.cfg.assign == "all":
             psi = self.psi(inp.repeat(1, n, 1, 1))               # (B, N*C, H, W)
@@ -124,12 +136,17 @@ class GeneratorBank(nn.Module):
             src = torch.cat([src, src.new_zeros(m * n - b, cin, h, w)])
         psi = self.psi(src.reshape(m, n * cin, h, w)).reshape(m * n, c, h, w)[:b]  # reshape: channels-last input
         if self.cfg.grad_skip:
-            psi = psi + src[:b, c:]
+            psi = psi + src[:b, c:2 * c]   # the gradient's channels (δ_prev's, if any, follow them)
         k = torch.arange(b, device=x.device) % n
         if perm is not None:
             inv = torch.argsort(perm)
             psi, k = psi[inv], k[inv]
         return self._bound(psi, x), k
+
+    def memory_unit(self, x: torch.Tensor) -> float:
+        """The size of a perturbation that fills the bound, per pixel: s (box, linf) or s / √D (l2)."""
+        s = self.cfg.size
+        return s / math.sqrt(x[0].numel()) if self.cfg.bound == "l2" else s
 
     def _bound(self, psi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         s = self.cfg.size

@@ -8,10 +8,55 @@ from ONE forward and ONE backward pass.
 Variants beyond the paper (GeneratorOptions): the bound shaped by the threat model, Adam, several
 ascent steps, a random assignment of samples to generators, re-drawing the weakest generator, an input
 gradient as a second input of φ (one extra forward and backward, the cost of FGSM), clean samples in
-each batch, a warm-up of the bound s.
+each batch, a warm-up of the bound s; and variants that do what one gradient step cannot: recursions,
+a gradient step after the bank (step_after), and memory across epochs (memory).
+
+Memory across epochs (memory=True). The method keeps each training sample's last adversarial
+perturbation δ_i = x_adv,i − x_i (pixel units) in a buffer M (N_train, C, H, W) on the classifier's
+device, zeros at the start, in the dataset's frame: a batch reads its rows into its own crop and flip
+(data.Where.gather; pixels the crop takes from the padding read 0) and writes the new δ back
+un-cropped and un-flipped (Where.scatter_), so a perturbation stays on the pixels it was made for. A
+row holds one visit's δ: the pixels that visit's crop cut off are set to 0, not kept from an earlier
+visit (two visits' parts together could exceed the L2 bound), so every stored and every read δ_prev is
+within the bound s. The bank sees δ_prev as C more input channels, φ_k(x, [∇L,] δ_prev)
+(models/generators.py, in units of the bound): the prior-guided initialisation of FGSM-PGI (Jia et al.
+2022) and the accumulated perturbations of ATTA (Zheng et al. 2020), with a network deciding how to use
+them. The intended strong variant is memory + bank.grad_input + step_after:
+
+    x1 = φ(x, ∇L(x), δ_prev),   x_adv = clip(x + P_s(x1 + α·d(∇L(x1)) − x)),   δ = x_adv − x stored
+
+with d the norm's unit ascent direction (g/‖g‖₂ for l2, sign g for box and linf), α = step_size
+(default s), P_s the projection onto the s-ball, clip to [0, 1]; 3 passes per step.
+- dtype: float16, half of float32's memory: 50,000 CIFAR-10 images take 50,000·3·32·32·2 B ≈ 307 MB,
+  10,000 about 61 MB. Its rounding (relative 2⁻¹¹: under 10⁻⁴ in pixel units for |δ| ≤ 0.2) is far
+  below the 1/255 step of an 8-bit image; a stored δ meets the bound s up to that rounding.
+- gradient flow: δ_prev is a constant input (the buffer never holds a graph: δ is detached before it is
+  stored); the bank's ascent gradient flows through its output x1 alone, as without memory (the step's
+  direction is a constant too). The bank is not credited with what its δ does at the sample's next
+  visit: no back-propagation across epochs.
+- the first visit of every sample reads zeros; a sample is read again one epoch later.
+- resume: the buffer is part of state_dict(), so a killed and resumed run is bit-identical.
+- torchrun: every rank holds the whole buffer. After each step the ranks all-gather the rows they
+  wrote (two all-gathers: the dataset indices, and the rows as B·C·H·W float16 values in the dataset
+  frame), so the buffers stay identical on every rank: a sample trained by rank 1 in one epoch may fall
+  to rank 0 in the next, and reads the δ rank 1 made. The buffer is saved once, in rank 0's method
+  state (the other ranks store None: their copy is the same), and a resume hands rank 0's copy to every
+  rank (Dist.share), so the state file holds one buffer whatever the world size.
+
+The control without the network (start="memory", with memory and step_after):
+
+    x0 = clip(x + δ_prev),   x_adv = clip(x + P_s(x0 + α·d(∇L(x0)) − x)),   δ = x_adv − x stored
+
+each sample's previous perturbation is the start of one gradient step: FGSM-PGI's prior-guided
+initialisation without its gradient momentum and its regulariser, and with zeros on the first visit
+(FGSM-PGI starts its first epoch from random noise). Everything else is the generator method's own
+(bound, step, input gradient, buffer, DDP, state); the bank is not built and its settings (n, width,
+depth, assign, optimizer, lr) are unused, so comparing it with memory + step_after tells what the
+network adds over the memory itself. 2 passes per step (1 gradient + the training pass).
 
 Names: the method is GeneratorMethod ("generator"), its options GeneratorOptions, the networks a
-GeneratorBank configured by a BankConfig, the RNG that assigns samples to generators `assign_rng`.
+GeneratorBank configured by a BankConfig, the RNG that assigns samples to generators `assign_rng`,
+the buffer of previous perturbations `memory`.
 """
 from __future__ import annotations
 
@@ -23,9 +68,13 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.pgd import NORMS, eval_mode
+from ..data import Where
 from ..errors import UserError, check_field
 from ..models.generators import BankConfig, GeneratorBank
 from .method import Method, register
+
+STARTS = ("bank", "memory")     # where x_adv comes from: the bank, or (the control) the previous perturbation
+MEMORY_DTYPE = torch.float16    # of the buffer of previous perturbations (half of float32's bytes)
 
 
 @dataclass
@@ -46,6 +95,10 @@ class GeneratorOptions:
     step_after: bool = False        # a gradient step taken from the bank's output, projected onto the
                                     # s-ball: the bank learns the starting point (FGSM-SDI, Jia et al. 2022)
     step_size: float | None = None  # of that step, pixel units; None: s
+    memory: bool = False            # keep each sample's last perturbation (float16, N_train x C x H x W on
+                                    # the device) and show it to the bank (FGSM-PGI, Jia et al. 2022)
+    start: str = "bank"             # bank | memory: the control without the network, x0 = x + δ_prev
+                                    # then the step (needs memory and step_after; the bank is not built)
 
     def validate(self) -> None:
         self.bank.validate()
@@ -64,6 +117,21 @@ class GeneratorOptions:
                     "generator.step_size", f"must be > 0, got {self.step_size}")
         check_field(self.bank.assign != "all" or (self.recursions == 1 and not self.step_after),
                     "bank.assign", "all cannot be combined with recursions or step_after")
+        check_field(self.bank.assign != "all" or not self.memory, "generator.memory",
+                    "cannot be combined with bank.assign all (N perturbations of each sample, one buffer row)")
+        check_field(not self.bank.memory_input or self.memory, "bank.memory_input",
+                    "needs generator.memory (the method keeps the perturbations the bank reads; "
+                    "generator.memory alone sets it)")
+        check_field(self.start in STARTS, "generator.start", f"unknown: {self.start!r}; choose from {', '.join(STARTS)}")
+        if self.start == "memory":   # the control: no bank, one step from the previous perturbation
+            check_field(self.memory and self.step_after, "generator.start",
+                        "memory needs generator.memory and generator.step_after (x0 = x + δ_prev, then the step)")
+            for name, unused in (("steps", self.steps != 1), ("recursions", self.recursions != 1),
+                                 ("reinit_every", self.reinit_every != 0),
+                                 ("warmup_epochs", self.warmup_epochs != 0)):
+                check_field(not unused, f"generator.{name}", "acts on the bank, which start memory does not build")
+            check_field(not self.bank.grad_input, "bank.grad_input",
+                        "feeds the bank, which start memory does not build (it would cost a pass for nothing)")
 
     @property
     def passes(self) -> int:
@@ -94,8 +162,17 @@ class GeneratorMethod(Method):
     def __init__(self, model, options: GeneratorOptions, setup):
         super().__init__(model, options, setup)
         g = options
+        self.warmup_steps = g.warmup_epochs * setup.steps_per_epoch
+        self.step_count = 0
+        self.assign_rng = torch.Generator().manual_seed(setup.seed + 17)
+        # (N_train, C, H, W) float16, made at the first step (the image size comes with the batch)
+        self.memory: torch.Tensor | None = None
+        self.bank = self.opt = None
+        if g.start == "memory":   # the control: no network
+            return
         # the bank keeps a copy of its config: the warm-up ramps only the bank's own s
-        self.bank = GeneratorBank(dataclasses.replace(g.bank), channels=setup.in_channels).to(setup.device)
+        self.bank = GeneratorBank(dataclasses.replace(g.bank, memory_input=g.memory),
+                                  channels=setup.in_channels).to(setup.device)
         if setup.channels_last:
             self.bank.to(memory_format=torch.channels_last)  # grouped convs ~0.7x the time in NHWC on the CPU
         setup.dist.broadcast_module(self.bank)   # one bank: rank 0's initial weights on every rank
@@ -104,30 +181,40 @@ class GeneratorMethod(Method):
             self.opt = torch.optim.Adam(params, lr=g.lr, maximize=True)
         else:
             self.opt = torch.optim.SGD(params, lr=g.lr, momentum=g.momentum, maximize=True)
-        self.warmup_steps = g.warmup_epochs * setup.steps_per_epoch
-        self.step_count = 0
-        self.assign_rng = torch.Generator().manual_seed(setup.seed + 17)
         self.gen_loss = torch.zeros(g.bank.n, device=setup.device)   # per-generator loss since the last re-draw
         self.gen_seen = torch.zeros(g.bank.n, device=setup.device)
 
     def modules(self):
-        return {"generators": self.bank}
+        return {} if self.bank is None else {"generators": self.bank}
 
     @property
     def passes(self) -> int:
         return self.options.passes
 
+    @property
+    def per_sample(self) -> bool:
+        return self.options.memory
+
     def state_dict(self) -> dict:
-        return {"bank": self.bank.state_dict(), "opt": self.opt.state_dict(), "step_count": self.step_count,
-                "assign_rng": self.assign_rng.get_state(), "gen_loss": self.gen_loss, "gen_seen": self.gen_seen}
+        state = {"step_count": self.step_count, "assign_rng": self.assign_rng.get_state()}
+        if self.bank is not None:
+            state.update(bank=self.bank.state_dict(), opt=self.opt.state_dict(), gen_loss=self.gen_loss,
+                         gen_seen=self.gen_seen)
+        if self.options.memory:   # once, in rank 0's state: every rank holds the same buffer
+            state["memory"] = self.memory if self.setup.dist.main else None
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.bank.load_state_dict(state["bank"])
-        self.opt.load_state_dict(state["opt"])
         self.step_count = int(state["step_count"])
         self.assign_rng.set_state(state["assign_rng"])
-        self.gen_loss.copy_(state["gen_loss"])
-        self.gen_seen.copy_(state["gen_seen"])
+        if self.bank is not None:
+            self.bank.load_state_dict(state["bank"])
+            self.opt.load_state_dict(state["opt"])
+            self.gen_loss.copy_(state["gen_loss"])
+            self.gen_seen.copy_(state["gen_seen"])
+        if self.options.memory:
+            memory = self.setup.dist.share(lambda: state["memory"])   # rank 0's buffer, on every rank
+            self.memory = None if memory is None else memory.to(self.setup.device, MEMORY_DTYPE, copy=True)
 
     def _input_grad(self, x, y):
         """∇x CE(f(x), y), scaled to unit RMS per sample (the extra input of gradient-informed φ).
@@ -142,18 +229,49 @@ class GeneratorMethod(Method):
         rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
         return grad / rms.view(-1, 1, 1, 1)
 
-    def _generate(self, x, y):
-        """-> (x_adv, labels, k): the bank's sample (K recursions, then the optional gradient step)."""
+    # ------------------------------------------------------------------------ memory across epochs
+    def _buffer(self, x: torch.Tensor) -> torch.Tensor:
+        """The buffer M (N_train, C, H, W) float16, zeros until a sample is first perturbed."""
+        if self.memory is None:
+            n = self.setup.train_size
+            if n < 1:
+                raise ValueError("generator.memory keeps a row per training image: Setup.train_size must be set")
+            self.memory = torch.zeros((n, *x.shape[1:]), dtype=MEMORY_DTYPE, device=self.setup.device)
+        return self.memory
+
+    def _recall(self, where: Where, x: torch.Tensor) -> torch.Tensor:
+        """δ_prev of the batch's rows in its augmented frame: (B, C, H, W) in x's dtype and layout."""
+        return where.gather(self._buffer(x)).to(x.dtype).contiguous(memory_format=self.setup.memory_format)
+
+    def _remember(self, where: Where, delta: torch.Tensor) -> None:
+        """Store δ (B, C, H, W) in the batch's frame as the whole of the rows `where` names (pixels this
+        crop cut off become 0: kept from an earlier visit, they would add to this δ and could leave the
+        L2 ball); under torchrun every rank then receives every other rank's rows, so the buffers stay
+        identical."""
+        store = self._buffer(delta)
+        store.index_fill_(0, where.idx, 0)
+        where.scatter_(store, delta.detach())   # no graph into the buffer: δ_prev is a constant next time
+        dist = self.setup.dist
+        if dist.active:
+            store[dist.all_gather_rows(where.idx)] = dist.all_gather_rows(store[where.idx])
+
+    # ------------------------------------------------------------------------ the adversarial sample
+    def _generate(self, x, y, prev=None):
+        """-> (x_adv, labels, k): the bank's sample (K recursions, then the optional gradient step);
+        prev (B, C, H, W): each sample's previous perturbation (with memory), the control's start."""
         g, bank = self.options, self.options.bank
         norm = NORMS["linf" if bank.bound in ("box", "linf") else "l2"]
-        # one assignment of samples to generators for every recursion
-        perm = torch.randperm(x.shape[0], generator=self.assign_rng) if bank.assign == "random" else None
-        x_cur = x
-        for _ in range(g.recursions):
-            grad = self._input_grad(x_cur, y) if bank.grad_input else None
-            x_cur, k = self.bank(x_cur, grad, perm=perm)
-            if g.recursions > 1:
-                x_cur = (x + norm.project(x_cur - x, bank.size)).clamp(0, 1)
+        if g.start == "memory":   # the control: the previous perturbation is where the step starts
+            x_cur, k = (x + prev).clamp(0, 1), torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        else:
+            # one assignment of samples to generators for every recursion
+            perm = torch.randperm(x.shape[0], generator=self.assign_rng) if bank.assign == "random" else None
+            x_cur = x
+            for _ in range(g.recursions):
+                grad = self._input_grad(x_cur, y) if bank.grad_input else None
+                x_cur, k = self.bank(x_cur, grad, perm=perm, memory=prev)
+                if g.recursions > 1:
+                    x_cur = (x + norm.project(x_cur - x, bank.size)).clamp(0, 1)
         if g.step_after:
             # the step's direction is a constant of the bank's ascent (first order, as FGSM-SDI): the
             # bank's gradient flows through x_cur alone
@@ -164,12 +282,17 @@ class GeneratorMethod(Method):
             y = y.repeat(bank.n)
         return x_cur, y, k
 
-    def loss(self, x, y):
+    def loss(self, x, y, where: Where | None = None):
+        """where: the batch's dataset indices and augmentation (data.Where), needed with memory."""
         g = self.options
+        if g.memory and where is None:
+            raise ValueError("generator.memory keeps state per training sample: call loss(x, y, where=Where) "
+                             "(the training loop does, as per_sample is True)")
+        prev = self._recall(where, x) if g.memory else None
         if self.warmup_steps:
             self.bank.cfg.size = g.bank.size * min(1.0, (self.step_count + 1) / self.warmup_steps)
         for _ in range(g.steps - 1):  # extra ascent steps on the generators alone
-            x_adv, ya, _ = self._generate(x, y)
+            x_adv, ya, _ = self._generate(x, y, prev)
             loss = F.cross_entropy(self.model(x_adv), ya)
             self.opt.zero_grad(set_to_none=True)
             grads = torch.autograd.grad(loss, list(self.bank.parameters()))
@@ -178,7 +301,9 @@ class GeneratorMethod(Method):
             self.setup.dist.average_grads(self.bank.parameters())
             self.opt.step()
         n_clean = int(round(g.clean_fraction * x.shape[0]))
-        x_adv, ya, k = self._generate(x[n_clean:], y[n_clean:])
+        x_adv, ya, k = self._generate(x[n_clean:], y[n_clean:], None if prev is None else prev[n_clean:])
+        if g.memory:   # the clean rows keep what they held
+            self._remember(where[n_clean:], x_adv - x[n_clean:])
         inputs = torch.cat([x[:n_clean], x_adv]) if n_clean else x_adv
         labels = torch.cat([y[:n_clean], ya]) if n_clean else ya
         logits = self.train_model(inputs)
@@ -188,15 +313,18 @@ class GeneratorMethod(Method):
                 adv_loss = per_sample[n_clean:]
                 self.gen_loss.index_add_(0, k, adv_loss)
                 self.gen_seen.index_add_(0, k, torch.ones_like(adv_loss))
-        self.opt.zero_grad(set_to_none=True)
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
         return per_sample.mean(), logits, labels
 
     def after_step(self):
         """Called after the joint backward: the generators' ascent step (and an occasional re-draw)."""
+        self.step_count += 1
+        if self.bank is None:   # the control has nothing to ascend
+            return
         dist = self.setup.dist
         dist.average_grads(self.bank.parameters())   # under torchrun: the ascent on the whole global batch
         self.setup.step(self.opt)
-        self.step_count += 1
         if self.options.reinit_every and self.step_count % self.options.reinit_every == 0:
             loss, seen = self.gen_loss.clone(), self.gen_seen.clone()
             dist.sum_(loss, seen)   # the weakest over every rank's samples
