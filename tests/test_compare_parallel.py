@@ -10,6 +10,9 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -24,18 +27,23 @@ from advgen.training.rundir import hold_run_dir
 FGSM = Entry("fgsm_rs", "FGSM-RS", "fgsm", dict(L2), [1.0, 2.0])
 TINY = dataclasses.replace(COMPARE_PRESETS["smoke"], train_subset=128, test_subset=8, pgd_eps=[0.5], pgd_steps=2,
                            entries=[FGSM])
-BROKEN = dataclasses.replace(TINY, entries=[FGSM, Entry("broken", "fails in its first step", "broken", {}, [1.0])])
+BROKEN = dataclasses.replace(TINY, seeds=[0], entries=[FGSM, Entry("raises", "raises in its first step", "raises", {}),
+                                                       Entry("dies", "killed in its first step", "dies", {})])
 ROW_KEYS = ("name", "seed", "budget_units", "steps", "passes", "clean", "pgd", "autoattack")
 
 
-class Broken(Method):
-    """A method whose first step fails: seed 0 raises, seed 1 kills its own process (SIGKILL, as the
-    OOM killer would). Module-level, so that a spawned worker can unpickle it."""
+class Raises(Method):
+    """A method whose first step raises. Module-level, so that a spawned worker can unpickle it."""
 
     def loss(self, x, y):
-        if self.setup.seed == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError("the broken method has no loss")
+        raise RuntimeError("this method has no loss")
+
+
+class Dies(Method):
+    """A method whose first step kills its own process (SIGKILL, as the OOM killer would)."""
+
+    def loss(self, x, y):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,28 +97,28 @@ def test_failed_workers_are_named_while_the_others_finish_and_are_reused(one_pro
     out = root / "broken"
     argv = ["compare", "--preset", "tiny-broken", "--data-dir", data, "--device", "cpu", "--base", root / "j1" / "base",
             "--out", out, "--jobs", "2"]
-    with registered("broken", Broken, NoOptions, "fails in its first step"):
+    with registered("raises", Raises, NoOptions, "raises"), registered("dies", Dies, NoOptions, "dies"):
         code, _, err = run(argv, capsys)
         errors = [line for line in err.splitlines() if line.startswith("advgen: error:")]
         assert code == 1 and len(errors) == 2, err
-        raised = next(line for line in errors if "broken seed 0 failed" in line)
-        assert "RuntimeError: the broken method has no loss" in raised and f"(log: {out / 'broken-s0' / 'compare.log'})" in raised
-        killed = next(line for line in errors if "broken seed 1 failed" in line)
-        assert "killed by SIGKILL" in killed and f"(log: {out / 'broken-s1' / 'compare.log'})" in killed
-        assert "Traceback" in (out / "broken-s0" / "compare.log").read_text()   # the whole story is in the log
-        assert "2 other job(s) finished" in err
+        raised = next(line for line in errors if "raises seed 0 failed" in line)
+        assert "RuntimeError: this method has no loss" in raised
+        assert f"(log: {out / 'raises-s0' / 'compare.log'})" in raised
+        killed = next(line for line in errors if "dies seed 0 failed" in line)
+        assert "killed by SIGKILL" in killed and f"(log: {out / 'dies-s0' / 'compare.log'})" in killed
+        assert "Traceback" in (out / "raises-s0" / "compare.log").read_text()   # the whole story is in the log
+        assert "1 other job(s) finished" in err
         assert not (out / "compare.json").exists()   # no report from a comparison with holes
-        for s in (0, 1):
-            assert (out / f"fgsm_rs-s{s}" / "eval-step-4.json").exists()
-        before = {s: (out / f"fgsm_rs-s{s}" / "model.safetensors").stat().st_mtime_ns for s in (0, 1)}
+        assert (out / "fgsm_rs-s0" / "eval-step-4.json").exists()   # the healthy run finished, evaluated
+        before = (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns
 
         code, _, err = run(argv + ["--entries", "fgsm_rs"], capsys)
     assert code == 0, err
-    assert {s: (out / f"fgsm_rs-s{s}" / "model.safetensors").stat().st_mtime_ns for s in (0, 1)} == before
-    assert "started" not in err   # nothing left to do: no worker
-    # the broken entry's runs never finished: not in the report
+    assert (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns == before
+    assert (out / "fgsm_rs-s0" / "compare.log").read_text().count("\n=== ") == 0   # one worker ever wrote it
+    # the broken entries' runs never finished: not in the report
     assert [(r["name"], r["seed"], r["budget_units"], r["steps"]) for r in rows(out)] == \
-        [(r["name"], r["seed"], r["budget_units"], r["steps"]) for r in rows(root / "j1")]
+        [("base", 0, 0.0, 0), ("fgsm_rs", 0, 1.0, 2), ("fgsm_rs", 0, 2.0, 4)]
 
 
 def test_a_run_folder_in_use_is_not_written(one_process, capsys):
@@ -142,3 +150,47 @@ def test_bad_jobs_and_devices_are_one_line_errors_before_any_work(tmp_path, caps
                         "--out", out, *extra], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+# a parent with the CLI's signal handlers, on a preset whose runs last minutes
+LONG_COMPARE = """
+import dataclasses, sys
+from advgen.cli import main
+from advgen.compare import COMPARE_PRESETS
+from test_compare_parallel import FGSM, TINY
+COMPARE_PRESETS["long"] = dataclasses.replace(TINY, unit_passes=4000,
+                                              entries=[dataclasses.replace(FGSM, budgets=[1.0])])
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_the_workers_and_they_save_their_state(one_process):
+    root, data = one_process
+    out = root / "stopped"
+    out.mkdir()
+    shutil.copy(root / "j1" / "base.eval.json", out)   # the same evaluation settings: the base is not evaluated again
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", LONG_COMPARE, "compare", "--preset", "long", "--data-dir", str(data),
+                             "--device", "cpu", "--base", str(root / "j1" / "base"), "--out", str(out), "--jobs", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    logs = [out / f"fgsm_rs-s{s}" / "compare.log" for s in (0, 1)]
+    try:
+        deadline = time.monotonic() + 300
+        while not all((f.parent / "run.json").exists() for f in logs):   # both past their first epoch
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)   # the parent only: it stops the workers
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGTERM; stopped the 2 running worker(s) (fgsm_rs seed 0, fgsm_rs seed 1)" in err
+    for f in logs:
+        text = f.read_text()
+        assert "interrupted by SIGTERM" in text and (f.parent / "state.safetensors").exists()
+        assert "finished" not in json.loads((f.parent / "run.json").read_text())   # stopped short of its budget
+        pid = int(re.search(r"^=== \S+ pid (\d+):", text, re.M).group(1))
+        with pytest.raises(ProcessLookupError):   # the worker is gone
+            os.kill(pid, 0)

@@ -2,8 +2,8 @@
 
 Exit codes: 0 done; 2 a user error (bad argument or value, missing or corrupt data or checkpoint, an
 --out folder that holds a run, a diverged run), shown as one line on stderr; 1 an internal error (with
-its traceback), or jobs of `compare --jobs N` that failed (a line for each, naming its log); 130 / 143 stopped by SIGINT / SIGTERM (train, reproduce and compare save their state first and
-say how to resume).
+its traceback), or jobs of `compare --jobs N` that failed (a line for each, naming its log); 130 / 143
+stopped by SIGINT / SIGTERM (train, reproduce and compare save their state first and say how to resume).
 """
 from __future__ import annotations
 

@@ -13,6 +13,11 @@ sample's worst case), the sanity checks; AutoAttack at the preset's radii on the
 run (or on every snapshot), with the PGD − AutoAttack gap rule: a variant whose PGD accuracy exceeds
 AutoAttack's by more than 3 points is not called robust. The report gives mean ± std over seeds per
 (entry, budget) and a plot of robust accuracy against the budget, a curve per method with error bars.
+
+The work is a list of tasks, one per (entry, seed) with something left to do (run_task: train the run,
+then evaluate each budget's model into RUN_DIR/eval-step-N.json, holding the run folder's lock); they
+run one after the other in this process, or with jobs > 1 in that many worker processes (parallel.py).
+The report is then read from the run folders alone.
 """
 from __future__ import annotations
 
@@ -385,7 +390,8 @@ def _rows(p: ComparePreset, wanted: list[Entry], base: Path, out: Path, n_test: 
             cfg, steps = entry_config(p, e, seed, base)
             if not run_complete(run_dir, cfg):
                 continue
-            got = [_row(e, seed, units, n, run_dir, p, n_test, last) for units, n, last, _ in _budgets(run_dir, e, steps)]
+            got = [_row(e, seed, units, n, run_dir, p, n_test, last)
+                   for units, n, last, _ in _budgets(run_dir, e, steps)]
             if None in got:
                 log.warning("%s seed %d: its evaluations are not all in %s (is another advgen compare evaluating "
                              "it?); left out of the report", e.name, seed, run_dir)

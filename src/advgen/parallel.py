@@ -20,12 +20,13 @@ Output: the job's function sends the worker's stdout, stderr and logging to its 
 (send_output_to), once it may write there. How it ended comes back on a pipe: done, failed (a one-line
 reason; the traceback is in the log) or stopped by a signal; a worker that sends nothing was killed.
 
-Signals. A worker stops at its first SIGINT or SIGTERM the way `advgen train` does (training.control.STOP:
-inside the training steps it finishes the step, saves the state and exits; elsewhere at once) and ignores
-the ones after it, so a Ctrl-C that reaches the whole process group and the parent's own SIGTERM to it
-count once. The parent, stopped by a signal (the CLI turns it into Interrupted), sends SIGTERM to every
-worker and waits for them to save; a second signal while it waits kills them (their last saved state
-is kept). A worker whose parent dies stops itself the same way.
+Signals. A worker stops at SIGINT or SIGTERM the way `advgen train` does (training.control.STOP: inside
+the training steps it finishes the step, saves the state and exits; elsewhere at once), except that
+while such a stop is pending it ignores further signals, so a Ctrl-C that reaches the whole process
+group and the parent's own SIGTERM to it count once. The parent, stopped by a signal (the CLI turns
+it into Interrupted), sends SIGTERM to every worker and waits for them to save; a second signal while
+it waits kills them (their last saved state is kept). A worker whose parent dies stops itself the same
+way (a thread watches the parent).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from .errors import Interrupted, UserError, WorkersFailed
 log = logging.getLogger(__name__)
 
 REASON_CHARS = 400   # a worker's one-line reason is cut here: it travels through a pipe and into one line
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass(frozen=True)
@@ -178,12 +180,18 @@ def _stop(runs: list[_Running]) -> list[_Stopped]:
     return out
 
 
+
 def _start(ctx, job: Job, device, threads: int, level: int, slot: int) -> _Running:
     recv, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_worker, args=(job, device, threads, level, send), name=f"advgen {job.label}")
-    # signals wait until the process is recorded: a stop arriving in between would leave it unstopped.
+    # The stop signals are blocked from before the start until the process is recorded here: one arriving
+    # in between would leave it unstopped. The child inherits the mask and unblocks once its handlers
+    # are in place, so a stop during its start-up waits for them too. multiprocessing's resource tracker,
+    # started with the first process, unblocks these signals itself: it is started before the block.
     # The thread count goes in through the environment: OpenMP reads it when torch loads in the child.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         with _environment(OMP_NUM_THREADS=str(threads)):
             process.start()
@@ -225,44 +233,46 @@ def _worker(job: Job, device, threads: int, level: int, conn) -> None:
     torch.set_num_threads(threads)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)   # CUDA events and new tensors without a device go to this one too
-    _stop_on_first_signal(STOP)
+    _stop_on_signals(STOP)
     _stop_with_parent()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)   # blocked by the parent (_start)
     try:
         job.fn(*job.args, device=device, log_file=job.log)
     except Interrupted as e:
-        conn.send(("stopped", _one_line(e), e.saved))
-        code = 128 + e.signum
+        log.warning("%s", e)
+        outcome, code = ("stopped", _one_line(e), e.saved), 128 + e.signum
     except UserError as e:
-        conn.send(("error", _one_line(e), False))
-        code = 2
+        log.error("%s", e)
+        outcome, code = ("error", _one_line(e), False), 2
     except Exception as e:
         log.exception("%s failed", job.label)
-        conn.send(("error", _one_line(f"{type(e).__name__}: {e}"), False))
-        code = 1
+        outcome, code = ("error", _one_line(f"{type(e).__name__}: {e}"), False), 1
     else:
-        conn.send(("done", "", False))
-        code = 0
-    conn.close()
+        outcome, code = ("done", "", False), 0
+    try:
+        conn.send(outcome)
+        conn.close()
+    except OSError:   # the parent is gone (killed): there is no one to tell
+        pass
     sys.exit(code)
 
 
-def _stop_on_first_signal(stop) -> None:
-    """SIGINT / SIGTERM: the first one stops the job (after the current training step, with its state
-    saved, when inside the steps; at once elsewhere); later ones are ignored, so that the terminal's
-    Ctrl-C and the parent's SIGTERM count once and never cut a save short."""
-    seen = []
-
+def _stop_on_signals(stop) -> None:
+    """SIGINT / SIGTERM: inside the training steps the first one asks the loop to stop after the current
+    step (it saves the state, then raises Interrupted), and the ones after it are ignored while that
+    stop is pending, so that the terminal's Ctrl-C to the whole process group and the parent's SIGTERM
+    count once and never cut the save short. Elsewhere each one raises Interrupted at once (again at
+    the next signal, should code that catches every Exception swallow it)."""
     def handler(signum, frame):
-        if seen:
+        if stop.signum is not None:
             return
-        seen.append(signum)
         name = signal.Signals(signum).name
         if stop.request(signum):
             log.warning("%s received: finishing the current step, then saving", name)
             return
         raise Interrupted(signum, f"interrupted by {name}", saved=False)
 
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in STOP_SIGNALS:
         signal.signal(s, handler)
 
 
