@@ -2,8 +2,8 @@
 
 Exit codes: 0 done; 2 a user error (bad argument or value, missing or corrupt data or checkpoint, an
 --out folder that holds a run, a diverged run), shown as one line on stderr; 1 an internal error (with
-its traceback); 130 / 143 stopped by SIGINT / SIGTERM (train, reproduce and compare save their state first and
-say how to resume).
+its traceback), or jobs of `compare --jobs N` that failed (a line for each, naming its log); 130 / 143
+stopped by SIGINT / SIGTERM (train, reproduce and compare save their state first and say how to resume).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .attacks import ATTACKS
 from .config import SCHEDULES, AttackConfig, NoOptions, TrainConfig
-from .errors import ConfigError, Interrupted, UserError, check
+from .errors import ConfigError, Interrupted, UserError, WorkersFailed, check
 from .models import MODELS
 from .models.generators import ASSIGNMENTS, BOUNDS
 from .training import METHODS
@@ -127,18 +127,31 @@ def _device_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
 
 
-def resolve_device(name: str) -> torch.device:
+def _device_list(text: str) -> list[str]:
+    """--devices: comma-separated --device names (cuda:0,cuda:1); one may repeat (two workers on one GPU)."""
+    if isinstance(text, (list, tuple)):   # from a --config file
+        text = ",".join(str(t) for t in text)
+    names = [t.strip() for t in str(text).split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated devices such as cuda:0,cuda:1, got {text!r}")
+    for name in names:
+        _device_name(name)
+    return names
+
+
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """The torch.device of a --device name; UserError (naming `flag`) where it is not on this machine."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    check(not name.startswith("cuda") or torch.cuda.is_available(), f"--device {name}: no CUDA device is available")
+    check(not name.startswith("cuda") or torch.cuda.is_available(), f"{flag} {name}: no CUDA device is available")
     if name.startswith("cuda:"):
         check(int(name[5:]) < torch.cuda.device_count(),
-              f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0..")
-    check(name != "mps" or torch.backends.mps.is_available(), "--device mps: no MPS device is available")
+              f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0..")
+    check(name != "mps" or torch.backends.mps.is_available(), f"{flag} mps: no MPS device is available")
     return torch.device(name)
 
 
@@ -528,11 +541,17 @@ def cmd_reproduce(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import COMPARE_PRESETS, compare
     check(args.preset in COMPARE_PRESETS, f"unknown preset {args.preset!r}; choose from {', '.join(COMPARE_PRESETS)}")
+    check(args.jobs >= 1, f"--jobs must be >= 1 (worker processes), got {args.jobs}")
     device = resolve_device(args.device)
+    try:   # a list from a --config file has not been through argparse's type=
+        names = _device_list(args.devices) if args.devices else []
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"--devices: {e}") from None
+    devices = [resolve_device(d, "--devices") for d in names] or None
     seed_everything(COMPARE_PRESETS[args.preset].base_seed)
     path = compare(args.preset, Path(args.out), data_dir=args.data_dir, download=args.download, device=device,
                    base=Path(args.base) if args.base else None,
-                   entries=args.entries.split(",") if args.entries else None)
+                   entries=args.entries.split(",") if args.entries else None, jobs=args.jobs, devices=devices)
     print(f"comparison written to {path}")
     return 0
 
@@ -603,7 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir")
     c.add_argument("--download", action="store_true")
     c.add_argument("--device", default="auto", type=_device_name, metavar="auto|cpu|cuda|cuda:N|mps",
-                   help="cuda under torchrun: each process takes cuda:LOCAL_RANK")
+                   help="where the base is trained and evaluated (and the runs, without --devices)")
+    c.add_argument("--jobs", type=int, default=1,
+                   help="worker processes training and evaluating the (entry, seed) runs at once, each with "
+                        "CPUs / N threads and its output in RUN_DIR/compare.log; 1: one after the other here")
+    c.add_argument("--devices", type=_device_list, metavar="DEVICE,...",
+                   help="devices of the workers, round-robin (e.g. cuda:0,cuda:1; default: --device)")
     c.set_defaults(func=cmd_compare)
     z = sub.add_parser("zoo", help="the models that ship with advgen (load one as zoo:NAME)")
     z.add_argument("--json", action="store_true", help="print the list of cards")
@@ -709,6 +733,12 @@ def main(argv=None) -> int:
     except UserError as e:
         sys.stderr.write(f"advgen: error: {' '.join(str(e).split())}\n")
         return 2
+    except WorkersFailed as e:   # each line names a failed job and its log; the others' results are kept
+        for line in e.failures:
+            sys.stderr.write(f"advgen: error: {' '.join(line.split())}\n")
+        sys.stderr.write(f"advgen: {e.done} other job(s) finished and are reused when the command runs again: "
+                         f"{_resume_hint(argv)}\n")
+        return 1
     except Interrupted as e:
         if stoppable:
             what = "resume with" if e.saved else "the last saved state is kept; resume with"

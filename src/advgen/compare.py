@@ -13,12 +13,18 @@ sample's worst case), the sanity checks; AutoAttack at the preset's radii on the
 run (or on every snapshot), with the PGD − AutoAttack gap rule: a variant whose PGD accuracy exceeds
 AutoAttack's by more than 3 points is not called robust. The report gives mean ± std over seeds per
 (entry, budget) and a plot of robust accuracy against the budget, a curve per method with error bars.
+
+The work is a list of tasks, one per (entry, seed) with something left to do (run_task: train the run,
+then evaluate each budget's model into RUN_DIR/eval-step-N.json, holding the run folder's lock); they
+run one after the other in this process, or with jobs > 1 in that many worker processes (parallel.py).
+The report is then read from the run folders alone.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from .config import TrainConfig, from_dict
 from .evaluate import LARGE_EPS, accuracy, robust_accuracy, sanity_checks
 from .report import DATA_CAVEAT, machine_description, run_complete
 from .speed import inference_copy
-from .training.method import METHODS, Setup
+from .training.method import METHODS, MethodSpec, Setup
 
 log = logging.getLogger(__name__)
 
@@ -176,56 +182,178 @@ def _train_base(p: ComparePreset, out: Path, train_set, test_set, device) -> Pat
 
 def _eval_cached(path: Path, settings: dict, compute) -> dict:
     """The evaluation stored at path if it was made with these settings, else compute() and store it."""
-    if path.exists() and read_json(path).get("settings") == settings:
-        return read_json(path)
-    ev = {**compute(), "settings": settings}
-    write_json(path, ev)
+    ev = _eval_stored(path, settings)
+    if ev is None:
+        ev = {**compute(), "settings": settings}
+        write_json(path, ev)
     return ev
 
 
+def _eval_stored(path: Path, settings: dict) -> dict | None:
+    """The evaluation stored at path if it was made with these settings, else None."""
+    if path.exists():
+        ev = read_json(path)
+        if ev.get("settings") == settings:
+            return ev
+    return None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One (entry, seed) of a comparison, what one worker does: train its run (if `train` and the run
+    is not complete) and evaluate the model of every budget, into OUT/ENTRY-sSEED. It carries all it
+    needs, so a worker process can do it from the pickled task alone: the preset, the entry, the
+    method's registry entry (a method registered at run time in the parent is the same in the worker),
+    the base and the data folder."""
+
+    preset: ComparePreset
+    entry: Entry
+    seed: int
+    method: MethodSpec
+    base: Path
+    out: Path
+    data_dir: str | None
+    train: bool
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / f"{self.entry.name}-s{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.entry.name} seed {self.seed}"
+
+
+WORKER_LOG = "compare.log"   # in the run folder: the output of the worker that ran it (appended per attempt)
+
+
+def run_task(task: Task, *, device, log_file: Path | None = None, data=None) -> None:
+    """Do one task, holding its run folder's lock throughout (rundir.hold_run_dir: another process on
+    the folder, a worker of this command or of another compare, is refused with RunDirError).
+
+    device: where it trains and evaluates. log_file: a worker's log file (parallel.send_output_to), None
+    in-process. data: (train set, test set) already loaded, else loaded from task.data_dir. The global
+    torch RNG is seeded with the run's seed before training, so the run is the same whoever does it.
+    """
+    from .training import train
+    from .training.method import registered
+    from .training.rundir import hold_run_dir
+
+    p, e, device = task.preset, task.entry, torch.device(device)
+    with hold_run_dir(task.run_dir), registered(e.method, task.method.cls, task.method.options, task.method.summary):
+        if log_file is not None:
+            from .parallel import send_output_to
+            send_output_to(log_file, f"advgen {__version__} compare: {task.label} on {device}, "
+                                f"{torch.get_num_threads()} CPU thread(s)")
+        if data is None:
+            from .data import load_subsets
+            data = load_subsets("cifar10", task.data_dir, train_subset=p.train_subset, test_subset=p.test_subset,
+                                seed=p.base_seed)
+        train_set, test_set = data
+        cfg, steps = entry_config(p, e, task.seed, task.base)
+        if task.train and not run_complete(task.run_dir, cfg):
+            log.info("%s: training %d steps", task.label, steps[-1])
+            torch.manual_seed(task.seed)
+            train(cfg, train_set, test_set, out_dir=task.run_dir, device=device, resume=True, snapshots=steps[:-1],
+                  progress=False)
+        if not run_complete(task.run_dir, cfg):
+            return
+        x, y = test_set.float_images().to(device), test_set.labels.to(device)
+        for units, n, last, path in _budgets(task.run_dir, e, steps):
+            autoattack = last or p.aa_every_budget
+            _eval_cached(task.run_dir / f"eval-step-{n}.json", _settings(p, len(y), autoattack, task.seed),
+                         lambda: evaluate_model(load_model(path, device=device), x, y, p, autoattack, task.seed))
+
+
+def _budgets(run_dir: Path, e: Entry, steps: list[int]):
+    """(units, steps, is the run's final model, its model file) of every budget of a run."""
+    for units, n in zip(e.budgets, steps):
+        last = n == steps[-1]
+        yield units, n, last, run_dir / MODEL_FILE if last else run_dir / "snapshots" / f"step-{n}.safetensors"
+
+
+def _plan(p: ComparePreset, wanted: list[Entry], base: Path, out: Path, n_test: int, data_dir) -> list[Task]:
+    """The tasks with work left: the wanted entries' runs that are not complete, and every complete run
+    in `out` (of any entry of the preset) with an evaluation missing or made with other settings."""
+    tasks = []
+    for e in p.entries:
+        if e.method not in METHODS:
+            log.warning("%s: no training method %r in this advgen; skipped", e.name, e.method)
+            continue
+        for seed in p.seeds:
+            task = Task(p, e, seed, METHODS[e.method], base, out, None if data_dir is None else str(data_dir),
+                        train=e in wanted)
+            if not task.train and not task.run_dir.exists():
+                continue
+            cfg, steps = entry_config(p, e, seed, base)
+            if not run_complete(task.run_dir, cfg):
+                if task.train:
+                    tasks.append(task)
+                continue
+            if any(_eval_stored(task.run_dir / f"eval-step-{n}.json",
+                                _settings(p, n_test, last or p.aa_every_budget, seed)) is None
+                   for _, n, last, _ in _budgets(task.run_dir, e, steps)):
+                tasks.append(task)
+    return tasks
+
+
 def compare(preset: str, out: Path, *, data_dir=None, download=False, device="cpu", base: Path | None = None,
-            entries: list[str] | None = None) -> Path:
+            entries: list[str] | None = None, jobs: int = 1, devices: list | None = None,
+            threads: int | None = None) -> Path:
     """Run every missing run and evaluation of the comparison into `out`; return the path of compare.md.
 
     entries: names of the preset's entries to run (default all); the report covers every entry whose
     runs exist in `out`.
+
+    jobs: worker processes for the (entry, seed) tasks (run_task: a run's training and the evaluations
+    of its budgets). 1 does them one after the other in this process, with its output on the console.
+    N > 1 runs N spawned workers at once (parallel.run_jobs), each on one of `devices` (round-robin over
+    the workers; default [device]) with `threads` CPU threads (default: the CPUs shared out, at least 1),
+    its output in RUN_DIR/compare.log. The base is trained and evaluated here first, and the report
+    assembled here last, from the run folders alone, so it is the same whatever `jobs` (a run depends on
+    its own seed and device only; bit for bit on the CPU where the thread count is the same too). A
+    failed task does not stop the others: once all have ended errors.WorkersFailed names it and no
+    report is written; the finished runs are reused by the next call.
     """
     from .data import load_subsets
-    from .training import train
+    from .errors import UserError, check
 
     p = COMPARE_PRESETS[preset]
     device = torch.device(device)
+    devices = [torch.device(d) for d in (devices or [device])]
+    check(type(jobs) is int and jobs >= 1, f"--jobs must be a number of worker processes >= 1, got {jobs}")
+    check(len(devices) <= jobs, f"--devices names {len(devices)} devices but --jobs {jobs} runs {jobs} worker(s): "
+                                f"give --jobs {len(devices)} or more, or fewer devices")
+    check(threads is None or (type(threads) is int and threads >= 1), f"threads must be >= 1, got {threads}")
+    unknown = set(entries or []) - {e.name for e in p.entries}
+    if unknown:
+        raise UserError(f"unknown compare entries {sorted(unknown)}; preset {preset} has "
+                        f"{', '.join(e.name for e in p.entries)}")
     out.mkdir(parents=True, exist_ok=True)
     train_set, test_set = load_subsets("cifar10", data_dir, download=download, train_subset=p.train_subset,
                                        test_subset=p.test_subset, seed=p.base_seed)
     x, y = test_set.float_images().to(device), test_set.labels.to(device)
     base = base or _train_base(p, out, train_set, test_set, device)
     wanted = [e for e in p.entries if entries is None or e.name in entries]
-    unknown = set(entries or []) - {e.name for e in p.entries}
-    if unknown:
-        from .errors import UserError
-        raise UserError(f"unknown compare entries {sorted(unknown)}; preset {preset} has "
-                        f"{', '.join(e.name for e in p.entries)}")
-    rows = [_base_row(base, x, y, p, out)]
-    for e in p.entries:
-        if e.method not in METHODS:
-            log.warning("%s: no training method %r in this advgen; skipped", e.name, e.method)
-            continue
-        for seed in p.seeds:
-            run_dir = out / f"{e.name}-s{seed}"
-            if e not in wanted and not run_dir.exists():
-                continue
-            cfg, steps = entry_config(p, e, seed, base)
-            if e in wanted and not run_complete(run_dir, cfg):
-                log.info("%s seed %d: training %d steps", e.name, seed, steps[-1])
-                torch.manual_seed(seed)
-                train(cfg, train_set, test_set, out_dir=run_dir, device=device, resume=True, snapshots=steps[:-1],
-                      progress=False)
-            if not run_complete(run_dir, cfg):
-                continue
-            rows += [_row(e, seed, units, n, run_dir, x, y, p, device, last=n == steps[-1])
-                     for units, n in zip(e.budgets, steps)]
-    results = {"preset": preset, "settings": dataclasses.asdict(p), "machine": machine_description(device),
+    base_row = _base_row(base, x, y, p, out)
+    tasks = _plan(p, wanted, base, out, len(test_set), data_dir)
+    machine = machine_description(device)
+    if jobs == 1:
+        if devices != [device]:
+            machine += f"; runs and their evaluations on {devices[0]}"
+        for task in tasks:
+            t0 = time.perf_counter()
+            run_task(task, device=devices[0], data=(train_set, test_set))
+            log.info("%s: done in %.1f s on %s", task.label, time.perf_counter() - t0, devices[0])
+    else:
+        from .parallel import Job, run_jobs, threads_per_worker
+        threads = threads or threads_per_worker(jobs)
+        machine += (f"; runs and their evaluations by {jobs} worker processes on {', '.join(map(str, devices))}, "
+                    f"{threads} CPU thread(s) each")
+        run_jobs([Job(t.label, t.run_dir / WORKER_LOG, run_task, (t,)) for t in tasks], workers=jobs,
+                 devices=devices, threads=threads)
+    rows = [base_row] + _rows(p, wanted, base, out, len(test_set))
+    results = {"preset": preset, "settings": dataclasses.asdict(p), "machine": machine,
                "version": __version__, "git_commit": git_commit(), "base": str(base), "n_test": len(test_set),
                "rows": rows}
     write_json(out / "compare.json", results)
@@ -253,20 +381,45 @@ def _scores(ev: dict) -> dict:
     return {k: ev[k] for k in ("clean", "pgd", "autoattack", "checks")}
 
 
-def _row(e: Entry, seed: int, units: float, steps: int, run_dir: Path, x, y, p: ComparePreset, device,
-         last: bool) -> dict:
-    """One (entry, seed, budget) row: its model (the run's final one or a snapshot), work and evaluation."""
+def _rows(p: ComparePreset, wanted: list[Entry], base: Path, out: Path, n_test: int) -> list[dict]:
+    """The rows of every complete and evaluated run in `out`, read from its folder (nothing is computed:
+    the tasks did that). A complete run without its evaluations (one another command is doing now) is
+    left out, with a warning."""
+    rows = []
+    for e in p.entries:
+        if e.method not in METHODS:
+            continue
+        for seed in p.seeds:
+            run_dir = out / f"{e.name}-s{seed}"
+            if e not in wanted and not run_dir.exists():
+                continue
+            cfg, steps = entry_config(p, e, seed, base)
+            if not run_complete(run_dir, cfg):
+                continue
+            got = [_row(e, seed, units, n, run_dir, p, n_test, last)
+                   for units, n, last, _ in _budgets(run_dir, e, steps)]
+            if None in got:
+                log.warning("%s seed %d: its evaluations are not all in %s (is another advgen compare evaluating "
+                             "it?); left out of the report", e.name, seed, run_dir)
+                continue
+            rows += got
+    return rows
+
+
+def _row(e: Entry, seed: int, units: float, steps: int, run_dir: Path, p: ComparePreset, n_test: int,
+         last: bool) -> dict | None:
+    """One (entry, seed, budget) row: its work (from the run record or the snapshot) and its stored
+    evaluation; None if that is missing."""
+    ev = _eval_stored(run_dir / f"eval-step-{steps}.json", _settings(p, n_test, last or p.aa_every_budget, seed))
+    if ev is None:
+        return None
     if last:
-        path, rec = run_dir / MODEL_FILE, read_json(run_dir / RUN_FILE)
+        rec = read_json(run_dir / RUN_FILE)
         seconds = sum(r["seconds"] for r in rec["epochs"])
         passes = sum(r["passes"] for r in rec["epochs"])
     else:
-        path = run_dir / "snapshots" / f"step-{steps}.safetensors"
-        _, meta = read_tensors(path)
+        _, meta = read_tensors(run_dir / "snapshots" / f"step-{steps}.safetensors")
         seconds, passes = meta["seconds"], meta["passes"]
-    autoattack = last or p.aa_every_budget
-    ev = _eval_cached(run_dir / f"eval-step-{steps}.json", _settings(p, len(y), autoattack, seed),
-                      lambda: evaluate_model(load_model(path, device=device), x, y, p, autoattack, seed))
     return {"name": e.name, "method": e.method, "label": e.label, "seed": seed, "budget_units": units,
             "steps": steps, "passes": passes, "budget_seconds": seconds, **_scores(ev)}
 

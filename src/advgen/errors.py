@@ -51,3 +51,14 @@ def check_field(condition: bool, field: str, problem: str) -> None:
     """Raise ConfigError(field, problem) unless condition holds."""
     if not condition:
         raise ConfigError(field, problem)
+
+
+class WorkersFailed(Exception):
+    """Jobs of a parallel command failed (parallel.run_jobs); the others ran to the end and their
+    results are kept. `failures`: one line per failed job, naming it, why and its log; `done`: how
+    many jobs finished. Not a UserError: a job may have failed for any reason (its log says); the CLI
+    shows the lines and exits with 1."""
+
+    def __init__(self, failures: list[str], done: int):
+        super().__init__(f"{len(failures)} job(s) failed, {done} finished: " + "; ".join(failures))
+        self.failures, self.done = failures, done
