@@ -30,10 +30,12 @@ class TrainingDiverged(UserError):
     """The loss or the weights became non-finite; the run stopped and the last good state was kept."""
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """SIGINT or SIGTERM stopped a run; `saved` says whether the state of the last step was written.
 
-    Not a UserError: the CLI exits with 128 + signum (130 for SIGINT, 143 for SIGTERM).
+    Not a UserError: the CLI exits with 128 + signum (130 for SIGINT, 143 for SIGTERM). A BaseException,
+    as KeyboardInterrupt is, so that no `except Exception` on the way (a fallback around BatchNorm
+    folding, a loader's error translation) swallows a stop.
     """
 
     def __init__(self, signum: int, message: str, saved: bool = False):

@@ -134,7 +134,7 @@ class Dist:
                 box[0] = ("ok", _to_cpu(fn(*args, **kwargs)))
             except UserError as e:  # sent as (class, message, field, problem): ConfigError takes two arguments
                 box[0] = ("error", (type(e), str(e), getattr(e, "field", None), getattr(e, "problem", None)))
-            except Exception as e:  # still tell the others, then fail here with the traceback
+            except BaseException as e:  # still tell the others (a stop too), then fail here with the traceback
                 box[0] = ("error", (RuntimeError, f"rank 0 failed: {type(e).__name__}: {e}", None, None))
                 tdist.broadcast_object_list(box, src=0, device=self._object_device())
                 raise
