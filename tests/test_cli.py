@@ -148,6 +148,13 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys):
     before = (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns
     assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
     assert (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns == before
+    # the records alone rebuild it (what experiments/carry.py --light keeps): the runs' weights, snapshots
+    # and states deleted, the same rows come back, nothing retrained
+    for f in out.glob("*-s*/**/*.safetensors"):
+        f.unlink()
+    assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
+    assert json.loads((out / "compare.json").read_text())["rows"] == res["rows"]
+    assert not (out / "fgsm_rs-s0" / "model.safetensors").exists()
 
 
 def test_generator_presets_and_flag_overrides():

@@ -262,7 +262,8 @@ def run_task(task: Task, *, device, log_file: Path | None = None, data=None) -> 
         for units, n, last, path in _budgets(task.run_dir, e, steps):
             autoattack = last or p.aa_every_budget
             _eval_cached(task.run_dir / f"eval-step-{n}.json", _settings(p, len(y), autoattack, task.seed),
-                         lambda: evaluate_model(load_model(path, device=device), x, y, p, autoattack, task.seed))
+                         lambda: {**evaluate_model(load_model(path, device=device), x, y, p, autoattack, task.seed),
+                                  "work": _work(task.run_dir, n, last)})
 
 
 def _budgets(run_dir: Path, e: Entry, steps: list[int]):
@@ -413,15 +414,20 @@ def _row(e: Entry, seed: int, units: float, steps: int, run_dir: Path, p: Compar
     ev = _eval_stored(run_dir / f"eval-step-{steps}.json", _settings(p, n_test, last or p.aa_every_budget, seed))
     if ev is None:
         return None
+    work = ev.get("work") or _work(run_dir, steps, last)   # evaluations of older advgens lack it
+    return {"name": e.name, "method": e.method, "label": e.label, "seed": seed, "budget_units": units,
+            "steps": steps, "passes": work["passes"], "budget_seconds": work["seconds"], **_scores(ev)}
+
+
+def _work(run_dir: Path, steps: int, last: bool) -> dict:
+    """{"passes", "seconds"} of training up to the budget of `steps`: the run record's totals for the
+    final model, the snapshot's header otherwise. Stored with the budget's evaluation, so that the
+    report needs only the records of a run (experiments/carry.py --light), not its weights."""
     if last:
         rec = read_json(run_dir / RUN_FILE)
-        seconds = sum(r["seconds"] for r in rec["epochs"])
-        passes = sum(r["passes"] for r in rec["epochs"])
-    else:
-        _, meta = read_tensors(run_dir / "snapshots" / f"step-{steps}.safetensors")
-        seconds, passes = meta["seconds"], meta["passes"]
-    return {"name": e.name, "method": e.method, "label": e.label, "seed": seed, "budget_units": units,
-            "steps": steps, "passes": passes, "budget_seconds": seconds, **_scores(ev)}
+        return {"passes": sum(r["passes"] for r in rec["epochs"]), "seconds": sum(r["seconds"] for r in rec["epochs"])}
+    _, meta = read_tensors(run_dir / "snapshots" / f"step-{steps}.safetensors")
+    return {"passes": meta["passes"], "seconds": meta["seconds"]}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
