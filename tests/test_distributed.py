@@ -275,6 +275,37 @@ def test_cuda_amp_step_and_timing(tmp_path):
     assert rec["epochs"][0]["seconds"] > 0 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_data_placement_rules():
+    from advgen.data import data_placement
+    ds = tiny_dataset(16, 1)
+    for mode in ("auto", "device", "host"):   # a CPU run has nothing to copy: the data are where it trains
+        assert data_placement(ds, torch.device("cpu"), mode) == "device"
+    with pytest.raises(advgen.errors.UserError, match="auto, device or host"):
+        data_placement(ds, torch.device("cpu"), "gpu")
+
+
+@cuda
+def test_host_path_gives_the_device_batches_and_the_same_training(tmp_path):
+    """Training images left on the host (pinned, copied one batch ahead on a side stream) give the very
+    batches, indices and augmentation of images on the device, and so the same weights."""
+    from conftest import make_tiny
+    dev = torch.device("cuda")
+    ds = tiny_dataset(48, 1)
+    on_device, on_host = Batches(ds.to(dev), 16, seed=3), Batches(ds, 16, seed=3, device=dev)
+    pairs = list(zip(on_device.epoch(1, where=True), on_host.epoch(1, where=True)))
+    assert len(pairs) == 3
+    for (a, ya, wa), (b, yb, wb) in pairs:
+        assert b.is_cuda and wb.idx.is_cuda
+        assert torch.equal(a, b) and torch.equal(ya, yb) and torch.equal(wa.idx, wb.idx)
+    weights = []
+    for data_on in ("device", "host"):
+        torch.manual_seed(0)
+        model, _ = train(TrainConfig(method="standard", epochs=1, batch_size=16), ds, tiny_dataset(16, 2),
+                         device=dev, progress=False, model=make_tiny(), data_on=data_on)
+        weights.append(model.state_dict())
+    _same(*weights)
+
+
 @cuda
 def test_cuda_resume_restores_cuda_rng(tmp_path):
     from advgen.training.state import rng_state, set_rng_state

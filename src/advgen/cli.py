@@ -163,6 +163,10 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
                         "(train/CLASS/*.png, test/CLASS/*.png) (default: cifar10)")
     if train:
         p.add_argument("--train-subset", type=int, help="train on N images (seeded, class-balanced)")
+        p.add_argument("--data-on", default="auto", choices=["auto", "device", "host"],
+                       help="where the training images live on a GPU run: on the device, or on the host with "
+                            "pinned batches copied one ahead (auto: on the device if they take at most half "
+                            "of its free memory)")
     p.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
     p.add_argument("--device", default="auto", type=_device_name, metavar="auto|cpu|cuda|cuda:N|mps",
                    help="cuda under torchrun: each process takes cuda:LOCAL_RANK")
@@ -385,7 +389,7 @@ def cmd_train(args) -> int:
         train_set, test_set = load_data(args)
         model, record = train(cfg, train_set, test_set, out_dir=out, device=device, resume=args.resume,
                               force=args.force, checkpoint_every=args.checkpoint_every,
-                              tensorboard=args.tensorboard, dist=dist)
+                              tensorboard=args.tensorboard, dist=dist, data_on=args.data_on)
         rows = record["epochs"]
         if dist.main:
             print(f"{cfg.method}: {len(rows)} epochs, {sum(r['seconds'] for r in rows) / len(rows):.1f} s/epoch, "

@@ -441,7 +441,7 @@ def _augment_with(images: torch.Tensor, offs: torch.Tensor, flip: torch.Tensor, 
 class Where:
     """Where a training batch's rows come from: dataset indices and the augmentation each row got.
 
-    idx (B,) int64 on the data's device; offs (2, B) crop offsets and flip (B,) coins as drawn by
+    idx (B,) int64 on the batches' device; offs (2, B) crop offsets and flip (B,) coins as drawn by
     _augment_draws (None for unaugmented batches); pad: the crop padding. Per-sample state kept in the
     dataset's frame (N, C, H, W) -- e.g. each sample's last adversarial perturbation -- is read into the
     batch's augmented frame with gather() and written back with scatter_(), so a perturbation stays on
@@ -494,10 +494,16 @@ class Batches:
     every batch, b = batch_size / world, with the augmentation those rows get in a one-process run (the
     whole batch's draws are taken from the one stream and sliced), so the ranks' shards are disjoint,
     cover every batch, and the data do not depend on the world size.
+
+    device: where the batches are delivered (None: where the dataset lives). A dataset left on the host
+    for a CUDA device (data_placement: it does not fit) takes the host path: each batch's uint8 rows are
+    gathered on the host into pinned memory and copied to the device on a side stream one batch ahead
+    (the copy of batch i+1 overlaps the training on batch i), then augmented there; the batches are
+    the same as those of a dataset on the device.
     """
 
     def __init__(self, ds: Dataset, batch_size: int, *, seed: int = 0, train: bool = True,
-                 drop_last: bool | None = None, rank: int = 0, world: int = 1):
+                 drop_last: bool | None = None, rank: int = 0, world: int = 1, device=None):
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         if batch_size % world:
@@ -505,6 +511,7 @@ class Batches:
                             "processes, each training on an equal share of it")
         self.ds, self.batch_size, self.seed, self.train = ds, batch_size, seed, train
         self.rank, self.world = rank, world
+        self.device = ds.images.device if device is None else torch.device(device)
         self.drop_last = train if drop_last is None else drop_last
         self.pad = crop_padding(*ds.images.shape[2:])
         if self.drop_last and len(ds) < batch_size:
@@ -535,25 +542,82 @@ class Batches:
         """Yield (x float (B, C, H, W) in [0, 1], y int64 (B,)) for batches start, start+1, ...;
         with where=True, (x, y, Where): the rows' dataset indices and augmentation."""
         order, g = self.position(epoch, start)
-        dev = self.ds.images.device
-        order = order.to(dev)
-        for i in range(start, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            part = shard_rows(idx.numel(), self.rank, self.world)
+        order = order.to(self.ds.images.device)
+        rows = (self._rows(order, i) for i in range(start, len(self)))
+        if self.ds.images.device != self.device:
+            rows = _copied_ahead(rows, self.device)
+        for n, idx, x, y in rows:
             offs = flip = None
-            x = self.ds.images[idx[part]]
-            if self.train:
-                offs, flip = _augment_draws(idx.numel(), g, self.pad)
+            if self.train:   # the whole batch's draws, this rank's share of them
+                offs, flip = _augment_draws(n, g, self.pad)
+                part = shard_rows(n, self.rank, self.world)
                 offs, flip = offs[:, part], flip[part]
                 x = _augment_with(x, offs, flip, self.pad)
-            batch = (x.float().div_(255), self.ds.labels[idx[part]])
-            yield (*batch, Where(idx[part], offs, flip, self.pad)) if where else batch
+            batch = (x.float().div_(255), y)
+            yield (*batch, Where(idx, offs, flip, self.pad)) if where else batch
+
+    def _rows(self, order: torch.Tensor, i: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows of the whole batch i, then this rank's dataset indices, uint8 images and labels of it,
+        where the data live)."""
+        idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+        n = idx.numel()
+        idx = idx[shard_rows(n, self.rank, self.world)]
+        return n, idx, self.ds.images[idx], self.ds.labels[idx]
 
     def shard(self, epoch: int) -> torch.Tensor:
         """The dataset indices this rank trains on in `epoch`, in order (what epoch() yields)."""
         order, _ = self.position(epoch)
         rows = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
         return torch.cat([r[shard_rows(r.numel(), self.rank, self.world)] for r in rows])
+
+
+def _copied_ahead(batches, device: torch.device):
+    """Host tensors -> the same on a CUDA `device`, each batch's copy issued (pinned, non-blocking, on a
+    side stream) before the previous batch is handed out, so that it overlaps the work on that batch."""
+    stream = torch.cuda.Stream(device)
+
+    def issue(tensors):
+        with torch.cuda.stream(stream):
+            moved = tuple(t.pin_memory().to(device, non_blocking=True) if torch.is_tensor(t) else t
+                          for t in tensors)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return moved, done
+
+    ahead = None
+    for tensors in batches:
+        nxt = issue(tensors)
+        if ahead is not None:
+            yield _received(*ahead, device)
+        ahead = nxt
+    if ahead is not None:
+        yield _received(*ahead, device)
+
+
+def _received(moved: tuple, done, device):
+    """A batch copied on the side stream, made safe to use on the current one."""
+    current = torch.cuda.current_stream(device)
+    current.wait_event(done)
+    for t in moved:
+        if torch.is_tensor(t):
+            t.record_stream(current)   # the caching allocator must not reuse it before the current stream is done
+    return moved
+
+
+def data_placement(ds: Dataset, device: torch.device, mode: str = "auto") -> str:
+    """Where a training set lives while a run trains on `device`: "device" or "host" (Batches' host path).
+
+    mode device|host forces it (host means device for a CPU device: there is nothing to copy); auto puts
+    it on a CUDA device when its uint8 images take at most half of the device's free memory, the rest
+    being the model's, the activations' and the attacks'."""
+    if mode not in ("auto", "device", "host"):
+        raise UserError(f"data placement must be auto, device or host, got {mode!r}")
+    if device.type != "cuda" or mode == "device":
+        return "device"
+    if mode == "host":
+        return "host"
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if ds.images.numel() * ds.images.element_size() <= free // 2 else "host"
 
 
 def shard_rows(n: int, rank: int, world: int) -> slice:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..checkpoint import METRICS_FILE, STATE_FILE, git_commit, load_model, save_model
 from ..config import TrainConfig, with_defaults
-from ..data import Batches, Dataset, normalization_for
+from ..data import Batches, Dataset, data_placement, normalization_for
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
 from ..models import build_model
 from . import distributed
@@ -141,13 +141,15 @@ class Run:
     position and record; `state_dict()` / `load_state_dict()` cover all of it, RNGs included."""
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_set: Dataset, test_set: Dataset,
-                 device: torch.device, dist: Dist = distributed.SINGLE):
+                 device: torch.device, dist: Dist = distributed.SINGLE, data_on: str = "auto"):
         self.cfg, self.device, self.dist = cfg, device, dist
         self.num_classes = train_set.num_classes
         self.fingerprint = data_fingerprint(train_set)
-        self.train_set, self.test_set = train_set.to(device), test_set.to(device)
+        self.data_on = data_placement(train_set, device, data_on)
+        self.train_set = train_set.to(device if self.data_on == "device" else "cpu")
+        self.test_set = test_set.to(device)
         self.batches = Batches(self.train_set, cfg.batch_size, seed=cfg.seed, train=True, rank=dist.rank,
-                               world=dist.world)
+                               world=dist.world, device=device)
         self.steps_per_epoch = spe = len(self.batches)
         channels_last = use_channels_last(cfg, device)
         self.model = model.to(device)
@@ -458,7 +460,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
           device: str | torch.device = "cpu", progress: bool = True, *, model: nn.Module | None = None,
           resume: bool = False, force: bool = False, checkpoint_every: int | None = None,
           snapshots: list[int] = (), tensorboard: bool = False, stop: StopFlag = STOP,
-          dist: Dist | None = None) -> tuple[nn.Module, dict]:
+          dist: Dist | None = None, data_on: str = "auto") -> tuple[nn.Module, dict]:
     """Train a classifier with cfg.method; return (model in eval mode, run record).
 
     model: the classifier to train, any nn.Module mapping (B, C, H, W) pixels in [0, 1] to logits; None
@@ -475,6 +477,8 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     checkpoint_every: also save the state every this many steps. snapshots: global steps after which
     the classifier is also written to out_dir/snapshots/step-N.safetensors. tensorboard: also write the
     per-step metrics and the epoch evaluations to out_dir/tensorboard (needs the tensorboard package).
+    data_on: auto|device|host, where the training images live on a CUDA device (data.data_placement;
+    the batches are the same either way).
     A non-finite loss or weight raises
     TrainingDiverged and keeps the last good state; a stop requested on `stop` (the CLI's signal
     handlers) raises Interrupted after saving the state of the current step.
@@ -494,7 +498,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     out = Path(out_dir) if out_dir is not None else None
     with hold_run_dir(out) if out is not None and dist.main else contextlib.nullcontext():
         return _train(cfg, train_set, test_set, out, device, progress, model, resume, force, checkpoint_every,
-                      snapshots, tensorboard, stop, dist)
+                      snapshots, tensorboard, stop, dist, data_on)
 
 
 def _prepare(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> tuple[dict, dict] | None:
@@ -506,12 +510,12 @@ def _prepare(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> tuple[di
 
 
 def _train(cfg, train_set, test_set, out, device, progress, model, resume, force, checkpoint_every, snapshots,
-           tensorboard, stop, dist):
+           tensorboard, stop, dist, data_on):
     # rank 0 checks the folder and reads the state; every rank gets the outcome
     saved = dist.share(_prepare, out, cfg, resume, force) if out is not None else None
     if model is None:  # on resume the weights come from the state
         model = build_classifier(cfg, train_set, init=saved is None)
-    run = Run(cfg, model, train_set, test_set, device, dist)
+    run = Run(cfg, model, train_set, test_set, device, dist, data_on)
     check(out is not None or not (snapshots or tensorboard), "snapshots and tensorboard need an out_dir")
     saver = Saver(run, out, set(snapshots), tensorboard)
     if saved is not None:
