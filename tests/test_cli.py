@@ -68,9 +68,14 @@ def test_reproduce_smoke_writes_report_and_skips_done_stages(tmp_path, capsys):
 
 
 @needs_data
-def test_reproduce_seeds_reports_mean_and_std_of_the_seeds(tmp_path, capsys):
+def test_reproduce_seeds_reports_mean_and_std_of_the_seeds(tmp_path, monkeypatch, capsys):
+    import dataclasses
+    from advgen import report
+    from advgen.config import AttackConfig
+    monkeypatch.setitem(report.PRESETS, "smoke2", dataclasses.replace(   # a 2-step inner PGD: seconds
+        report.PRESETS["smoke"], attack=AttackConfig(steps=2, step_size=0.05), eval_steps=2))
     out = tmp_path / "repro"
-    code, _, _ = run(["reproduce", "--preset", "smoke", "--seeds", "0,1", "--data-dir", DATA, "--device", "cpu",
+    code, _, _ = run(["reproduce", "--preset", "smoke2", "--seeds", "0,1", "--data-dir", DATA, "--device", "cpu",
                       "--out", out], capsys)
     assert code == 0
     one = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
