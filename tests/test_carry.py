@@ -1,0 +1,48 @@
+"""experiments/carry.py: what a save keeps of finished and unfinished runs, and that restore returns it."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SPEC = importlib.util.spec_from_file_location("carry", Path(__file__).parents[1] / "experiments" / "carry.py")
+carry = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(carry)
+
+
+def _run(folder: Path, finished: bool) -> None:
+    (folder / "snapshots").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"finished": finished}))
+    for name in ("model.safetensors", "state.safetensors", "metrics.csv", "eval-step-4.json", ".lock",
+                 "snapshots/step-2.safetensors"):
+        (folder / name).write_text(name)
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_save_keeps_what_resumes_and_light_keeps_records(tmp_path):
+    runs = tmp_path / "runs"
+    _run(runs / "done", True)
+    _run(runs / "going", False)
+    _run(runs / "base", True)
+    (runs / "compare.json").write_text("{}")
+    assert carry.main(["save", str(runs), str(tmp_path / "full")]) == 0
+    full = tmp_path / "full"
+    assert _files(full / "done") == {"run.json", "model.safetensors", "metrics.csv", "eval-step-4.json",
+                                     "snapshots/step-2.safetensors"}          # no state, no lock
+    assert _files(full / "going") == _files(runs / "going") - {".lock"}     # all it needs to resume
+    assert (full / "compare.json").exists()
+    assert carry.main(["save", str(runs), str(tmp_path / "light"), "--light"]) == 0
+    light = tmp_path / "light"
+    assert _files(light / "done") == {"run.json", "metrics.csv", "eval-step-4.json"}
+    assert "model.safetensors" in _files(light / "base")                   # --keep-weights base
+    assert _files(light / "going") == _files(full / "going")
+    assert carry.main(["restore", str(light), str(tmp_path / "back")]) == 0
+    assert _files(tmp_path / "back") == _files(light)
+
+
+def test_a_missing_folder_is_exit_2(tmp_path, capsys):
+    assert carry.main(["save", str(tmp_path / "none"), str(tmp_path / "keep")]) == 2
+    assert "no folder" in capsys.readouterr().err and not (tmp_path / "keep").exists()
