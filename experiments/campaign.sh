@@ -21,7 +21,7 @@ L2=(--attack-norm l2 --attack-eps 0.5)
 stage() {  # stage NAME ARGS...: train into OUT/NAME, resuming whatever is there
   local name=$1; shift
   mkdir -p "$OUT/$name"
-  echo "== $(date -Is) stage $name: $ADVGEN train $* --out $OUT/$name --resume"
+  echo "== $(date -Is) stage $name: $ADVGEN train $* ${COMMON[*]} --out $OUT/$name --resume" | tee -a "$OUT/$name/log.txt"
   "$ADVGEN" train "$@" "${COMMON[@]}" --out "$OUT/$name" --resume 2>&1 | tee -a "$OUT/$name/log.txt"
 }
 
