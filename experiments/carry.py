@@ -13,7 +13,8 @@ save: every file directly in RUNS, and every run folder below it without its loc
 an unfinished one keeps it and its snapshots, so it resumes exactly. --light: a finished run keeps
 only its records (*.json, *.csv, *.txt, *.log), not its weights, except the folders named by
 --keep-weights (a comparison needs only its evaluations and the base it fine-tunes from). Files in
-KEEP that RUNS no longer makes are left alone. restore: KEEP's files over RUNS's.
+KEEP that RUNS no longer makes are left alone, but for the
+training state of a run that has finished since. restore: KEEP's files over RUNS's.
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def save(runs: Path, keep: Path, light: bool, keep_weights: set[str]) -> None:
         elif f.is_dir():
             lite = light and f.name not in keep_weights
             n = copy_tree(f, keep / f.name, lambda p, run=f, lite=lite: wanted(p, run, lite))
+            if finished(f):   # an earlier save of it, unfinished then, kept its state: no longer needed
+                (keep / f.name / "state.safetensors").unlink(missing_ok=True)
             what = ("finished" if finished(f) else "in progress, with its state" if (f / "state.safetensors").exists()
                     else "not a run")
             print(f"saved {f.name}: {n} files ({what})")

@@ -39,6 +39,9 @@ def test_save_keeps_what_resumes_and_light_keeps_records(tmp_path):
     assert _files(light / "done") == {"run.json", "metrics.csv", "eval-step-4.json"}
     assert "model.safetensors" in _files(light / "base")                   # --keep-weights base
     assert _files(light / "going") == _files(full / "going")
+    (runs / "going" / "run.json").write_text(json.dumps({"finished": True}))   # it finishes: its state goes
+    assert carry.main(["save", str(runs), str(full)]) == 0
+    assert not (full / "going" / "state.safetensors").exists()
     assert carry.main(["restore", str(light), str(tmp_path / "back")]) == 0
     assert _files(tmp_path / "back") == _files(light)
 
