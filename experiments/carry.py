@@ -11,10 +11,13 @@ which then resumes where it stopped.
 save: every file directly in RUNS, and every run folder below it without its lock. A finished run
 (run.json says "finished") leaves out its training state (state.safetensors: only needed to resume);
 an unfinished one keeps it and its snapshots, so it resumes exactly. --light: a finished run keeps
-only its records (*.json, *.csv, *.txt, *.log), not its weights, except the folders named by
---keep-weights (a comparison needs only its evaluations and the base it fine-tunes from). Files in
-KEEP that RUNS no longer makes are left alone, but for the
-training state of a run that has finished since. restore: KEEP's files over RUNS's.
+only its records (*.json, *.csv, *.txt, *.log) and the weights not evaluated yet (a snapshot without
+its eval-step-N.json, the final model before every budget is evaluated), except that the folders
+named by --keep-weights keep all (a comparison needs only its evaluations and the base it fine-tunes
+from). Files in
+KEEP that RUNS no longer makes are left alone; those it would no
+longer save (the state of a run that has finished since, weights evaluated since) are removed.
+restore: KEEP's files over RUNS's.
 """
 from __future__ import annotations
 
@@ -32,6 +35,16 @@ def finished(run: Path) -> bool:
     return rec.exists() and bool(json.loads(rec.read_text()).get("finished"))
 
 
+def evaluated(path: Path, run: Path) -> bool:
+    """Whether the weights file `path` of a finished comparison run has its evaluation in `run`: a
+    snapshot snapshots/step-N.safetensors its eval-step-N.json; the final model.safetensors one more
+    eval-step file than there are snapshots (every budget's)."""
+    evals = list(run.glob("eval-step-*.json"))
+    if path.parent.name == "snapshots":
+        return (run / f"eval-{path.stem}.json").exists()
+    return len(evals) > len(list((run / "snapshots").glob("step-*.safetensors")))
+
+
 def wanted(path: Path, run: Path, light: bool) -> bool:
     """Whether save copies `path`, a file of the run folder `run`."""
     if path.name == ".lock":
@@ -40,7 +53,7 @@ def wanted(path: Path, run: Path, light: bool) -> bool:
         return True
     if path.name == "state.safetensors":
         return False
-    return not light or path.suffix in RECORDS
+    return not light or path.suffix in RECORDS or not evaluated(path, run)
 
 
 def copy_tree(src: Path, dst: Path, keep=lambda p: True) -> int:
@@ -62,8 +75,10 @@ def save(runs: Path, keep: Path, light: bool, keep_weights: set[str]) -> None:
         elif f.is_dir():
             lite = light and f.name not in keep_weights
             n = copy_tree(f, keep / f.name, lambda p, run=f, lite=lite: wanted(p, run, lite))
-            if finished(f):   # an earlier save of it, unfinished then, kept its state: no longer needed
-                (keep / f.name / "state.safetensors").unlink(missing_ok=True)
+            for old in (keep / f.name).rglob("*"):   # what an earlier save kept and this one would not
+                src = f / old.relative_to(keep / f.name)
+                if old.is_file() and src.exists() and not wanted(src, f, lite):
+                    old.unlink()
             what = ("finished" if finished(f) else "in progress, with its state" if (f / "state.safetensors").exists()
                     else "not a run")
             print(f"saved {f.name}: {n} files ({what})")

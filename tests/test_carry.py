@@ -34,9 +34,16 @@ def test_save_keeps_what_resumes_and_light_keeps_records(tmp_path):
                                      "snapshots/step-2.safetensors"}          # no state, no lock
     assert _files(full / "going") == _files(runs / "going") - {".lock"}     # all it needs to resume
     assert (full / "compare.json").exists()
+    assert carry.main(["save", str(runs), str(tmp_path / "part"), "--light"]) == 0
+    # done's snapshot (step 2) is not evaluated yet: it and the final model stay, to be evaluated
+    assert _files(tmp_path / "part" / "done") == {"run.json", "metrics.csv", "eval-step-4.json", "model.safetensors",
+                                                  "snapshots/step-2.safetensors"}
+    (runs / "done" / "eval-step-2.json").write_text("{}")
+    assert carry.main(["save", str(runs), str(tmp_path / "part"), "--light"]) == 0   # evaluated since: weights go
+    assert _files(tmp_path / "part" / "done") == {"run.json", "metrics.csv", "eval-step-2.json", "eval-step-4.json"}
     assert carry.main(["save", str(runs), str(tmp_path / "light"), "--light"]) == 0
     light = tmp_path / "light"
-    assert _files(light / "done") == {"run.json", "metrics.csv", "eval-step-4.json"}
+    assert _files(light / "done") == {"run.json", "metrics.csv", "eval-step-2.json", "eval-step-4.json"}
     assert "model.safetensors" in _files(light / "base")                   # --keep-weights base
     assert _files(light / "going") == _files(full / "going")
     (runs / "going" / "run.json").write_text(json.dumps({"finished": True}))   # it finishes: its state goes
