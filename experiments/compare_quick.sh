@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The research comparison (issue: fast-AT state of the art): `advgen compare --preset quick`, entry by
+# entry, the most informative first, so that a stopped session leaves whole entries behind. Each call
+# resumes what OUT holds. Run from a worktree pinned to one commit (f520c91 since 2026-12-01):
+#
+#   git worktree add ../research f520c91 && cd ../research
+#   python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install '.[autoattack]'
+#   python3 ../main/experiments/carry.py restore ../main/experiments/compare-quick runs/compare-quick
+#   OMP_NUM_THREADS=1 ADVGEN=$PWD/.venv/bin/advgen nohup bash ../main/experiments/compare_quick.sh \
+#       /work/shared/data runs/compare-quick > runs/compare.log 2>&1 &
+#   # before the session ends, from the main checkout:
+#   python3 experiments/carry.py save ../research/runs/compare-quick experiments/compare-quick --light
+set -euo pipefail
+DATA=${1:?usage: compare_quick.sh DATA_DIR OUT_DIR}
+OUT=${2:?usage: compare_quick.sh DATA_DIR OUT_DIR}
+ADVGEN=${ADVGEN:-advgen}
+for e in nfgsm gen_mem mem_step pgd10 gen_sdi fgsm_rs free trades gen_grad gen_rec2; do
+  echo "== $(date -Is) entry $e"
+  "$ADVGEN" compare --preset quick --entries "$e" --data-dir "$DATA" --device cpu --out "$OUT"
+done
+echo "== $(date -Is) compare done"
