@@ -357,12 +357,14 @@ def distributed_job(device_name: str):
     and leave the process group at the end. Yields (dist, device)."""
     from .training import distributed
     dist, name = distributed.init(device_name)
+    clean = False
     try:
         if not dist.main:
             logging.getLogger().setLevel(logging.ERROR)
         yield dist, resolve_device(name)
+        clean = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean=clean and dist.active)
 
 
 def cmd_train(args) -> int:

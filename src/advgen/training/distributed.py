@@ -208,8 +208,13 @@ def init(device: str) -> tuple[Dist, str]:
     return Dist(rank, world, local), device
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = False) -> None:
+    """Leave the process group. clean: every rank got here without an error, so they first meet at a
+    barrier: a rank that tore its gloo group down while another was still in a last collective (rank 0
+    writing the run's files) could abort at exit ("terminate called without an active exception")."""
     if tdist.is_available() and tdist.is_initialized():
+        if clean:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 
