@@ -79,9 +79,13 @@ def _number(text) -> float:
         raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
 
 
+def _joined(text) -> str:
+    """An option value as the comma-separated text it is on the command line (a --config file gives a list)."""
+    return ",".join(str(t) for t in text) if isinstance(text, (list, tuple)) else str(text)
+
+
 def _floats(text) -> list[float]:
-    if isinstance(text, (list, tuple)):   # from a --config file
-        text = ",".join(str(t) for t in text)
+    text = _joined(text)
     try:
         vals = [_number(t) for t in str(text).split(",") if t.strip()]
     except argparse.ArgumentTypeError:
@@ -93,8 +97,7 @@ def _floats(text) -> list[float]:
 
 def _ints(text) -> list[int]:
     """Comma-separated distinct non-negative integers: "0,1,2"."""
-    if isinstance(text, (list, tuple)):   # from a --config file
-        text = ",".join(str(t) for t in text)
+    text = _joined(text)
     try:
         vals = [int(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
@@ -129,8 +132,7 @@ def _device_name(text: str) -> str:
 
 def _device_list(text: str) -> list[str]:
     """--devices: comma-separated --device names (cuda:0,cuda:1); one may repeat (two workers on one GPU)."""
-    if isinstance(text, (list, tuple)):   # from a --config file
-        text = ",".join(str(t) for t in text)
+    text = _joined(text)
     names = [t.strip() for t in str(text).split(",")]
     if not all(names):
         raise argparse.ArgumentTypeError(f"expected comma-separated devices such as cuda:0,cuda:1, got {text!r}")

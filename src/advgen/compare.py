@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from .attacks import FGSM, PGD, AutoAttack
 from .checkpoint import MODEL_FILE, RUN_FILE, atomic_write, git_commit, load_model, read_json, read_tensors, write_json
 from .config import TrainConfig, from_dict
 from .evaluate import LARGE_EPS, accuracy, robust_accuracy, sanity_checks
-from .report import DATA_CAVEAT, machine_description, run_complete
+from .report import DATA_CAVEAT, machine_description, mean_std, run_complete
 from .speed import inference_copy
 from .training.method import METHODS, MethodSpec, Setup
 
@@ -436,22 +435,15 @@ def summarize(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["name"], r["budget_units"]), []).append(r)
 
-    def ms(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return None
-        return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "n": len(vals)}
-
     out = []
     for (name, units), rs in groups.items():
         eps_pgd = sorted({e for r in rs for e in r["pgd"]}, key=float)
         eps_aa = sorted({e for r in rs for e in r["autoattack"]}, key=float)
         out.append({"name": name, "label": rs[0]["label"], "budget_units": units, "seeds": len(rs),
-                    "passes": ms([r["passes"] for r in rs]), "seconds": ms([r["budget_seconds"] for r in rs]),
-                    "clean": ms([r["clean"] for r in rs]),
-                    "pgd": {e: ms([r["pgd"].get(e) for r in rs]) for e in eps_pgd},
-                    "autoattack": {e: ms([r["autoattack"].get(e) for r in rs]) for e in eps_aa},
+                    "passes": mean_std([r["passes"] for r in rs]), "seconds": mean_std([r["budget_seconds"] for r in rs]),
+                    "clean": mean_std([r["clean"] for r in rs]),
+                    "pgd": {e: mean_std([r["pgd"].get(e) for r in rs]) for e in eps_pgd},
+                    "autoattack": {e: mean_std([r["autoattack"].get(e) for r in rs]) for e in eps_aa},
                     "failed": sorted({c["name"] for r in rs for c in r["checks"] if not c["passed"]})})
     return out
 

@@ -427,14 +427,18 @@ def _augment_with(images: torch.Tensor, offs: torch.Tensor, flip: torch.Tensor, 
     b, c, h, w = images.shape
     dev = images.device
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)).contiguous()
+    plane = (torch.arange(b * c, device=dev) * ((h + 2 * pad) * (w + 2 * pad))).view(b, c, 1, 1)  # image i, channel k
+    return padded.view(-1)[plane + _crop_index(offs, flip, h, w, pad, dev)]
+
+
+def _crop_index(offs: torch.Tensor, flip: torch.Tensor, h: int, w: int, pad: int, dev) -> torch.Tensor:
+    """(B, 1, H, W): for each output pixel (i, j) of a crop (offsets (2, B)) and flip (B,), its flat
+    position (dy + i) · (W + 2 pad) + column in the padded image."""
     offs, flip = offs.to(dev), flip.to(dev)
-    ar_h = torch.arange(h, device=dev)
-    ar_w = torch.arange(w, device=dev)
-    rows = offs[0, :, None] + ar_h  # (B, H)
+    b, ar_w = flip.shape[0], torch.arange(w, device=dev)
+    rows = offs[0, :, None] + torch.arange(h, device=dev)                    # (B, H)
     cols = offs[1, :, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # (B, W)
-    hp, wp = h + 2 * pad, w + 2 * pad
-    plane = (torch.arange(b * c, device=dev) * (hp * wp)).view(b, c, 1, 1)  # start of image i, channel k
-    return padded.view(-1)[plane + (rows * wp).view(b, 1, h, 1) + cols.view(b, 1, 1, w)]
+    return (rows * (w + 2 * pad)).view(b, 1, h, 1) + cols.view(b, 1, 1, w)
 
 
 @dataclass(frozen=True)
@@ -473,12 +477,7 @@ class Where:
             b, c, h, w = values.shape
             p = self.pad
             canvas = torch.nn.functional.pad(store[self.idx], (p, p, p, p))
-            dev = values.device
-            offs, flip = self.offs.to(dev), self.flip.to(dev)
-            ar_w = torch.arange(w, device=dev)
-            rows = (offs[0, :, None] + torch.arange(h, device=dev)).view(b, 1, h, 1).expand(b, c, h, w)
-            cols = (offs[1, :, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)).view(b, 1, 1, w)
-            flat = (rows * canvas.shape[-1] + cols).reshape(b, c, -1)   # (dy+i, col) in the padded image
+            flat = _crop_index(self.offs, self.flip, h, w, p, values.device).expand(b, c, h, w).reshape(b, c, -1)
             canvas.view(b, c, -1).scatter_(2, flat, values.reshape(b, c, -1))
             values = canvas[:, :, p:p + h, p:p + w]
         store[self.idx] = values

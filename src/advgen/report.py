@@ -173,17 +173,23 @@ def reproduce_seeds(preset: str, out: Path, seeds: list[int], **kw) -> Path:
     return path
 
 
-def _ms(vals: list[float]) -> dict:
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals), "values": vals}
+def mean_std(vals: list) -> dict | None:
+    """{"mean", "std" (sample std, n − 1; 0 for one value), "n", "values"} of the values that are not
+    None; None when there are none (seeds of a reproduction, of a comparison's entry and budget)."""
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals), "values": vals}
 
 
 def aggregate_seeds(per_seed: dict[int, dict]) -> dict:
     """Mean ± std (sample std, n − 1) over seeds of Table 1 and of Figure 3's accuracies; per_seed maps
     a seed to the results.json of its reproduction."""
     first = next(iter(per_seed.values()))
-    t1 = {name: {k: _ms([r["table1"]["rows"][name][k] for r in per_seed.values()])
+    t1 = {name: {k: mean_std([r["table1"]["rows"][name][k] for r in per_seed.values()])
                  for k in ("seconds_per_epoch", "images_per_second")} for name in STAGES}
-    ratios = {k: _ms([r["table1"]["ratios"][k] for r in per_seed.values()]) for k in first["table1"]["ratios"]}
+    ratios = {k: mean_std([r["table1"]["ratios"][k] for r in per_seed.values()]) for k in first["table1"]["ratios"]}
     curves = {}
     for name in STAGES:
         eps = [q["eps"] for q in first["curves"][name]["results"]]
