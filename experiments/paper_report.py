@@ -2,7 +2,8 @@
 full-data campaign's run folders and their full evaluations; stages not finished are listed as pending.
 
     python experiments/paper_report.py runs/campaign --evals runs/campaign-eval --data-dir ../shared/data \
-        --machine "AMD EPYC ..., 1 thread" --out docs
+        --machine "AMD EPYC ..., 1 thread" \
+        --bench benchmarks/results/bench-core-redesign.json --out docs
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ def main(argv=None) -> int:
     p.add_argument("--evals", type=Path, help=f"folder of STAGE.json full evaluations (default: RUN/{EVAL_FILE})")
     p.add_argument("--data-dir", help="CIFAR-10 folder, for Figure 2's images")
     p.add_argument("--machine", help="where the campaign trained (its run.json files do not record it)")
+    p.add_argument("--bench", type=Path, help="a bench.json of benchmarks/bench.py: its interleaved ratios beside Table 1")
     p.add_argument("--out", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
     try:
-        path = build(args.runs, args.out, evals_dir=args.evals, data_dir=args.data_dir, machine=args.machine)
+        path = build(args.runs, args.out, evals_dir=args.evals, data_dir=args.data_dir, machine=args.machine,
+                     bench=args.bench)
     except UserError as e:
         print(f"paper_report: error: {e}", file=sys.stderr)
         return 2

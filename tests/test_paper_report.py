@@ -52,7 +52,8 @@ def _evaluate(run: Path, out: Path) -> dict:
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory):
     """runs/: base and gen_paper finished and evaluated, minmax_paper finished and not evaluated,
-    fgsm_rs half-trained, gen_gradient and pgd10 not started; evals/ holds STAGE.json."""
+    fgsm_rs half-trained, gen_gradient part-way through its first epoch (a saved state, no run.json), pgd10
+    not started; evals/ holds STAGE.json."""
     mp = pytest.MonkeyPatch()
     mp.setattr("advgen.attacks.AutoAttack", _FakeAA)
     root = tmp_path_factory.mktemp("campaign")
@@ -65,6 +66,10 @@ def campaign(tmp_path_factory):
     rec = json.loads((runs / "fgsm_rs" / "run.json").read_text())
     (runs / "fgsm_rs" / "run.json").write_text(json.dumps({**rec, "finished": False, "config": {**rec["config"],
                                                                                               "epochs": 8}}))
+    (runs / "gen_gradient").mkdir()
+    (runs / "gen_gradient" / "state.safetensors").write_bytes(b"")      # only its presence is read
+    (runs / "gen_gradient" / "metrics.csv").write_text("step,epoch,loss,accuracy,lr,seconds\n"
+                                                      "56,1,1.5,0.4,0.01,80.0\n57,1,1.4,0.4,0.01,81.5\n")
     evs = {s: _evaluate(runs / s, evals / f"{s}.json") for s in ("base", "gen_paper")}
     yield root, runs, evals, evs
     mp.undo()
@@ -83,7 +88,8 @@ def test_report_uses_the_finished_stages_and_lists_the_rest(campaign, tmp_path):
     assert "pgd10 / gen_gradient) = pending" in md and "test machine, 1 thread" in md
     # pending stages named, never given numbers
     pending = md.split("## Pending")[1].split("##")[0]
-    for line in ("fgsm_rs: training: 1 of 8 epochs done", "gen_gradient: not started", "pgd10: not started",
+    for line in ("fgsm_rs: training: 1 of 8 epochs done", "gen_gradient: training: part-way (epoch 1, 57 steps in metrics.csv)",
+                 "pgd10: not started",
                  "minmax_paper: trained; no evaluation yet"):
         assert line in pending
     assert "| fgsm_rs | training" in md and "| pgd10 | not started |" in md
@@ -130,6 +136,28 @@ def test_an_evaluation_of_other_weights_is_not_used(campaign, tmp_path):
     md = paper_report.build(runs, tmp_path / "docs", evals_dir=wrong).read_text()
     assert "minmax_paper: trained; evaluation not usable:" in md and "other weights" in md
     assert "pending (no model evaluated yet)" in md and "| minmax_paper | trained; evaluation not usable" in md
+
+
+def test_a_part_way_evaluation_is_named_as_such_and_the_benchmark_ratios_shown(campaign, tmp_path):
+    root, runs, evals, evs = campaign
+    part = tmp_path / "evals"
+    part.mkdir()
+    # advgen eval --full stores each attack's bits as it finishes them; stopped after the PGD ones
+    (part / "minmax_paper.json").write_text(json.dumps({"settings": {}, "samples": {"clean": "1", "pgd:0.25": "0"}}))
+    bench = tmp_path / "bench.json"
+    ratio = lambda m: {"median": m, "min": m - 0.5, "max": m + 0.5, "runs": [m]}  # noqa: E731
+    bench.write_text(json.dumps({"machine": {"threads": 1, "torch": "2.13.0+cpu"}, "train_subset": 1280, "reps": 3,
+                                 "training": {"ratios": {"minmax_pgd40/generator": ratio(23.9),
+                                                         "minmax_pgd10/generator": ratio(6.0),
+                                                         "generator/standard": ratio(1.15)}}}))
+    md = paper_report.build(runs, tmp_path / "docs", evals_dir=part, bench=bench).read_text()
+    assert "minmax_paper: trained; evaluation part-way (" in md and "clean, pgd:0.25 done)" in md
+    assert "PGD-40 / generator = 23.90× (23.40–24.40)" in md and "3 interleaved repetitions" in md
+    res = json.loads((tmp_path / "docs" / "results-paper.json").read_text())
+    assert res["benchmark_ratios"]["generator/standard"]["median"] == 1.15
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(advgen.errors.UserError, match="not a bench.json"):
+        paper_report.build(runs, tmp_path / "docs", bench=tmp_path / "bad.json")
 
 
 def test_mcnemar_exact_p_values():

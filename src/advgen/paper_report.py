@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import GENERATORS_FILE, MODEL_FILE, RUN_FILE, atomic_write, git_commit, read_json, read_tensors, \
-    write_json
+from .checkpoint import GENERATORS_FILE, METRICS_FILE, MODEL_FILE, RUN_FILE, STATE_FILE, atomic_write, git_commit, \
+    read_json, read_tensors, write_json
 from .errors import UserError
 from .report import DATA_CAVEAT, figure2, figure3, machine_description
 
@@ -43,8 +43,10 @@ def stage_status(run_dir: Path, ev_path: Path) -> dict:
     """{"state", "run", "eval", "note"} of one stage. state: "pending" (no run yet), "training",
     "trained" (finished, no usable evaluation yet) or "evaluated"; run and eval are the JSON records
     (eval without its per-sample bits) or None."""
-    from .zoo import check_evaluation
+    from .zoo import EVAL_KEYS, check_evaluation
     if not (run_dir / RUN_FILE).is_file():
+        if (run_dir / STATE_FILE).is_file():     # run.json comes at the end; a saved state means part-way
+            return {"state": "training", "run": None, "eval": None, "note": f"training: {_progress(run_dir)}"}
         return {"state": "pending", "run": None, "eval": None, "note": "not started"}
     rec = read_json(run_dir / RUN_FILE)
     if not rec.get("finished"):
@@ -54,12 +56,25 @@ def stage_status(run_dir: Path, ev_path: Path) -> dict:
     if not ev_path.is_file():
         return {"state": "trained", "run": rec, "eval": None, "note": f"trained; no evaluation yet ({ev_path})"}
     ev = read_json(ev_path)
+    if any(k not in ev for k in EVAL_KEYS) and "samples" in ev:   # advgen eval --full writes as it goes
+        return {"state": "trained", "run": rec, "eval": None,
+                "note": f"trained; evaluation part-way ({ev_path}: {', '.join(sorted(ev['samples']))} done)"}
     try:
         check_evaluation(ev, read_tensors(run_dir / MODEL_FILE)[0], str(ev_path))
     except UserError as e:
         return {"state": "trained", "run": rec, "eval": None, "note": f"trained; evaluation not usable: {e}"}
     return {"state": "evaluated", "run": rec, "eval": {k: v for k, v in ev.items() if k != "samples"},
             "samples": ev["samples"], "note": "evaluated"}
+
+
+def _progress(run_dir: Path) -> str:
+    """How far a run without run.json has got, from the last row of its metrics.csv (step, epoch, ...)."""
+    rows = (run_dir / METRICS_FILE).read_text().split("\n") if (run_dir / METRICS_FILE).is_file() else []
+    last = [r for r in rows if r and r[0].isdigit()]
+    if not last:
+        return "part-way (a saved state, no metrics yet)"
+    step, epoch = last[-1].split(",")[:2]
+    return f"part-way (epoch {epoch}, {step} steps in metrics.csv)"
 
 
 def collect(runs_dir: Path, evals_dir: Path | None = None) -> dict[str, dict]:
@@ -122,6 +137,22 @@ def _table1_lines(t: dict, stages: dict) -> list[str]:
                         f"{fmt(ra['pgd10/gen_gradient'])}."]
 
 
+def _bench_lines(bench: dict | None, source: str) -> list[str]:
+    """The like-for-like ratios of benchmarks/bench.py (every method in one process, interleaved) beside
+    the campaign's epochs, which ran under whatever else the machine was doing."""
+    lines = ["", "The campaign's epochs ran on one thread of a shared 2-core machine, some beside other jobs, so "
+                 "the seconds of stages that ran under different load are not like-for-like."]
+    if bench is None:
+        return lines
+    r, m = bench["training"]["ratios"], bench["machine"]
+    fmt = lambda k: f"{r[k]['median']:.2f}× ({r[k]['min']:.2f}–{r[k]['max']:.2f})"  # noqa: E731
+    return [lines[0], lines[1] + f" Like-for-like, from benchmarks/bench.py ({source}: every method in one process, "
+            f"{bench['reps']} interleaved repetitions of an epoch of {bench['train_subset']} images, {m['threads']} "
+            f"thread(s), torch {m['torch']}; median (min–max)): PGD-40 / generator = {fmt('minmax_pgd40/generator')}, "
+            f"PGD-10 / generator = {fmt('minmax_pgd10/generator')}, generator / standard = "
+            f"{fmt('generator/standard')}."]
+
+
 def _aa_lines(stages: dict) -> list[str]:
     lines = ["| model | clean | PGD-L2 0.25 | AA-L2 0.25 | worst 0.25 | PGD-L2 0.5 | AA-L2 0.5 | worst 0.5 |",
              "|---|" + "---|" * 7]
@@ -174,7 +205,8 @@ def _listed(values) -> str:
     return " / ".join(seen) if seen else "pending"
 
 
-def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool) -> str:
+def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool, bench: dict | None = None,
+           bench_source: str = "") -> str:
     """The Markdown of docs/report-paper.md."""
     evaluated = [s for s, st in stages.items() if st["eval"] is not None]
     ev0 = stages[evaluated[0]]["eval"] if evaluated else None
@@ -196,7 +228,7 @@ def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool)
     if pending:
         lines += ["## Pending", "", "These stages are not in the tables and figures yet:", ""] + pending + [""]
     lines += ["## What the paper's two claims become", ""] + claims(stages, t) + [""]
-    lines += ["## Table 1: training time per epoch (full-data epochs)", ""] + _table1_lines(t, stages) + [""]
+    lines += ["## Table 1: training time per epoch (full-data epochs)", ""] + _table1_lines(t, stages) + _bench_lines(bench, bench_source) + [""]
     lines += ["## Figure 2: generator samples (gen_paper)", "",
               f"![Figure 2]({fig2})" if fig2 else "pending (gen_paper's generators, and --data-dir for the images).",
               "", "## Figure 3: accuracy against PGD-L2 eps (95% Wilson error bars)", "",
@@ -217,16 +249,22 @@ def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool)
 
 
 def build(runs_dir: Path, out_dir: Path, *, evals_dir: Path | None = None, data_dir=None,
-          machine: str | None = None) -> Path:
+          machine: str | None = None, bench: Path | None = None) -> Path:
     """Write out_dir/report-paper.md, figure2-paper.png, figure3-paper.png and results-paper.json from
     whatever stages of the campaign in runs_dir are finished; return the report's path.
 
     evals_dir: where the full evaluations lie as STAGE.json (default RUNS_DIR/STAGE/eval-full.json);
     data_dir: the CIFAR-10 folder for Figure 2's images (no Figure 2 without it); machine: where the
-    campaign trained (its run.json files do not say; default: this machine)."""
+    campaign trained (its run.json files do not say; default: this machine); bench: a bench.json of
+    benchmarks/bench.py, whose interleaved ratios Table 1 shows beside the campaign's own epochs."""
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     if not runs_dir.is_dir():
         raise UserError(f"{runs_dir} is not a folder of campaign runs")
+    bench_rec = None
+    if bench is not None:
+        bench_rec = read_json(bench)
+        if not isinstance(bench_rec.get("training", {}).get("ratios"), dict):
+            raise UserError(f"{bench} is not a bench.json of benchmarks/bench.py (no training ratios)")
     stages = collect(runs_dir, None if evals_dir is None else Path(evals_dir))
     t = table1(stages)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,10 +276,12 @@ def build(runs_dir: Path, out_dir: Path, *, evals_dir: Path | None = None, data_
     machine = machine or f"{machine_description(torch.device('cpu'))} (where the report was built)"
     write_json(out_dir / "results-paper.json",
                {"version": __version__, "git_commit": git_commit(), "machine": machine, "table1": t,
+                "benchmark_ratios": bench_rec["training"]["ratios"] if bench_rec else None,
                 "stages": {s: {k: v for k, v in st.items() if k not in ("samples", "run")} |
                            {"config": st["run"]["config"] if st["run"] else None} for s, st in stages.items()}})
     path = out_dir / "report-paper.md"
-    atomic_write(path, render(stages, t, machine=machine, fig2=fig2, fig3=bool(curves)).encode())
+    atomic_write(path, render(stages, t, machine=machine, fig2=fig2, fig3=bool(curves), bench=bench_rec,
+                                  bench_source=str(bench)).encode())
     return path
 
 
