@@ -30,7 +30,6 @@ unit = lambda t: t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 @torch.no_grad()
 def score(bank):
-    out = {}
     with eval_mode(model):
         adv, _ = bank(xt)
         lo = model(adv)

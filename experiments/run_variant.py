@@ -12,7 +12,7 @@ adversarial loss, and after training an equal-norm comparison of the generator's
 random noise and the FGSM direction against the final classifier.
 Writes experiments/results/NAME.json; weights go to exp/NAME (not in git).
 """
-import json, math, os, sys, time
+import json, os, sys, time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 import torch.nn.functional as F

@@ -131,7 +131,7 @@ def test_a_run_folder_in_use_is_not_written(one_process, capsys):
         code, _, err = run(["compare", "--preset", "tiny", "--data-dir", data, "--device", "cpu", "--base",
                             root / "j1" / "base", "--out", out, "--jobs", "2"], capsys)
     assert code == 1
-    assert f"fgsm_rs seed 1 failed" in err and f"is in use by another advgen process (pid {os.getpid()}" in err
+    assert "fgsm_rs seed 1 failed" in err and f"is in use by another advgen process (pid {os.getpid()}" in err
     assert not (victim / "eval-step-4.json").exists() and not (victim / "compare.log").exists()
 
 

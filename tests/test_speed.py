@@ -2,7 +2,6 @@
 and benchmarks/bench.py end to end on tiny inputs (no speed assertions)."""
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -12,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from synth_cifar import tiny_dataset
 
-import advgen
 from advgen.cli import main
 from advgen.config import AttackConfig, TrainConfig
 from advgen.errors import UserError

@@ -9,6 +9,7 @@ target (and the folder fsynced), so a crash leaves the old file or the new one, 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -94,6 +95,15 @@ def check_writable(folder: Path) -> None:
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (read in 1 MiB blocks): sha256 for the zoo, md5 for CIFAR archives."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: Path) -> dict:

@@ -9,20 +9,19 @@ allow_pickle=False, images with Pillow.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
 import pickle
 import tarfile
 import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checkpoint import file_digest
 from .errors import DataError, UserError
 from .models.normalize import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
@@ -274,21 +273,13 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("ADVGEN_DATA") or Path.home() / ".cache" / "advgen")
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(layout: _Layout, root: Path) -> None:
     """Fetch the official archive into root (progress bar), verify its md5, extract it safely."""
     from tqdm import tqdm
 
     root.mkdir(parents=True, exist_ok=True)
     archive = root / layout.url.rsplit("/", 1)[1]
-    if not archive.exists() or _md5(archive) != layout.md5:
+    if not archive.exists() or file_digest(archive, "md5") != layout.md5:
         part = archive.with_suffix(".part")
         log.info("downloading %s", layout.url)
         try:
@@ -301,7 +292,7 @@ def download(layout: _Layout, root: Path) -> None:
         except OSError as e:
             part.unlink(missing_ok=True)
             raise DataError(f"download of {layout.url} failed: {e}") from None
-        if _md5(part) != layout.md5:
+        if file_digest(part, "md5") != layout.md5:
             part.unlink(missing_ok=True)
             raise DataError(f"download of {layout.url} has the wrong md5 (expected {layout.md5})")
         os.replace(part, archive)

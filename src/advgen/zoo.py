@@ -8,12 +8,12 @@ weights file, which is checked before every load: a mismatch is an error, never 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
 
-from .checkpoint import MODEL_FILE, RUN_FILE, CheckpointError, atomic_write, read_json, read_tensors, write_json
+from .checkpoint import MODEL_FILE, RUN_FILE, CheckpointError, atomic_write, file_digest, read_json, read_tensors, \
+    write_json
 from .errors import UserError
 
 PREFIX = "zoo:"
@@ -23,15 +23,6 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 def zoo_dir() -> Path:
     """The installed zoo (package data), or $ADVGEN_ZOO_DIR."""
     return Path(os.environ.get("ADVGEN_ZOO_DIR") or Path(__file__).with_name("zoo_models"))
-
-
-def sha256(path: Path) -> str:
-    """The sha256 (hex) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cards(folder: Path | None = None) -> list[dict]:
@@ -51,7 +42,7 @@ def model_file(name: str, folder: Path | None = None) -> Path:
     path = folder / card.get("file", f"{name}.safetensors")
     if not path.is_file():
         raise CheckpointError(f"zoo model {name}: its weights file {path.name} is missing")
-    digest = sha256(path)
+    digest = file_digest(path)
     if digest != card.get("sha256"):
         raise CheckpointError(f"zoo model {name}: {path.name} has sha256 {digest[:16]}…, its card says "
                               f"{str(card.get('sha256'))[:16]}…; the file was changed or damaged and is not loaded")
@@ -127,7 +118,7 @@ def add(run_dir: Path, name: str, evaluation: dict, *, command: str | None = Non
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{name}.safetensors"
     atomic_write(weights, (run_dir / MODEL_FILE).read_bytes())
-    card.update(file=weights.name, sha256=sha256(weights))
+    card.update(file=weights.name, sha256=file_digest(weights))
     write_json(folder / f"{name}.json", card)
     return card
 
