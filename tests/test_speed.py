@@ -190,3 +190,13 @@ def test_bench_runs_end_to_end_on_tiny_inputs(shared_data, tmp_path):
     except ImportError:
         assert e["foolbox/advgen"] is None
     assert "advgen" in (out / "bench.md").read_text()
+
+
+def test_bf16_precision_measures_the_rounding_of_small_perturbations():
+    spec = importlib.util.spec_from_file_location("bf16_precision", ROOT / "benchmarks" / "bf16_precision.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tiny, large = mod.relative_error(x, 0.01), mod.relative_error(x, 8.0)
+    assert tiny.shape == (8,) and tiny.median() > 0.5      # far below bf16's step: mostly rounded away
+    assert large.median() < 0.02                           # well above it: rounding is a small error
