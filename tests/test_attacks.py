@@ -389,3 +389,56 @@ def test_keep_last_returns_the_final_iterate_at_full_strength(trained_tiny):
     assert ((last - x).flatten(1).norm(dim=1) <= 1.0 + 1e-5).all()
     with pytest.raises(UserError):
         PGD(model, keep="best")
+
+
+def test_margin_loss_values():
+    from advgen.attacks.pgd import margin
+    logits = torch.tensor([[3.0, 1.0, 2.5], [0.0, 4.0, -1.0]])
+    torch.testing.assert_close(margin(logits, torch.tensor([0, 0])), torch.tensor([-0.5, 4.0]))
+
+
+class _Saturated(torch.nn.Module):
+    """A linear classifier with logits scaled so far that softmax is exactly one-hot in float32: the
+    cross-entropy's input gradient is exactly zero, the margin's is not (gradient masking by saturation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3 * 4 * 4, 3)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(3, 48, generator=torch.Generator().manual_seed(0)))
+            self.lin.bias.zero_()
+
+    def forward(self, x):
+        return 1e4 * self.lin(x.flatten(1))
+
+
+def test_margin_restarts_break_what_the_saturated_cross_entropy_cannot():
+    model = _Saturated()
+    x = torch.rand(32, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)                       # every sample correct, with a huge logit gap
+    kw = dict(norm="l2", eps=2.0, steps=20, random_start=False)
+    fooled = lambda atk: (model(atk(x, y)).argmax(1) != y).float().mean().item()  # noqa: E731
+    ce = PGD(model, restarts=2, **kw)
+    both = PGD(model, restarts=2, objective=("ce", "margin"), **kw)
+    assert fooled(ce) == 0.0                         # no gradient: CE-PGD never moves
+    assert fooled(both) > 0.5                        # its margin restart does
+    assert both.settings()["objective"] == ["ce", "margin"] and ce.settings()["objective"] == "ce"
+    with pytest.raises(UserError, match="unknown objective"):
+        PGD(model, objective=("ce", "dlr"))
+    with pytest.raises(UserError, match="no other objective"):
+        PGD(model, objective=("kl", "ce"), keep="last")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_second_objective_only_adds_fooled_samples(trained_tiny, norm):
+    x, y = batch(trained_tiny, 96)
+    model = trained_tiny.model
+    kw = dict(norm=norm, eps=EPS[norm], steps=4, random_start=True, seed=11)
+    one = PGD(model, restarts=1, **kw)(x, y)
+    both = PGD(model, restarts=2, objective=("ce", "margin"), **kw)(x, y)
+    with torch.no_grad():
+        f1, f2 = model(one).argmax(1) != y, model(both).argmax(1) != y
+    assert 0 < f1.sum() < len(y)
+    assert bool((f2 | ~f1).all())                    # restart 0 is the CE attack itself; restart 1 only adds
+    torch.testing.assert_close(both[f1], one[f1])

@@ -131,7 +131,7 @@ def test_console_script_runs():
 
 
 @needs_data
-def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys):
+def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
     out = tmp_path / "cmp"
     code, _, _ = run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)
     assert code == 0
@@ -153,6 +153,21 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys):
     before = (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns
     assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
     assert (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns == before
+    # a PGD setting changed: PGD runs again, AutoAttack's accuracies are reused (AutoAttack is not called)
+    from advgen.compare import COMPARE_PRESETS
+
+    def no_autoattack(*a, **k):
+        raise AssertionError("AutoAttack ran again")
+    monkeypatch.setattr("advgen.compare.AutoAttack", no_autoattack)
+    monkeypatch.setattr(COMPARE_PRESETS["smoke"], "pgd_objectives", ["margin"])
+    assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
+    ev = json.loads((out / "gen_sdi-s1" / "eval-step-3.json").read_text())
+    assert ev["settings"]["pgd_objectives"] == ["margin"] and ev["checks"][-1]["name"].startswith("PGD within")
+    assert [r["autoattack"] for r in json.loads((out / "compare.json").read_text())["rows"]] == \
+        [r["autoattack"] for r in res["rows"]]
+    monkeypatch.setattr(COMPARE_PRESETS["smoke"], "pgd_objectives", ["ce", "margin"])
+    assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
+    assert json.loads((out / "compare.json").read_text())["rows"] == res["rows"]      # PGD is deterministic
     # the records alone rebuild it (what experiments/carry.py --light keeps): the runs' weights, snapshots
     # and states deleted, the same rows come back, nothing retrained
     for f in out.glob("*-s*/**/*.safetensors"):

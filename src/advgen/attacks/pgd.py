@@ -5,8 +5,8 @@ uniformly in the eps-ball), `direction` (the steepest-ascent step of unit size f
 `project` (back onto the eps-ball). Pixels are in [0, 1]; eps and step sizes are in those units.
 
 The loop ascends an `objective`, a per-sample loss of (logits, y) named in OBJECTIVES: the cross-entropy
-(Madry et al.; the default), or TRADES's KL divergence from the clean prediction (Zhang et al. 2019),
-where y holds that prediction as probabilities.
+(Madry et al.; the default), the margin loss (Carlini & Wagner 2017), or TRADES's KL divergence from
+the clean prediction (Zhang et al. 2019), where y holds that prediction as probabilities.
 """
 from __future__ import annotations
 
@@ -73,8 +73,18 @@ def kl_from(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits, dim=1), p, reduction="none").sum(dim=1)
 
 
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """max_{k≠y} z_k − z_y per sample, in logits: (B, K), y (B,) -> (B,); positive iff the sample is
+    misclassified. The margin loss of Carlini & Wagner (2017, their f_6 with κ = ∞): unlike the
+    cross-entropy it does not saturate once the true class's probability is near 1, so on robust
+    models it finds adversarial samples the cross-entropy's vanishing gradient misses."""
+    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    other = logits.scatter(1, y.view(-1, 1), -math.inf).amax(dim=1)
+    return other - true
+
+
 # what PGD ascends: name -> per-sample loss(logits, y); for "kl", y is a (B, K) distribution
-OBJECTIVES = {"ce": cross_entropy, "kl": kl_from}
+OBJECTIVES = {"ce": cross_entropy, "margin": margin, "kl": kl_from}
 
 
 @contextlib.contextmanager
@@ -109,8 +119,10 @@ class PGD:
     Args (keyword-only): norm "l2" | "linf"; eps radius in [0, 1] pixel units; steps ≥ 1;
     step_size absolute, or rel_step × eps (default 2.5 / steps, Madry's choice); random_start;
     restarts ≥ 1; targeted (then y holds the target classes); keep "worst" | "last"; seed for the
-    random starts; objective "ce" | "kl" (OBJECTIVES; "kl" takes y as (B, K) probabilities and needs
-    keep="last", untargeted: without labels no sample counts as fooled); start_std: the random start
+    random starts; objective "ce" | "margin" | "kl" (OBJECTIVES; "kl" takes y as (B, K) probabilities and needs
+    keep="last", untargeted: without labels no sample counts as fooled), or a tuple of names: restart r
+    ascends objective[r % len] (e.g. ("ce", "margin"): the margin restarts find what the cross-entropy's
+    saturated gradient misses), while a sample never fooled keeps the iterate ranked highest by the first; start_std: the random start
     drawn from N(0, start_std²) per pixel instead of uniformly in the ball (TRADES: 0.001), then clipped
     to [0, 1] (needs random_start).
     x: (B, C, H, W) float in [0, 1]; y: (B,) int64 (or (B, K) for "kl"). The model runs in eval mode;
@@ -129,20 +141,28 @@ class PGD:
         check(step_size is None or rel_step is None, "give step_size or rel_step, not both")
         for name, v in (("step size", step_size), ("relative step", rel_step), ("start_std", start_std)):
             check(v is None or (math.isfinite(v) and v > 0), f"{name} must be > 0, got {v}")
-        check(objective in OBJECTIVES, f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
-        check(objective == "ce" or (keep == "last" and not targeted),
-              f"objective {objective!r} needs keep='last' and an untargeted attack")
+        objectives = (objective,) if isinstance(objective, str) else tuple(objective)
+        check(len(objectives) >= 1, "objective needs at least one name")
+        for o in objectives:
+            check(o in OBJECTIVES, f"unknown objective {o!r}; choose from {', '.join(OBJECTIVES)}")
+        check("kl" not in objectives or (objectives == ("kl",) and keep == "last" and not targeted),
+              "objective 'kl' needs keep='last', an untargeted attack and no other objective")
         check(start_std is None or random_start, "start_std needs random_start")
         self.model, self.norm, self.eps, self.steps = model, norm, float(eps), steps
         self.step_size, self.rel_step = step_size, rel_step
         self.random_start, self.restarts, self.targeted, self.seed = random_start, restarts, targeted, seed
-        self.keep, self.objective, self.start_std = keep, objective, start_std
+        self.keep, self.start_std, self.objectives = keep, start_std, objectives
 
     def settings(self) -> dict:
         """The attack's settings as plain values (for results files)."""
         return {"norm": self.norm, "eps": self.eps, "steps": self.steps, "step_size": self.alpha,
                 "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted,
-                "keep": self.keep, "objective": self.objective, "start_std": self.start_std}
+                "keep": self.keep, "start_std": self.start_std,
+                "objective": self.objectives[0] if len(self.objectives) == 1 else list(self.objectives)}
+
+    def _objective(self, restart: int):
+        """The per-sample loss restart r ascends."""
+        return OBJECTIVES[self.objectives[restart % len(self.objectives)]]
 
     @property
     def alpha(self) -> float:
@@ -181,20 +201,21 @@ class PGD:
             delta = (x + delta).clamp(0, 1) - x
         else:
             delta = torch.zeros_like(x)
-        alpha = self.alpha
+        alpha, ascend, rank = self.alpha, self._objective(restart), self._objective(0)
         if self.keep == "last":
             for _ in range(self.steps):
-                delta = self._step(ops, x, y, delta, sign, alpha)
+                delta = self._step(ops, x, y, delta, sign, alpha, ascend)
             return (x + delta).detach(), best_loss, best_hit
         for t in range(self.steps + 1):
             delta.requires_grad_(True)
             logits = self.model(x + delta)
-            loss = OBJECTIVES[self.objective](logits, y)
+            loss = ascend(logits, y)
             with torch.no_grad():
                 hit = (logits.argmax(1) == y) if self.targeted else (logits.argmax(1) != y)
-                better = ~best_hit & (hit | (sign * loss > best_loss))
+                score = loss if rank is ascend else rank(logits, y)   # one scale over all restarts
+                better = ~best_hit & (hit | (sign * score > best_loss))
                 best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x + delta, best)
-                best_loss = torch.where(better, sign * loss, best_loss)
+                best_loss = torch.where(better, sign * score, best_loss)
                 best_hit = best_hit | (hit & better)
             if t == self.steps or best_hit.all():
                 return best, best_loss, best_hit
@@ -203,11 +224,10 @@ class PGD:
                 delta = ops.project(delta.detach() + sign * alpha * ops.direction(grad), self.eps)
                 delta = (x + delta).clamp(0, 1) - x
 
-
-    def _step(self, ops, x, y, delta, sign, alpha):
-        """One ascent step from delta (keep="last": no bookkeeping, no early stop)."""
+    def _step(self, ops, x, y, delta, sign, alpha, ascend):
+        """One ascent step of the loss `ascend` from delta (keep="last": no bookkeeping, no early stop)."""
         delta.requires_grad_(True)
-        loss = OBJECTIVES[self.objective](self.model(x + delta), y).sum()
+        loss = ascend(self.model(x + delta), y).sum()
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             delta = ops.project(delta.detach() + sign * alpha * ops.direction(grad), self.eps)
