@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The research comparison (issue: fast-AT state of the art): `advgen compare --preset quick`, entry by
 # entry, the most informative first, so that a stopped session leaves whole entries behind. Each call
-# resumes what OUT holds. Run from a worktree pinned to one commit (f520c91 since 2026-12-01):
+# resumes what OUT holds. Run from a worktree pinned to one commit (2d14d2e since 2026-12-01 22:55; f520c91 before):
 #
-#   git worktree add ../research f520c91 && cd ../research
+#   git worktree add ../research 2d14d2e && cd ../research
 #   python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install '.[autoattack]'
 #   python3 ../main/experiments/carry.py restore ../main/experiments/compare-quick runs/compare-quick
 #   OMP_NUM_THREADS=1 ADVGEN=$PWD/.venv/bin/advgen nohup bash ../main/experiments/compare_quick.sh \
