@@ -100,6 +100,12 @@ def test_report_uses_the_finished_stages_and_lists_the_rest(campaign, tmp_path):
     wc = ev["worst_case_l2"]["0.5"]
     assert row.endswith(f"{100 * wc['accuracy']:.1f} [{100 * wc['ci95'][0]:.1f}, {100 * wc['ci95'][1]:.1f}] |")
     assert "Robustness** (the generator model is as robust as the min-max model): pending" in md
+    # robustness against time: the evaluated stages with a training record, most robust first, no pgd10 yet
+    trade = md.split("## Robustness against training time")[1].split("##")[0]
+    rows = [ln for ln in trade.splitlines() if ln.startswith("| base") or ln.startswith("| gen_paper")]
+    accs = {s: evs[s]["worst_case_l2"]["0.5"]["accuracy"] for s in ("base", "gen_paper")}
+    assert len(rows) == 2 and rows[0].startswith(f"| {max(accs, key=accs.get)} |") and "pgd10" not in trade
+    assert rows[[r.split(' ')[1] for r in rows].index("base")].endswith("| 20 |")
     assert paper_report.DATA_CAVEAT in md
     for png in ("figure2-paper.png", "figure3-paper.png"):
         assert (tmp_path / "docs" / png).stat().st_size > 1000 and f"]({png})" in md
@@ -171,3 +177,15 @@ def test_the_script_errors_in_one_line(tmp_path):
                           "--out", str(tmp_path / "docs")], capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a folder of campaign runs" in out.stderr
+
+
+def test_tradeoff_rows_are_measured_against_pgd10():
+    def st(acc):
+        return {"eval": {"worst_case_l2": {"0.5": {"accuracy": acc, "ci95": [acc - 0.01, acc + 0.01], "n": 1000}}}}
+    stages = {"pgd10": st(0.40), "fgsm_rs": st(0.35), "gen_paper": st(0.02), "minmax_paper": {"eval": None}}
+    t = {"rows": {"pgd10": {"seconds_per_epoch": 1500.0}, "fgsm_rs": {"seconds_per_epoch": 300.0},
+                  "gen_paper": {"seconds_per_epoch": 180.0}}}
+    lines = paper_report.tradeoff_lines(stages, t)
+    assert lines[2] == "| pgd10 | 40.0 [39.0, 41.0] | 1500 | +0.0 | 1.00 |"
+    assert lines[3] == "| fgsm_rs | 35.0 [34.0, 36.0] | 300 | -5.0 | 0.20 |"
+    assert lines[4].startswith("| gen_paper | 2.0") and len([ln for ln in lines if ln.startswith("| ")]) == 4

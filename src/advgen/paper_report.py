@@ -168,6 +168,25 @@ def _aa_lines(stages: dict) -> list[str]:
     return lines
 
 
+def tradeoff_lines(stages: dict, t: dict, eps: str = "0.5") -> list[str]:
+    """Robustness against training cost, one row per stage with both: the worst case over PGD and
+    AutoAttack at L2 eps, seconds per epoch, and each against min-max PGD-10 (pgd10) once it is in.
+    Rows by robustness, highest first; what a user should train follows from it."""
+    rows = [(s, st["eval"]["worst_case_l2"][eps], t["rows"][s]["seconds_per_epoch"]) for s, st in stages.items()
+            if st["eval"] is not None and eps in st["eval"]["worst_case_l2"] and s in t["rows"]]
+    if not rows:
+        return ["pending (no stage has both its training record and its evaluation at L2 " + eps + ")."]
+    ref = next(((a, sec) for s, a, sec in rows if s == "pgd10"), None)
+    head = f"| model | worst case L2 {eps} | s/epoch |" + (" points vs pgd10 | time / pgd10 |" if ref else "")
+    lines = [head, "|---|---|---|" + ("---|---|" if ref else "")]
+    for s, acc, sec in sorted(rows, key=lambda r: -r[1]["accuracy"]):
+        cells = [s, _pct(acc), f"{sec:.0f}"]
+        if ref:
+            cells += [f"{100 * (acc['accuracy'] - ref[0]['accuracy']):+.1f}", f"{sec / ref[1]:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Seconds per epoch are the campaign's own (see Table 1 on their load)."]
+
+
 def claims(stages: dict, t: dict) -> list[str]:
     """What the paper's two claims become, computed from the finished stages (pending otherwise):
     speed (min-max / generator time per epoch) and robustness (the paper's generator model against its
@@ -240,7 +259,8 @@ def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool,
             ev = stages[s]["eval"]
             lines.append(f"| {s} | " + " | ".join(_pct(ev["pgd_l2"].get(str(e))) for e in eps) + " |")
         lines.append("")
-    lines += ["## AutoAttack (accuracy % [Wilson 95%])", ""] + _aa_lines(stages) + ["",
+    lines += ["## AutoAttack (accuracy % [Wilson 95%])", ""] + _aa_lines(stages) + [""]
+    lines += ["## Robustness against training time", ""] + tradeoff_lines(stages, t) + ["",
               "## Sanity checks (Carlini et al. 2019)", ""]
     for s in evaluated:
         for c in stages[s]["eval"].get("checks", []):
