@@ -105,7 +105,9 @@ class ComparePreset:
 
 
 COMPARE_PRESETS = {
-    # CPU: 10,000 training images, 200 test images, 3 seeds; about 6 CPU-hours on one core
+    # CPU: 10,000 training images, 200 test images, 3 seeds. Measured on the 2-core EPYC, one thread
+    # sharing the machine: an N-FGSM run (512 steps, 4 evaluations) ~11 min of training and ~27 min of
+    # AutoAttack on its final model, so the 30 runs are some 12-15 CPU-hours, AutoAttack the most of it
     "quick": ComparePreset(train_subset=10000, test_subset=200, base_epochs=15, unit_passes=256),
     # every stage in seconds, for the tests; its numbers mean nothing
     "smoke": ComparePreset(train_subset=256, test_subset=16, base_epochs=1, unit_passes=4, seeds=[0, 1],
