@@ -149,7 +149,8 @@ def test_a_part_way_evaluation_is_named_as_such_and_the_benchmark_ratios_shown(c
     part = tmp_path / "evals"
     part.mkdir()
     # advgen eval --full stores each attack's bits as it finishes them; stopped after the PGD ones
-    (part / "minmax_paper.json").write_text(json.dumps({"settings": {}, "samples": {"clean": "1", "pgd:0.25": "0"}}))
+    (part / "minmax_paper.json").write_text(json.dumps({"settings": {"n": 2}, "samples": {"clean": "11",
+                                                                                         "pgd:0.25": "0"}}))
     bench = tmp_path / "bench.json"
     ratio = lambda m: {"median": m, "min": m - 0.5, "max": m + 0.5, "runs": [m]}  # noqa: E731
     bench.write_text(json.dumps({"machine": {"threads": 1, "torch": "2.13.0+cpu"}, "train_subset": 1280, "reps": 3,
@@ -157,7 +158,7 @@ def test_a_part_way_evaluation_is_named_as_such_and_the_benchmark_ratios_shown(c
                                                          "minmax_pgd10/generator": ratio(6.0),
                                                          "generator/standard": ratio(1.15)}}}))
     md = paper_report.build(runs, tmp_path / "docs", evals_dir=part, bench=bench).read_text()
-    assert "minmax_paper: trained; evaluation part-way (" in md and "clean, pgd:0.25 done)" in md
+    assert "minmax_paper: trained; evaluation part-way (" in md and "clean, pgd:0.25 (1 of 2) done)" in md
     assert "PGD-40 / generator = 23.90× (23.40–24.40)" in md and "3 interleaved repetitions" in md
     res = json.loads((tmp_path / "docs" / "results-paper.json").read_text())
     assert res["benchmark_ratios"]["generator/standard"]["median"] == 1.15

@@ -57,8 +57,11 @@ def stage_status(run_dir: Path, ev_path: Path) -> dict:
         return {"state": "trained", "run": rec, "eval": None, "note": f"trained; no evaluation yet ({ev_path})"}
     ev = read_json(ev_path)
     if any(k not in ev for k in EVAL_KEYS) and "samples" in ev:   # advgen eval --full writes as it goes
+        n = ev.get("settings", {}).get("n")
+        parts = [k if len(b) == n or k == "large" else f"{k} ({len(b)} of {n})"
+                 for k, b in sorted(ev["samples"].items())]
         return {"state": "trained", "run": rec, "eval": None,
-                "note": f"trained; evaluation part-way ({ev_path}: {', '.join(sorted(ev['samples']))} done)"}
+                "note": f"trained; evaluation part-way ({ev_path}: {', '.join(parts)} done)"}
     try:
         check_evaluation(ev, read_tensors(run_dir / MODEL_FILE)[0], str(ev_path))
     except UserError as e:
