@@ -149,6 +149,8 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
     assert (out / "curves.png").exists() and (out / "curves-seconds.png").exists()
     md = (out / "compare.md").read_text()
     assert "| fgsm_rs | 1 |" in md and "mean ± std over seeds" in md
+    rows = {ln.split(" | ")[0]: ln for ln in md.splitlines() if ln.startswith("| base |") or ln.startswith("| fgsm_rs | 1 |")}
+    assert "±" not in rows["| base"] and "±" in rows["| fgsm_rs"]      # one base model: no spread to show
     # run again: everything is found done (no training, cached evaluations)
     before = (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns
     assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0

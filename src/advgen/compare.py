@@ -505,7 +505,8 @@ def render(results: dict) -> str:
     summary = summarize(results["rows"])
     pgd_eps = [str(e) for e in s["pgd_eps"]]
     aa_eps = [str(e) for e in s["aa_eps"]]
-    fmt = lambda v: "–" if v is None else f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"  # noqa: E731
+    def fmt(v):   # one value (the base, a single seed) has no spread to show
+        return "–" if v is None else f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if v["n"] > 1 else "")
     head = ["entry", "units", "passes", "seconds", "seeds", "clean"] + [f"PGD {e}" for e in pgd_eps] + \
            [f"AA {e}" for e in aa_eps] + ["checks"]
     aa = "standard AutoAttack" if s["aa_attacks"] is None else \
