@@ -119,12 +119,12 @@ class PGD:
     Args (keyword-only): norm "l2" | "linf"; eps radius in [0, 1] pixel units; steps ≥ 1;
     step_size absolute, or rel_step × eps (default 2.5 / steps, Madry's choice); random_start;
     restarts ≥ 1; targeted (then y holds the target classes); keep "worst" | "last"; seed for the
-    random starts; objective "ce" | "margin" | "kl" (OBJECTIVES; "kl" takes y as (B, K) probabilities and needs
-    keep="last", untargeted: without labels no sample counts as fooled), or a tuple of names: restart r
-    ascends objective[r % len] (e.g. ("ce", "margin"): the margin restarts find what the cross-entropy's
-    saturated gradient misses), while a sample never fooled keeps the iterate ranked highest by the first; start_std: the random start
-    drawn from N(0, start_std²) per pixel instead of uniformly in the ball (TRADES: 0.001), then clipped
-    to [0, 1] (needs random_start).
+    random starts; objective "ce" | "margin" | "kl" (OBJECTIVES; "kl" takes y as (B, K) probabilities
+    and needs keep="last", untargeted: without labels no sample counts as fooled), or a tuple of names:
+    restart r ascends objective[r % len] (e.g. ("ce", "margin"): the margin restarts find what the
+    cross-entropy's saturated gradient misses), while a sample never fooled keeps the iterate ranked
+    highest by the first; start_std: the random start drawn from N(0, start_std²) per pixel instead of
+    uniformly in the ball (TRADES: 0.001), then clipped to [0, 1] (needs random_start).
     x: (B, C, H, W) float in [0, 1]; y: (B,) int64 (or (B, K) for "kl"). The model runs in eval mode;
     its mode, its parameters' .grad and x are left as they were.
     """
