@@ -167,6 +167,29 @@ def test_a_part_way_evaluation_is_named_as_such_and_the_benchmark_ratios_shown(c
         paper_report.build(runs, tmp_path / "docs", bench=tmp_path / "bad.json")
 
 
+def test_a_finished_pgd_sweep_joins_figure3_before_autoattack_ends(campaign, tmp_path, monkeypatch):
+    root, runs, evals, evs = campaign
+    monkeypatch.setattr("advgen.attacks.AutoAttack", _FakeAA)
+    ev = _evaluate(runs / "minmax_paper", tmp_path / "mm.json")
+    part = tmp_path / "evals"
+    part.mkdir()
+    # as advgen eval --full leaves it when stopped in AutoAttack: every PGD eps done, aa:0.25 on 5 of 10
+    samples = {k: v for k, v in ev["samples"].items() if k == "clean" or k.startswith("pgd:")}
+    stopped = {"settings": ev["settings"], "samples": samples | {"aa:0.25": ev["samples"]["aa:0.25"][:5]}}
+    (part / "minmax_paper.json").write_text(json.dumps(stopped))
+    md = paper_report.build(runs, tmp_path / "docs", evals_dir=part).read_text()
+    fig3 = md.split("## Figure 3")[1].split("##")[0]
+    row = next(ln for ln in fig3.splitlines() if ln.startswith("| minmax_paper (AutoAttack pending) |"))
+    assert row.endswith(" | ".join(paper_report._pct(ev["pgd_l2"][e]) for e in ("0.0", "0.25", "0.5")) + " |")
+    assert "](figure3-paper.png)" in md and "| minmax_paper | trained; evaluation part-way" in md
+    assert "aa:0.25 (5 of 10)" in md and "minmax_paper" not in md.split("## Robustness against training time")[1]
+    # the same bits filed under other weights are not drawn
+    (part / "minmax_paper.json").write_text(json.dumps({**stopped, "settings": {**ev["settings"],
+                                                                                "model_sha256": "0" * 64}}))
+    md = paper_report.build(runs, tmp_path / "docs", evals_dir=part).read_text()
+    assert "AutoAttack pending" not in md and "pending (no model evaluated yet)" in md
+
+
 def test_mcnemar_exact_p_values():
     assert paper_report.mcnemar("1111", "1111") == {"only_a": 0, "only_b": 0, "p": 1.0}
     r = paper_report.mcnemar("1" * 10 + "0" * 2, "0" * 10 + "1" * 2)     # 10 vs 2 discordant: p = 0.0386

@@ -60,7 +60,7 @@ def stage_status(run_dir: Path, ev_path: Path) -> dict:
         n = ev.get("settings", {}).get("n")
         parts = [k if len(b) == n or k == "large" else f"{k} ({len(b)} of {n})"
                  for k, b in sorted(ev["samples"].items())]
-        return {"state": "trained", "run": rec, "eval": None,
+        return {"state": "trained", "run": rec, "eval": None, "pgd_l2": _finished_pgd(ev, run_dir),
                 "note": f"trained; evaluation part-way ({ev_path}: {', '.join(parts)} done)"}
     try:
         check_evaluation(ev, read_tensors(run_dir / MODEL_FILE)[0], str(ev_path))
@@ -68,6 +68,25 @@ def stage_status(run_dir: Path, ev_path: Path) -> dict:
         return {"state": "trained", "run": rec, "eval": None, "note": f"trained; evaluation not usable: {e}"}
     return {"state": "evaluated", "run": rec, "eval": {k: v for k, v in ev.items() if k != "samples"},
             "samples": ev["samples"], "note": "evaluated"}
+
+
+def _finished_pgd(ev: dict, run_dir: Path) -> dict | None:
+    """A part-way evaluation's PGD-L2 sweep as {eps: with_interval}, when every eps of it is done on all n
+    images and it measured exactly the run's weights (so Figure 3 need not wait for AutoAttack's hours);
+    else None."""
+    from .evaluate import _unbits, fingerprint, with_interval
+    settings, samples = ev.get("settings", {}), ev["samples"]
+    keys = [f"pgd:{e}" for e in settings.get("pgd_eps", [])]
+    if not keys or any(len(samples.get(k, "")) != settings.get("n") for k in keys) or \
+            settings.get("model_sha256") != fingerprint(read_tensors(run_dir / MODEL_FILE)[0]):
+        return None
+    return {str(e): with_interval(_unbits(samples[f"pgd:{e}"])) for e in settings["pgd_eps"]}
+
+
+def _pgd_l2(st: dict) -> dict | None:
+    """A stage's PGD-L2 results {eps: with_interval}: from its finished evaluation, else from a part-way
+    one whose PGD sweep is complete; None when there are none yet."""
+    return st["eval"]["pgd_l2"] if st["eval"] is not None else st.get("pgd_l2")
 
 
 def _progress(run_dir: Path) -> str:
@@ -106,9 +125,9 @@ def table1(stages: dict[str, dict]) -> dict:
                                      "pgd10/gen_gradient": ratio("pgd10", "gen_gradient")}}
 
 
-def pgd_curve(ev: dict) -> dict:
-    """A full evaluation's PGD-L2 results as the curve report.figure3 draws (with "ci95")."""
-    pts = sorted((float(e), d) for e, d in ev["pgd_l2"].items())
+def pgd_curve(pgd_l2: dict) -> dict:
+    """PGD-L2 results {eps: with_interval} as the curve report.figure3 draws (with "ci95")."""
+    pts = sorted((float(e), d) for e, d in pgd_l2.items())
     return {"results": [{"eps": e, "accuracy": d["accuracy"], "ci95": d["ci95"]} for e, d in pts]}
 
 
@@ -255,12 +274,13 @@ def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool,
               f"![Figure 2]({fig2})" if fig2 else "pending (gen_paper's generators, and --data-dir for the images).",
               "", "## Figure 3: accuracy against PGD-L2 eps (95% Wilson error bars)", "",
               "![Figure 3](figure3-paper.png)" if fig3 else "pending (no model evaluated yet).", ""]
-    if evaluated:
-        eps = [r["eps"] for r in pgd_curve(ev0)["results"]]
+    swept = {s: _pgd_l2(st) for s, st in stages.items() if _pgd_l2(st) is not None}
+    if swept:
+        eps = [r["eps"] for r in pgd_curve(next(iter(swept.values())))["results"]]
         lines += ["| model | " + " | ".join(f"eps {e:g}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
-        for s in evaluated:
-            ev = stages[s]["eval"]
-            lines.append(f"| {s} | " + " | ".join(_pct(ev["pgd_l2"].get(str(e))) for e in eps) + " |")
+        for s, pgd in swept.items():
+            name = s if stages[s]["eval"] is not None else f"{s} (AutoAttack pending)"
+            lines.append(f"| {name} | " + " | ".join(_pct(pgd.get(str(e))) for e in eps) + " |")
         lines.append("")
     lines += ["## AutoAttack (accuracy % [Wilson 95%])", ""] + _aa_lines(stages) + [""]
     lines += ["## Robustness against training time", ""] + tradeoff_lines(stages, t) + ["",
@@ -292,10 +312,11 @@ def build(runs_dir: Path, out_dir: Path, *, evals_dir: Path | None = None, data_
     t = table1(stages)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig2 = _figure2(runs_dir / "gen_paper", stages["gen_paper"], data_dir, out_dir / "figure2-paper.png")
-    curves = {s: pgd_curve(st["eval"]) for s, st in stages.items() if st["eval"] is not None}
-    if curves:
-        figure3(curves, out_dir / "figure3-paper.png", title=f"first {next(iter(stages[s]['eval'] for s in curves))['n']} "
-                                                              "test images, 95% Wilson intervals")
+    swept = {s: _pgd_l2(st) for s, st in stages.items() if _pgd_l2(st) is not None}
+    if swept:
+        n = next(iter(next(iter(swept.values())).values()))["n"]
+        figure3({s: pgd_curve(v) for s, v in swept.items()}, out_dir / "figure3-paper.png",
+                title=f"first {n} test images, 95% Wilson intervals")
     machine = machine or f"{machine_description(torch.device('cpu'))} (where the report was built)"
     write_json(out_dir / "results-paper.json",
                {"version": __version__, "git_commit": git_commit(), "machine": machine, "table1": t,
@@ -303,7 +324,7 @@ def build(runs_dir: Path, out_dir: Path, *, evals_dir: Path | None = None, data_
                 "stages": {s: {k: v for k, v in st.items() if k not in ("samples", "run")} |
                            {"config": st["run"]["config"] if st["run"] else None} for s, st in stages.items()}})
     path = out_dir / "report-paper.md"
-    atomic_write(path, render(stages, t, machine=machine, fig2=fig2, fig3=bool(curves), bench=bench_rec,
+    atomic_write(path, render(stages, t, machine=machine, fig2=fig2, fig3=bool(swept), bench=bench_rec,
                                   bench_source=str(bench)).encode())
     return path
 
