@@ -292,6 +292,8 @@ def test_full_evaluation_worst_case_is_per_sample(tmp_path, trained_tiny, fake_a
     assert out["pgd_l2"]["2.0"]["accuracy"] <= out["pgd_l2"]["0.5"]["accuracy"] <= out["pgd_l2"]["0.0"]["accuracy"]
     assert out["pgd_l2"]["0.0"]["correct"] == clean["correct"]
     assert {c["name"] for c in out["checks"]} >= {"accuracy non-increasing in eps", "attack at least as strong as FGSM"}
+    gap = next(c for c in out["checks"] if c["name"] == "PGD within 3 points of AutoAttack")
+    assert gap["passed"] == (out["pgd_l2"]["2.0"]["accuracy"] - out["autoattack_l2"]["2.0"]["accuracy"] <= 0.03 + 0.5 / 24)
 
 
 def test_full_evaluation_resumes_inside_an_attack(tmp_path, trained_tiny, fake_aa):

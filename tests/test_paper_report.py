@@ -107,6 +107,10 @@ def test_report_uses_the_finished_stages_and_lists_the_rest(campaign, tmp_path):
     assert len(rows) == 2 and rows[0].startswith(f"| {max(accs, key=accs.get)} |") and "pgd10" not in trade
     assert rows[[r.split(' ')[1] for r in rows].index("base")].endswith("| 20 |")
     assert paper_report.DATA_CAVEAT in md
+    gap = lambda s, e: 100 * (evs[s]["pgd_l2"][e]["accuracy"] - evs[s]["autoattack_l2"][e]["accuracy"])  # noqa: E731
+    assert (f"PGD minus AutoAttack in points: base {gap('base', '0.25'):+.1f} / {gap('base', '0.5'):+.1f}; "
+            f"gen_paper {gap('gen_paper', '0.25'):+.1f} /") in md
+    assert "- base: [" in md and "PGD within 3 points of AutoAttack" in md.split("## Sanity checks")[1]
     for png in ("figure2-paper.png", "figure3-paper.png"):
         assert (tmp_path / "docs" / png).stat().st_size > 1000 and f"]({png})" in md
     res = json.loads((tmp_path / "docs" / "results-paper.json").read_text())
@@ -188,6 +192,16 @@ def test_a_finished_pgd_sweep_joins_figure3_before_autoattack_ends(campaign, tmp
                                                                                 "model_sha256": "0" * 64}}))
     md = paper_report.build(runs, tmp_path / "docs", evals_dir=part).read_text()
     assert "AutoAttack pending" not in md and "pending (no model evaluated yet)" in md
+
+
+def test_the_gap_rule_is_worked_out_for_evaluations_that_predate_it():
+    acc = lambda a: {"accuracy": a}  # noqa: E731
+    old = {"n": 200, "checks": [{"name": "accuracy non-increasing in eps", "passed": True, "detail": "ok"}],
+           "pgd_l2": {"0.25": acc(0.70), "0.5": acc(0.55)}, "autoattack_l2": {"0.25": acc(0.68), "0.5": acc(0.50)}}
+    checks = paper_report._checks(old)
+    assert [c["name"] for c in checks] == ["accuracy non-increasing in eps", "PGD within 3 points of AutoAttack"]
+    assert not checks[1]["passed"] and checks[1]["detail"].endswith("at eps 0.5")    # 5 points at 0.5
+    assert paper_report._checks({**old, "checks": checks}) == checks                   # never twice
 
 
 def test_mcnemar_exact_p_values():

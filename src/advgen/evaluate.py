@@ -124,6 +124,21 @@ def sanity_checks(norm: str, epsilons, accs, fgsm_accs, large_eps_acc, n: int) -
     return checks
 
 
+GAP_LIMIT = 0.03  # PGD minus AutoAttack accuracy above which PGD alone is not trusted
+
+
+def gap_check(pgd: dict, autoattack: dict, n: int) -> dict:
+    """PGD must not exceed AutoAttack by more than GAP_LIMIT at any eps where both ran ({eps: accuracy},
+    accuracies multiples of 1/n, hence the half-sample slack). A larger gap means PGD misses what
+    AutoAttack finds, so PGD's accuracies at radii without AutoAttack overstate robustness."""
+    stronger = [e for e in autoattack if e in pgd and pgd[e] - autoattack[e] > GAP_LIMIT + 0.5 / n]
+    check = {"name": f"PGD within {100 * GAP_LIMIT:.0f} points of AutoAttack", "passed": not stronger,
+             "detail": "ok" if not stronger else f"PGD overstates robustness at eps {', '.join(map(str, stronger))}"}
+    if stronger:
+        log.warning("sanity check failed: %s (%s)", check["name"], check["detail"])
+    return check
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, attack: str = "pgd-l2",
              epsilons=(0.0, 0.25, 0.5), steps: int = 20, step_size: float | None = None,
              rel_step: float | None = None, restarts: int = 1, batch_size: int = 500, seed: int = 0,
@@ -276,5 +291,6 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             "autoattack_l2": {str(e): with_interval(f) for e, f in aa.items()},
             "worst_case_l2": {str(e): with_interval(f) for e, f in worst.items()},
             "checks": sanity_checks("l2", settings["pgd_eps"], [mean(pgd[e]) for e in settings["pgd_eps"]],
-                                    [mean(f) for f in fgsm], mean(large), n),
+                                    [mean(f) for f in fgsm], mean(large), n) +
+                      [gap_check({e: mean(f) for e, f in pgd.items()}, {e: mean(f) for e, f in aa.items()}, n)],
             "samples": progress.parts, "seconds": progress.seconds}
