@@ -109,6 +109,7 @@ def test_bad_values_that_depend_on_the_data(extra, needle, data, tmp_path, capsy
     (["--eps", "0,nan"], "argument --eps: expected finite numbers >= 0, got '0,nan'"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--restarts", "0"], "--restarts must be >= 1, got 0"),
+    (["--pgd-objective", "kl"], "--pgd-objective: expected ce, margin or a comma list of them, got 'kl'"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--rel-step", "-1"], "--rel-step must be > 0, got -1.0"),
     (["--step-size", "nan"], "--step-size must be > 0, got nan"),

@@ -40,10 +40,10 @@ def test_train_generator_from_init_then_eval(tmp_path, capsys):
 
     out_json = tmp_path / "eval.json"
     code, out, _ = run(["eval", gen, "--data-dir", DATA, "--attack", "pgd-l2", "--eps", "0,0.5", "--steps", "3",
-                        "--test-subset", "32", "--out", out_json], capsys)
-    assert code == 0 and "0.5" in out
+                        "--restarts", "2", "--pgd-objective", "margin,ce", "--test-subset", "32", "--out", out_json], capsys)
+    assert code == 0 and "0.5" in out and "2 restart(s) ascending margin, ce" in out
     res = json.loads(out_json.read_text())
-    assert res["attack"] == "pgd-l2" and res["steps"] == 3 and res["n"] == 32
+    assert res["attack"] == "pgd-l2" and res["steps"] == 3 and res["n"] == 32 and res["objective"] == ["margin", "ce"]
     assert [r["eps"] for r in res["results"]] == [0.0, 0.5]
     assert res["results"][1]["accuracy"] <= res["results"][0]["accuracy"]
     assert {c["name"] for c in res["checks"]} >= {"accuracy non-increasing in eps", "attack at least as strong as FGSM"}

@@ -153,7 +153,7 @@ def test_sanity_checks_flag_large_eps_accuracy(large, ok):
 
 # ------------------------------------------------------------------------------------------ evaluate
 
-EVAL_KEYS = {"attack", "norm", "steps", "step_size", "rel_step", "restarts", "n", "results", "checks",
+EVAL_KEYS = {"attack", "norm", "steps", "step_size", "rel_step", "restarts", "objective", "n", "results", "checks",
              "seconds", "fgsm_accuracy", "large_eps_accuracy", "large_eps_n"}
 
 
@@ -330,7 +330,31 @@ def test_full_evaluation_refuses_a_file_of_another_model_or_settings(tmp_path, t
         full_evaluation(trained_tiny.model, x[:8], y[:8], progress_file=progress, **FULL)
     with pytest.raises(UserError, match="pgd_steps differ"):
         full_evaluation(trained_tiny.model, x, y, progress_file=progress, **{**FULL, "pgd_steps": 4})
+    with pytest.raises(UserError, match="pgd_objectives differ"):     # CE only: the key left out, as before
+        full_evaluation(trained_tiny.model, x, y, progress_file=progress, **FULL, objectives=("ce",))
     assert progress.read_bytes() == before              # refused, never overwritten
+
+
+def test_full_evaluation_pgd_takes_the_objectives_in_turn(trained_tiny, fake_aa, monkeypatch):
+    import sys
+    ev = sys.modules["advgen.evaluate"]      # the package's `evaluate` attribute is the function
+    made = []
+
+    class Recording(ev.PGD):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((kwargs["steps"], self.objectives))
+
+    monkeypatch.setattr(ev, "PGD", Recording)
+    x, y = trained_tiny.x_test[:8], trained_tiny.y_test[:8]
+    out = ev.full_evaluation(trained_tiny.model, x, y, **FULL)
+    assert out["settings"]["pgd_objectives"] == ["ce", "margin"]
+    assert out["attacks"]["pgd_l2"]["objectives"] == ["ce", "margin"]
+    assert {o for steps, o in made if steps == FULL["pgd_steps"]} == {("ce", "margin")}
+    made.clear()
+    out = ev.full_evaluation(trained_tiny.model, x, y, **FULL, objectives=("margin",))
+    assert {o for steps, o in made if steps == FULL["pgd_steps"]} == {("margin",)}
+    assert out["settings"]["pgd_objectives"] == ["margin"]
 
 
 def test_full_evaluation_with_the_real_standard_autoattack(tiny_model):

@@ -60,6 +60,7 @@ def test_full_eval_cli_writes_every_part(run_and_eval):
     _, ev, _ = run_and_eval
     out = json.loads(ev.read_text())
     assert out["n"] == 10 and out["settings"]["pgd_steps"] == 2 and out["attacks"]["autoattack_l2"]["version"] == "standard"
+    assert out["settings"]["pgd_objectives"] == ["ce", "margin"]       # the CLI's default
     assert set(out["samples"]) >= {"clean", "pgd:0.0", "pgd:0.5", "aa:0.5", "fgsm:0.5", "large"}
     assert all(len(bits) == 10 for key, bits in out["samples"].items() if key != "large")
     aa, pgd = (torch.tensor([c == "1" for c in out["samples"][k]]) for k in ("aa:0.5", "pgd:0.5"))

@@ -95,6 +95,14 @@ def _floats(text) -> list[float]:
     return vals
 
 
+def _objectives(text) -> tuple[str, ...]:
+    """PGD objectives for evaluation, comma-separated: "ce", "margin" or "ce,margin"."""
+    names = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    if not names or any(n not in ("ce", "margin") for n in names):
+        raise argparse.ArgumentTypeError(f"expected ce, margin or a comma list of them, got {text!r}")
+    return names
+
+
 def _ints(text) -> list[int]:
     """Comma-separated distinct non-negative integers: "0,1,2"."""
     text = _joined(text)
@@ -464,7 +472,8 @@ def cmd_eval(args) -> int:
             check(not dist.active, "--full runs in one process (it is resumable instead: run it again to continue)")
             return _full_eval(args, model, test_set, device)
         kwargs = dict(attack=args.attack, epsilons=args.eps, steps=args.steps, step_size=args.step_size,
-                      rel_step=args.rel_step, restarts=args.restarts, batch_size=args.batch_size, seed=args.seed)
+                      rel_step=args.rel_step, restarts=args.restarts, batch_size=args.batch_size, seed=args.seed,
+                      objective=args.pgd_objective)
         if dist.active:
             from .evaluate_sharded import evaluate_sharded
             result = evaluate_sharded(dist, model, test_set.images, test_set.labels, device, **kwargs)
@@ -473,7 +482,8 @@ def cmd_eval(args) -> int:
         if not dist.main:
             return 0
     result["model"] = str(resolve_model_file(args.model_path))
-    print(f"{args.attack}, {result['n']} images, {args.steps} steps, {args.restarts} restart(s)")
+    print(f"{args.attack}, {result['n']} images, {args.steps} steps, {args.restarts} restart(s)" +
+          (f" ascending {_turns(args.pgd_objective, args.restarts)}" if args.attack.startswith("pgd") else ""))
     print(f"{'eps':>8}  {'accuracy':>8}")
     for r in result["results"]:
         print(f"{r['eps']:>8g}  {100 * r['accuracy']:>7.2f}%")
@@ -485,6 +495,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _turns(objectives, restarts: int) -> str:
+    """The objective of each restart, as PGD takes them in turn: "ce, margin"."""
+    return ", ".join(objectives[r % len(objectives)] for r in range(restarts))
+
+
 def _full_eval(args, model, test_set, device) -> int:
     """advgen eval --full: PGD-L2 + the standard AutoAttack + their worst case, with Wilson intervals;
     resumable through --out (the parts are written there as they finish)."""
@@ -492,13 +507,14 @@ def _full_eval(args, model, test_set, device) -> int:
     check(args.out is not None, "--full needs --out FILE.json (it is written as the parts finish, and resumed from)")
     result = full_evaluation(model, test_set.images.to(device), test_set.labels.to(device), pgd_eps=args.eps,
                              aa_eps=args.aa_eps, pgd_steps=args.steps, restarts=args.restarts, seed=args.seed,
-                             batch_size=args.batch_size, progress_file=Path(args.out))
+                             batch_size=args.batch_size, progress_file=Path(args.out), objectives=args.pgd_objective)
     from .checkpoint import resolve_model_file, write_json
     result["model"] = str(args.model_path)
     result["model_file"] = str(resolve_model_file(args.model_path))
     write_json(Path(args.out), result)
     cell = lambda d: f"{100 * d['accuracy']:6.2f}% [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]"  # noqa: E731
-    print(f"{result['n']} images; PGD-L2 {args.steps} steps x {args.restarts} restarts; standard AutoAttack-L2; "
+    print(f"{result['n']} images; PGD-L2 {args.steps} steps x {args.restarts} restarts ascending "
+          f"{_turns(args.pgd_objective, args.restarts)}; standard AutoAttack-L2; "
           f"95% Wilson intervals")
     print(f"clean {cell(result['clean'])}")
     for e, d in result["pgd_l2"].items():
@@ -599,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--step-size", type=_number, help="absolute PGD step size")
     step.add_argument("--rel-step", type=float, help="PGD step size as a fraction of eps (default 2.5/steps)")
     e.add_argument("--restarts", type=int, help="random restarts, each sample's worst case kept (default 1; with --full 2)")
+    e.add_argument("--pgd-objective", type=_objectives, default="ce,margin", metavar="ce|margin|ce,margin",
+                   help="what PGD's restarts ascend, in turn (ce,margin: cross-entropy, then the margin loss; "
+                        "with one restart, cross-entropy only)")
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="write the results as JSON here")

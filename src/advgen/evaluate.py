@@ -142,13 +142,14 @@ def gap_check(pgd: dict, autoattack: dict, n: int) -> dict:
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, attack: str = "pgd-l2",
              epsilons=(0.0, 0.25, 0.5), steps: int = 20, step_size: float | None = None,
              rel_step: float | None = None, restarts: int = 1, batch_size: int = 500, seed: int = 0,
-             checks: bool = True, fast: bool = True) -> dict:
+             checks: bool = True, fast: bool = True, objective=("ce", "margin")) -> dict:
     """A robustness curve under one attack, with its sanity checks, as a JSON-ready dict.
 
     attack: pgd-l2 | pgd-linf | fgsm | fgsm-l2 | autoattack | autoattack-l2; eps in [0, 1] pixel units.
     fast: attack speed.inference_copy(model) (BatchNorm folded, channels-last): same function up to
-    float rounding, fewer operations per PGD step.
-    -> {"attack", "norm", "steps", "step_size", "rel_step", "restarts", "n", "results": [{"eps",
+    float rounding, fewer operations per PGD step. objective: what PGD's restarts ascend in turn (by
+    default the cross-entropy, then the margin loss: README, "Evaluation you can trust").
+    -> {"attack", "norm", "steps", "step_size", "rel_step", "restarts", "objective", "n", "results": [{"eps",
     "accuracy"}], "checks": [...], "seconds"}
     """
     epsilons = [float(e) for e in epsilons]
@@ -160,12 +161,13 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, at
 
     def attack_at(eps):
         return make_attack(attack, model, eps, steps=steps, step_size=step_size, rel_step=rel_step,
-                           restarts=restarts, seed=seed)
+                           restarts=restarts, seed=seed, objective=objective)
 
     accs = robust_accuracy(model, images, labels, attack_at, epsilons, batch_size, fmt)
     seconds = time.perf_counter() - t0
     result = {"attack": attack, "norm": norm, "steps": steps, "step_size": step_size, "rel_step": rel_step,
               "restarts": restarts, "n": int(images.shape[0]),
+              "objective": [objective] if isinstance(objective, str) else list(objective),
               "results": [{"eps": e, "accuracy": a} for e, a in zip(epsilons, accs)], "seconds": seconds}
     if checks:
         fgsm = None
@@ -244,12 +246,13 @@ class FullEvalProgress:
 
 def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                     pgd_eps=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0), aa_eps=(0.25, 0.5), pgd_steps: int = 50,
-                    restarts: int = 2, seed: int = 0, batch_size: int = 500, progress_file=None) -> dict:
+                    restarts: int = 2, seed: int = 0, batch_size: int = 500, progress_file=None,
+                    objectives=("ce", "margin")) -> dict:
     """The full-strength L2 evaluation of one model (the model zoo's cards), every accuracy with its
     Wilson 95% interval:
 
-    PGD-L2 (pgd_steps steps of 2.5·eps/steps, `restarts` random restarts, each sample's worst case) at
-    every pgd_eps; the standard AutoAttack (APGD-CE, APGD-T with 9 targets, FAB-T, Square; Croce & Hein
+    PGD-L2 (pgd_steps steps of 2.5·eps/steps, `restarts` random restarts ascending `objectives` in turn,
+    each sample's worst case) at every pgd_eps; the standard AutoAttack (APGD-CE, APGD-T with 9 targets, FAB-T, Square; Croce & Hein
     2020) at every aa_eps; per aa eps, the per-sample worst case over both (a sample counts robust only
     if every attack fails on it); the sanity checks of the PGD curve (Carlini et al. 2019).
     images: (N, C, H, W) uint8 or float in [0, 1]; eps in the same [0, 1] pixel units.
@@ -262,6 +265,9 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     settings = {"n": n, "pgd_eps": [float(e) for e in pgd_eps], "aa_eps": [float(e) for e in aa_eps],
                 "pgd_steps": pgd_steps, "restarts": restarts, "seed": seed, "batch_size": batch_size,
                 "model_sha256": fingerprint(model), "data_sha256": fingerprint([images, labels])}
+    objectives = (objectives,) if isinstance(objectives, str) else tuple(objectives)
+    if objectives != ("ce",):   # named only when not the plain cross-entropy: older files resume as they were
+        settings["pgd_objectives"] = list(objectives)
     progress = FullEvalProgress(progress_file, settings)
     fast, fmt = inference_copy(model), torch.channels_last
 
@@ -270,7 +276,8 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             fast, images[a:b], labels[a:b], lambda r: make(r, seed + a), [eps], batch_size, fmt)[0])
 
     def pgd_at(r, s):
-        return PGD(fast, norm="l2", eps=r, steps=pgd_steps, rel_step=2.5 / pgd_steps, restarts=restarts, seed=s)
+        return PGD(fast, norm="l2", eps=r, steps=pgd_steps, rel_step=2.5 / pgd_steps, restarts=restarts, seed=s,
+                   objective=objectives)
 
     clean = progress.flags("clean", n, batch_size, lambda a, b: predict(fast, images[a:b], batch_size) == labels[a:b])
     pgd = {e: attacked(f"pgd:{e}", pgd_at, e) for e in settings["pgd_eps"]}
@@ -283,7 +290,7 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     mean = lambda f: f.float().mean().item()  # noqa: E731
     return {"settings": settings, "n": n,
             "attacks": {"pgd_l2": {"steps": pgd_steps, "step_size": "2.5 * eps / steps", "restarts": restarts,
-                                   "random_start": True, "keep": "each sample's worst case over restarts"},
+                                   "objectives": list(objectives), "random_start": True, "keep": "each sample's worst case over restarts"},
                         "autoattack_l2": {"version": "standard",
                                           "attacks": ["apgd-ce", "apgd-t (9 targets)", "fab-t", "square"]}},
             "clean": with_interval(clean),
