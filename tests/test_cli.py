@@ -9,6 +9,7 @@ import pytest
 from advgen.cli import main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
 needs_data = pytest.mark.skipif(not (DATA / "cifar-10-batches-py").is_dir(), reason="offline CIFAR-10 copy absent")
 
 
@@ -151,6 +152,16 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
     assert "| fgsm_rs | 1 |" in md and "mean ± std over seeds" in md
     rows = {ln.split(" | ")[0]: ln for ln in md.splitlines() if ln.startswith("| base |") or ln.startswith("| fgsm_rs | 1 |")}
     assert "±" not in rows["| base"] and "±" in rows["| fgsm_rs"]      # one base model: no spread to show
+    # the copy for docs/: re-rendered from compare.json under a name, the plot's name in its markdown
+    docs = tmp_path / "docs"
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "compare_docs.py"), str(out), "--name", "smoke",
+                    "--out", str(docs)], check=True, capture_output=True)
+    assert json.loads((docs / "compare-smoke.json").read_text()) == res
+    assert "](curves-smoke.png)" in (docs / "compare-smoke.md").read_text()
+    assert (docs / "curves-smoke.png").stat().st_size > 10_000 and (docs / "curves-smoke-seconds.png").exists()
+    bad = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare_docs.py"), str(tmp_path), "--name",
+                          "x", "--out", str(docs)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "compare.json does not exist" in bad.stderr
     # run again: everything is found done (no training, cached evaluations)
     before = (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns
     assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
@@ -188,6 +199,12 @@ def test_generator_presets_and_flag_overrides():
     assert grad.bank.grad_input and grad.bank.grad_skip and grad.bank.bound == "l2" and grad.optimizer == "adam"
     mixed = parse("--gen-preset", "gradient", "--gen-bound", "1.0", "--generators", "8", "--gen-lr", "0.01").options
     assert (mixed.bank.size, mixed.bank.n, mixed.lr, mixed.bank.grad_skip) == (1.0, 8, 0.01, True)
+
+
+def test_the_plot_legend_counts_each_entrys_seeds():
+    from advgen.compare import _seeds
+    assert _seeds([{"seeds": 3}, {"seeds": 3}]) == "3 seeds" and _seeds([{"seeds": 1}]) == "1 seed"
+    assert _seeds([{"seeds": 1}, {"seeds": 3}]) == "1-3 seeds"
 
 
 def test_gap_check_allows_exactly_three_points_and_flags_more():

@@ -361,11 +361,19 @@ def compare(preset: str, out: Path, *, data_dir=None, download=False, device="cp
     results = {"preset": preset, "settings": dataclasses.asdict(p), "machine": machine,
                "version": __version__, "git_commit": git_commit(), "base": str(base), "n_test": len(test_set),
                "rows": rows}
-    write_json(out / "compare.json", results)
-    plot_curves(results, out / "curves.png")
-    plot_curves(results, out / "curves-seconds.png", axis="seconds")
-    path = out / "compare.md"
-    atomic_write(path, render(results).encode())
+    return write_report(results, out)
+
+
+def write_report(results: dict, out: Path, suffix: str = "") -> Path:
+    """The comparison's outputs from its results: OUT/compare{suffix}.json, compare{suffix}.md (which shows
+    curves{suffix}.png) and the plots curves{suffix}.png (against passes) and curves{suffix}-seconds.png;
+    returns the path of the .md. A suffix keeps several comparisons apart in one folder (docs/)."""
+    out = Path(out)
+    write_json(out / f"compare{suffix}.json", results)
+    plot_curves(results, out / f"curves{suffix}.png")
+    plot_curves(results, out / f"curves{suffix}-seconds.png", axis="seconds")
+    path = out / f"compare{suffix}.md"
+    atomic_write(path, render(results, plot=f"curves{suffix}.png").encode())
     return path
 
 
@@ -472,7 +480,8 @@ def plot_curves(results: dict, path: Path, axis: str = "passes") -> None:
         xs = [s[axis]["mean"] for s in pts]
         pgd = [s["pgd"].get(eps) for s in pts]
         ax.errorbar(xs, [100 * v["mean"] for v in pgd], yerr=[100 * v["std"] for v in pgd], color=c, ls="--",
-                    marker="o", mfc="none", capsize=3, label=f"{name}: {pts[0]['label']}")
+                    marker="o", mfc="none", capsize=3,
+                    label=f"{name}: {pts[0]['label']} ({_seeds(pts)})")
         aa = [(x, s["autoattack"][eps]) for x, s in zip(xs, pts) if s["autoattack"].get(eps)]
         if aa:
             ax.errorbar([a[0] for a in aa], [100 * a[1]["mean"] for a in aa], yerr=[100 * a[1]["std"] for a in aa],
@@ -481,17 +490,23 @@ def plot_curves(results: dict, path: Path, axis: str = "passes") -> None:
     ax.set_xlabel("training budget, forward-backward passes of a batch" if axis == "passes"
                   else f"training budget, seconds on {results['machine']}")
     ax.set_ylabel(f"accuracy (%) at L2 eps {eps}")
-    seeds = max((s["seeds"] for s in summary), default=0)
     ax.set_title(f"open/dashed: PGD-{results['settings']['pgd_steps']}; filled squares: AutoAttack. Mean ± std "
-                 f"over {seeds} seeds, first {results['n_test']} CIFAR-10 test images", fontsize=8)
+                 f"over the seeds in the legend, first {results['n_test']} CIFAR-10 test images", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # below the axes: ten entries with their descriptions would cover the curves
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.13), ncol=1, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-def render(results: dict) -> str:
+def _seeds(points: list[dict]) -> str:
+    """How many seeds an entry's points average: "3 seeds", or "1-3 seeds" while some are still missing."""
+    lo, hi = min(q["seeds"] for q in points), max(q["seeds"] for q in points)
+    return f"{hi} seed{'s' * (hi > 1)}" if lo == hi else f"{lo}-{hi} seeds"
+
+
+def render(results: dict, plot: str = "curves.png") -> str:
+    """compare.md: the settings in words, the mean ± std table per entry and budget, the plot `plot`."""
     s = results["settings"]
     summary = summarize(results["rows"])
     pgd_eps = [str(e) for e in s["pgd_eps"]]
@@ -519,7 +534,7 @@ def render(results: dict) -> str:
                  str(r["seeds"]), fmt(r["clean"])] + [fmt(r["pgd"].get(e)) for e in pgd_eps] + \
                 [fmt(r["autoattack"].get(e)) for e in aa_eps] + ["FAILED: " + "; ".join(r["failed"]) if r["failed"] else "ok"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "![robust accuracy against the training budget](curves.png)", "",
+    lines += ["", f"![robust accuracy against the training budget]({plot})", "",
               "Entries: " + "; ".join(f"`{r['name']}` {r['label']}" for r in summary if r["budget_units"] ==
                                       min(q["budget_units"] for q in summary if q["name"] == r["name"])), ""]
     return "\n".join(lines)
