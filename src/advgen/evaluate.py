@@ -252,9 +252,10 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     Wilson 95% interval:
 
     PGD-L2 (pgd_steps steps of 2.5·eps/steps, `restarts` random restarts ascending `objectives` in turn,
-    each sample's worst case) at every pgd_eps; the standard AutoAttack (APGD-CE, APGD-T with 9 targets, FAB-T, Square; Croce & Hein
-    2020) at every aa_eps; per aa eps, the per-sample worst case over both (a sample counts robust only
-    if every attack fails on it); the sanity checks of the PGD curve (Carlini et al. 2019).
+    each sample's worst case) at every pgd_eps; the standard AutoAttack (APGD-CE, APGD-T with 9 targets,
+    FAB-T, Square; Croce & Hein 2020) at every aa_eps; per aa eps, the per-sample worst case over both (a
+    sample counts robust only if every attack fails on it); the sanity checks of the PGD curve (Carlini
+    et al. 2019) and the PGD - AutoAttack gap rule (gap_check).
     images: (N, C, H, W) uint8 or float in [0, 1]; eps in the same [0, 1] pixel units.
     Per-sample correctness is kept as bit strings ("samples", "1" = correct) so every figure can be
     recomputed. progress_file: a JSON file the results are written to after every chunk of batch_size
@@ -290,7 +291,8 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     mean = lambda f: f.float().mean().item()  # noqa: E731
     return {"settings": settings, "n": n,
             "attacks": {"pgd_l2": {"steps": pgd_steps, "step_size": "2.5 * eps / steps", "restarts": restarts,
-                                   "objectives": list(objectives), "random_start": True, "keep": "each sample's worst case over restarts"},
+                                   "objectives": list(objectives), "random_start": True,
+                                   "keep": "each sample's worst case over restarts"},
                         "autoattack_l2": {"version": "standard",
                                           "attacks": ["apgd-ce", "apgd-t (9 targets)", "fab-t", "square"]}},
             "clean": with_interval(clean),
