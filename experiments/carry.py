@@ -5,7 +5,7 @@ long job has made must be committed to survive. `save` copies a folder of runs (
 a comparison's runs) into the repository; `restore` copies it back before the job is started again,
 which then resumes where it stopped.
 
-    python experiments/carry.py save RUNS KEEP [--light] [--keep-weights base]
+    python experiments/carry.py save RUNS KEEP [--light] [--keep-weights base] [--max-mb 20]
     python experiments/carry.py restore KEEP RUNS
 
 save: every file directly in RUNS, and every run folder below it without its lock. A finished run
@@ -14,9 +14,10 @@ an unfinished one keeps it and its snapshots, so it resumes exactly. --light: a 
 only its records (*.json, *.csv, *.txt, *.log) and the weights not evaluated yet (a snapshot without
 its eval-step-N.json, the final model before every budget is evaluated), except that the folders
 named by --keep-weights keep all (a comparison needs only its evaluations and the base it fine-tunes
-from). Files in
-KEEP that RUNS no longer makes are left alone; those it would no
-longer save (the state of a run that has finished since, weights evaluated since) are removed.
+from). --max-mb: an unfinished run whose files come to more is not saved (a gen_mem run's state holds a
+perturbation per training image, 65 MB: too large for git; a new machine trains it again), and what an
+earlier save kept of it stays as it was. Files in KEEP that RUNS no longer makes are left alone; those
+it would no longer save (the state of a run that has finished since, weights evaluated since) are removed.
 restore: KEEP's files over RUNS's.
 """
 from __future__ import annotations
@@ -67,13 +68,17 @@ def copy_tree(src: Path, dst: Path, keep=lambda p: True) -> int:
     return n
 
 
-def save(runs: Path, keep: Path, light: bool, keep_weights: set[str]) -> None:
+def save(runs: Path, keep: Path, light: bool, keep_weights: set[str], max_mb: float | None = None) -> None:
     keep.mkdir(parents=True, exist_ok=True)
     for f in sorted(runs.iterdir()):
         if f.is_file() and f.name != ".lock":
             shutil.copy2(f, keep / f.name)
         elif f.is_dir():
             lite = light and f.name not in keep_weights
+            mb = sum(p.stat().st_size for p in f.rglob("*") if p.is_file() and wanted(p, f, lite)) / 2**20
+            if max_mb is not None and not finished(f) and mb > max_mb:
+                print(f"left out {f.name}: in progress, {mb:.0f} MB to save, over --max-mb {max_mb:g}")
+                continue
             n = copy_tree(f, keep / f.name, lambda p, run=f, lite=lite: wanted(p, run, lite))
             for old in (keep / f.name).rglob("*"):   # what an earlier save kept and this one would not
                 src = f / old.relative_to(keep / f.name)
@@ -91,12 +96,13 @@ def main(argv=None) -> int:
     p.add_argument("dst", type=Path)
     p.add_argument("--light", action="store_true")
     p.add_argument("--keep-weights", default="base", help="comma-separated run folders whose weights --light keeps")
+    p.add_argument("--max-mb", type=float, help="leave out an unfinished run whose files come to more MB")
     a = p.parse_args(argv)
     if not a.src.is_dir():
         print(f"carry.py: no folder {a.src}", file=sys.stderr)
         return 2
     if a.mode == "save":
-        save(a.src, a.dst, a.light, set(a.keep_weights.split(",")))
+        save(a.src, a.dst, a.light, set(a.keep_weights.split(",")), a.max_mb)
     else:
         print(f"restored {copy_tree(a.src, a.dst)} files into {a.dst}")
     return 0

@@ -56,3 +56,16 @@ def test_save_keeps_what_resumes_and_light_keeps_records(tmp_path):
 def test_a_missing_folder_is_exit_2(tmp_path, capsys):
     assert carry.main(["save", str(tmp_path / "none"), str(tmp_path / "keep")]) == 2
     assert "no folder" in capsys.readouterr().err and not (tmp_path / "keep").exists()
+
+
+def test_an_unfinished_run_over_max_mb_is_left_out(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _run(runs / "big", False)
+    _run(runs / "done", True)
+    (runs / "big" / "state.safetensors").write_bytes(b"x" * 3 * 2**20)
+    (runs / "done" / "model.safetensors").write_bytes(b"x" * 3 * 2**20)   # finished: saved whatever its size
+    assert carry.main(["save", str(runs), str(tmp_path / "keep"), "--max-mb", "2"]) == 0
+    assert not (tmp_path / "keep" / "big").exists() and (tmp_path / "keep" / "done" / "model.safetensors").exists()
+    assert "left out big: in progress, 3 MB to save, over --max-mb 2" in capsys.readouterr().out
+    assert carry.main(["save", str(runs), str(tmp_path / "keep"), "--max-mb", "4"]) == 0
+    assert (tmp_path / "keep" / "big" / "state.safetensors").stat().st_size == 3 * 2**20
