@@ -89,6 +89,11 @@ def _pgd_l2(st: dict) -> dict | None:
     return st["eval"]["pgd_l2"] if st["eval"] is not None else st.get("pgd_l2")
 
 
+def _swept(stages: dict) -> dict[str, dict]:
+    """{stage: its PGD-L2 results} of every stage that has them: what Figure 3 draws and tabulates."""
+    return {s: pgd for s, st in stages.items() if (pgd := _pgd_l2(st)) is not None}
+
+
 def _progress(run_dir: Path) -> str:
     """How far a run without run.json has got, from the last row of its metrics.csv (step, epoch, ...)."""
     rows = (run_dir / METRICS_FILE).read_text().split("\n") if (run_dir / METRICS_FILE).is_file() else []
@@ -299,7 +304,7 @@ def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool,
               f"![Figure 2]({fig2})" if fig2 else "pending (gen_paper's generators, and --data-dir for the images).",
               "", "## Figure 3: accuracy against PGD-L2 eps (95% Wilson error bars)", "",
               "![Figure 3](figure3-paper.png)" if fig3 else "pending (no model evaluated yet).", ""]
-    swept = {s: _pgd_l2(st) for s, st in stages.items() if _pgd_l2(st) is not None}
+    swept = _swept(stages)
     if swept:
         eps = [r["eps"] for r in pgd_curve(next(iter(swept.values())))["results"]]
         lines += ["| model | " + " | ".join(f"eps {e:g}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
@@ -337,7 +342,7 @@ def build(runs_dir: Path, out_dir: Path, *, evals_dir: Path | None = None, data_
     t = table1(stages)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig2 = _figure2(runs_dir / "gen_paper", stages["gen_paper"], data_dir, out_dir / "figure2-paper.png")
-    swept = {s: _pgd_l2(st) for s, st in stages.items() if _pgd_l2(st) is not None}
+    swept = _swept(stages)
     if swept:
         n = next(iter(next(iter(swept.values())).values()))["n"]
         figure3({s: pgd_curve(v) for s, v in swept.items()}, out_dir / "figure3-paper.png",
