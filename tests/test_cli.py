@@ -148,6 +148,7 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
     steps = {(r["name"], r["budget_units"]): r["steps"] for r in res["rows"][1:]}
     assert steps[("fgsm_rs", 1.0)] == 2 and steps[("fgsm_rs", 2.0)] == 4 and steps[("gen_sdi", 2.0)] == 3
     assert (out / "curves.png").exists() and (out / "curves-seconds.png").exists()
+    assert not list(out.rglob("*.aa-progress.json"))   # an AutoAttack's progress goes once its evaluation is stored
     md = (out / "compare.md").read_text()
     assert "| fgsm_rs | 1 |" in md and "mean ± std over seeds" in md
     rows = {ln.split(" | ")[0]: ln for ln in md.splitlines() if ln.startswith("| base |") or ln.startswith("| fgsm_rs | 1 |")}

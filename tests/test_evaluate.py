@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 
@@ -251,7 +252,7 @@ class _FakeAA:
     calls: list = []
     fail_after: int | None = None
 
-    def __init__(self, model, *, norm, eps, seed):
+    def __init__(self, model, *, norm, eps, seed, **settings):
         self.model, self.eps, self.seed = model, eps, seed
 
     def __call__(self, xb, yb):
@@ -259,7 +260,7 @@ class _FakeAA:
             raise KeyboardInterrupt
         self.calls.append(xb.shape[0])
         out = xb.clone()
-        out[::2] = 0.5
+        out[self.seed % 2::2] = 0.5   # which images depends on the seed, as random starts do
         return out
 
 
@@ -313,6 +314,36 @@ def test_full_evaluation_resumes_inside_an_attack(tmp_path, trained_tiny, fake_a
     fake_aa.calls = []
     full_evaluation(trained_tiny.model, x, y, progress_file=progress, **FULL)
     assert fake_aa.calls == []                          # all read back
+
+
+def test_compare_autoattack_resumes_inside_its_chunks(tmp_path, trained_tiny, monkeypatch, caplog):
+    from advgen.compare import COMPARE_PRESETS, evaluate_model
+    from advgen.evaluate import robust_accuracy
+    monkeypatch.setattr("advgen.compare.AutoAttack", _FakeAA)
+    _FakeAA.calls, _FakeAA.fail_after = [], None
+    p = dataclasses.replace(COMPARE_PRESETS["smoke"], aa_chunk=5, aa_eps=[0.5])   # chunks seeded 3, 8, 13
+    model, x, y = trained_tiny.model, trained_tiny.x_test[:15], trained_tiny.y_test[:15]
+    whole = evaluate_model(model, x, y, p, autoattack=True, seed=3)
+    assert len(_FakeAA.calls) == 3
+    # chunk a seeded seed + a: the same per-sample results as one call in batches of the chunk's size
+    one_call = robust_accuracy(model, x, y, lambda e: _FakeAA(model, norm="l2", eps=e, seed=3), [0.5], 5)[0]
+    assert whole["autoattack"] == {"0.5": one_call}
+    assert robust_accuracy(model, x, y, lambda e: _FakeAA(model, norm="l2", eps=e, seed=3), [0.5], 15)[0] != one_call
+    progress = tmp_path / "eval-step-4.aa-progress.json"
+    _FakeAA.calls, _FakeAA.fail_after = [], 1            # stopped during the second chunk
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_model(model, x, y, p, autoattack=True, seed=3, aa_progress=progress)
+    assert len(json.loads(progress.read_text())["samples"]["aa:0.5"]) == 5
+    _FakeAA.calls, _FakeAA.fail_after = [], None
+    assert evaluate_model(model, x, y, p, autoattack=True, seed=3, aa_progress=progress) == whole
+    assert len(_FakeAA.calls) == 2                       # the two chunks left
+    # the run trained again: the file is stale, its AutoAttack starts over, said in a warning
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    _FakeAA.calls = []
+    evaluate_model(other, x, y, p, autoattack=True, seed=3, aa_progress=progress)
+    assert len(_FakeAA.calls) == 3 and "model_sha256" in caplog.text and "starting its AutoAttack over" in caplog.text
 
 
 def test_full_evaluation_refuses_a_file_of_another_model_or_settings(tmp_path, trained_tiny, fake_aa):

@@ -97,6 +97,10 @@ class ComparePreset:
     aa_attacks: list[str] | None = None   # None: the standard AutoAttack
     aa_targets: int = 9
     aa_every_budget: bool = False   # AutoAttack on every snapshot, not only the final model of each run
+    # AutoAttack in chunks of this many test images, each one's results saved as it ends, so that a
+    # stopped comparison resumes inside an AutoAttack; a chunk's random starts depend on where it
+    # begins, so the size is part of the evaluation's settings (500: the size of the first presets)
+    aa_chunk: int = 500
     watch_subset: int = 0
     batch_size: int = 128
     base_seed: int = 0
@@ -118,7 +122,7 @@ COMPARE_PRESETS = {
                                           [1.0, 2.0])]),
     # GPU-scale: the full training set, 1,000 test images, standard AutoAttack on every budget
     "full": ComparePreset(train_subset=None, test_subset=1000, base_epochs=100, unit_passes=3910,
-                          pgd_eps=[0.25, 0.5], aa_eps=[0.25, 0.5], aa_every_budget=True),
+                          pgd_eps=[0.25, 0.5], aa_eps=[0.25, 0.5], aa_every_budget=True, aa_chunk=100),
 }
 
 
@@ -142,10 +146,12 @@ def entry_config(p: ComparePreset, e: Entry, seed: int, base: Path) -> tuple[Tra
     return cfg, steps
 
 
-def evaluate_model(model, x, y, p: ComparePreset, autoattack: bool, seed: int = 0, aa_done: dict | None = None) -> dict:
+def evaluate_model(model, x, y, p: ComparePreset, autoattack: bool, seed: int = 0, aa_done: dict | None = None,
+                   aa_progress: Path | None = None) -> dict:
     """Clean accuracy, PGD-L2 (worst case over restarts), the sanity checks, and AutoAttack if asked
     (aa_done: its {eps: accuracy} from an earlier evaluation of this model with the same AutoAttack
-    settings, reused rather than recomputed)."""
+    settings, reused rather than recomputed; aa_progress: a file its per-sample results are saved to
+    after every chunk of p.aa_chunk images and resumed from, see _autoattack)."""
     model = inference_copy(model, channels_last=False)
     out = {"clean": accuracy(model, x, y), "pgd": {}, "autoattack": {}}
     pgd = robust_accuracy(model, x, y, lambda e: PGD(model, norm="l2", eps=e, steps=p.pgd_steps,
@@ -159,13 +165,35 @@ def evaluate_model(model, x, y, p: ComparePreset, autoattack: bool, seed: int = 
     out["checks"] = sanity_checks("l2", [0.0] + p.pgd_eps, [out["clean"]] + pgd, [out["clean"]] + fgsm, large,
                                   x.shape[0])
     if autoattack:
-        if aa_done is None:
-            aa = robust_accuracy(model, x, y, lambda e: AutoAttack(model, norm="l2", eps=e, attacks=p.aa_attacks,
-                                                                   targets=p.aa_targets, seed=seed), p.aa_eps)
-            aa_done = {str(e): a for e, a in zip(p.aa_eps, aa)}
-        out["autoattack"] = dict(aa_done)
+        out["autoattack"] = dict(aa_done or _autoattack(model, x, y, p, seed, aa_progress))
         out["checks"].append(gap_check(out["pgd"], out["autoattack"], x.shape[0]))
     return out
+
+
+def _autoattack(model, x, y, p: ComparePreset, seed: int, progress_file: Path | None) -> dict:
+    """{eps: accuracy} under AutoAttack at every p.aa_eps, p.aa_chunk images at a time, the chunk that
+    starts at image a seeded seed + a (the same as one robust_flags call in batches of p.aa_chunk).
+    progress_file: where the per-sample results are saved after every chunk (FullEvalProgress) and
+    resumed from; one written for another model, other images or other settings is stale (the run was
+    trained again), so it is started over, with a warning."""
+    from .errors import UserError
+    from .evaluate import FullEvalProgress, fingerprint, robust_flags
+    settings = {**_aa_settings(p), "seed": seed, "model_sha256": fingerprint(model),
+                "data_sha256": fingerprint([x, y])}
+    try:
+        progress = FullEvalProgress(progress_file, settings)
+    except UserError as err:
+        log.warning("%s; starting its AutoAttack over", err)
+        progress_file.unlink()
+        progress = FullEvalProgress(progress_file, settings)
+    c = p.aa_chunk
+
+    def chunk(eps: float, a: int, b: int) -> torch.Tensor:
+        return robust_flags(model, x[a:b], y[a:b], lambda e: AutoAttack(
+            model, norm="l2", eps=e, attacks=p.aa_attacks, targets=p.aa_targets, seed=seed + a), [eps], c)[0]
+
+    return {str(e): int(progress.flags(f"aa:{e}", len(y), c, lambda a, b, e=e: chunk(e, a, b)).sum()) / len(y)
+            for e in p.aa_eps}
 
 
 def _train_base(p: ComparePreset, out: Path, train_set, test_set, device) -> Path:
@@ -180,16 +208,19 @@ def _train_base(p: ComparePreset, out: Path, train_set, test_set, device) -> Pat
 
 
 def _eval_cached(path: Path, settings: dict, compute) -> dict:
-    """The evaluation stored at path if it was made with these settings, else compute(aa_done) and store
-    it; aa_done: the stored AutoAttack accuracies when only the other settings changed (AutoAttack is
-    most of an evaluation's cost), else None."""
+    """The evaluation stored at path if it was made with these settings, else compute(aa_done,
+    aa_progress) and store it; aa_done: the stored AutoAttack accuracies when only the other settings
+    changed (AutoAttack is most of an evaluation's cost), else None; aa_progress: the file a stopped
+    AutoAttack left (PATH.aa-progress.json), removed once the evaluation is stored."""
     ev = _eval_stored(path, settings)
     if ev is None:
         old = read_json(path) if path.exists() else {}
         same_aa = settings["aa"] is not None and old.get("autoattack") and all(
             old.get("settings", {}).get(k) == settings[k] for k in ("aa", "n", "seed"))
-        ev = {**compute(old["autoattack"] if same_aa else None), "settings": settings}
+        progress = path.with_suffix(".aa-progress.json")
+        ev = {**compute(old["autoattack"] if same_aa else None, progress), "settings": settings}
         write_json(path, ev)
+        progress.unlink(missing_ok=True)
     return ev
 
 
@@ -266,8 +297,8 @@ def run_task(task: Task, *, device, log_file: Path | None = None, data=None) -> 
         for units, n, last, path in _budgets(task.run_dir, e, steps):
             autoattack = last or p.aa_every_budget
             _eval_cached(task.run_dir / f"eval-step-{n}.json", _settings(p, len(y), autoattack, task.seed),
-                         lambda aa: {**evaluate_model(load_model(path, device=device), x, y, p, autoattack, task.seed,
-                                                      aa), "work": _work(task.run_dir, n, last)})
+                         lambda aa, prog: {**evaluate_model(load_model(path, device=device), x, y, p, autoattack,
+                                                            task.seed, aa, prog), "work": _work(task.run_dir, n, last)})
 
 
 def _budgets(run_dir: Path, e: Entry, steps: list[int]):
@@ -380,8 +411,8 @@ def write_report(results: dict, out: Path, suffix: str = "") -> Path:
 def _base_row(base: Path, x, y, p: ComparePreset, out: Path) -> dict:
     settings = _settings(p, len(y), True, 0)
     ev = _eval_cached(out / "base.eval.json", settings,
-                      lambda aa: evaluate_model(load_model(base, device=x.device), x, y, p, autoattack=True,
-                                                aa_done=aa))
+                      lambda aa, prog: evaluate_model(load_model(base, device=x.device), x, y, p, autoattack=True,
+                                                      aa_done=aa, aa_progress=prog))
     return {"name": "base", "method": "standard", "label": "base model (standard training)", "seed": p.base_seed,
             "budget_units": 0.0, "steps": 0, "passes": 0, "budget_seconds": 0.0, **_scores(ev)}
 
@@ -389,7 +420,14 @@ def _base_row(base: Path, x, y, p: ComparePreset, out: Path) -> dict:
 def _settings(p: ComparePreset, n: int, autoattack: bool, seed: int) -> dict:
     return {"pgd_eps": p.pgd_eps, "pgd_steps": p.pgd_steps, "pgd_restarts": p.pgd_restarts,
             "pgd_objectives": p.pgd_objectives, "n": n, "seed": seed,
-            "aa": {"eps": p.aa_eps, "attacks": p.aa_attacks, "targets": p.aa_targets} if autoattack else None}
+            "aa": _aa_settings(p) if autoattack else None}
+
+
+def _aa_settings(p: ComparePreset) -> dict:
+    aa = {"eps": p.aa_eps, "attacks": p.aa_attacks, "targets": p.aa_targets}
+    if p.aa_chunk != 500:   # named only when not the first presets' size: their records stay valid
+        aa["chunk"] = p.aa_chunk
+    return aa
 
 
 def _scores(ev: dict) -> dict:
