@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The long background runs of this round, on one machine: the full-data campaign's training and its
+# evaluation queue (issue: full scale) and the research comparison (issue: fast-AT state of the art),
+# one thread each, each from its own git worktree pinned to the commit it started at, beside this
+# checkout. Run from the main checkout:
+#
+#   bash experiments/background.sh start   # make what is missing (worktrees, their venvs, their runs
+#                                          # restored from the state committed in experiments/), then
+#                                          # start the three jobs; refused while they run
+#   bash experiments/background.sh status  # which jobs run, the last line of each log
+#   bash experiments/background.sh stop    # stop them (training saves its state on SIGTERM), save their
+#                                          # state into experiments/ with carry.py; then commit it
+#
+# What is left to run is named below; edit it as stages finish. A stop loses at most the work since
+# each job's last save: 50 training steps, an AutoAttack chunk of 100 images, a comparison's AutoAttack.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MAIN=$PWD
+ROOT=$(dirname "$MAIN")
+DATA=${DATA:-$ROOT/shared/data}
+CAMPAIGN=$ROOT/campaign CAMPAIGN_COMMIT=dcd5982
+RESEARCH=$ROOT/research RESEARCH_COMMIT=2d14d2e
+TRAIN_LEFT="minmax_paper"                          # campaign stages still training
+EVAL_LEFT="fgsm_rs gen_gradient pgd10 minmax_paper" # campaign evaluations still to finish, in order
+
+worktree() {  # worktree DIR COMMIT: the pinned worktree with its venv, made if missing
+  local dir=$1 commit=$2
+  if [ ! -d "$dir" ]; then
+    git worktree prune
+    git worktree add --detach "$dir" "$commit"
+  fi
+  [ "$(git -C "$dir" rev-parse --short=7 HEAD)" = "$commit" ] || { echo "$dir is not at $commit" >&2; exit 2; }
+  if [ ! -x "$dir/.venv/bin/advgen" ]; then
+    python3 -m venv "$dir/.venv"
+    "$dir/.venv/bin/pip" install -q torch==2.13.0
+    "$dir/.venv/bin/pip" install -q "$dir[autoattack]"
+  fi
+}
+
+restore() {  # restore SAVED RUNS: the committed state into a worktree's runs, unless it holds some already
+  [ -d "$2" ] || python3 "$MAIN/experiments/carry.py" restore "$1" "$2"
+}
+
+jobs_running() {
+  pgrep -f "$CAMPAIGN/runs/(campaign|eval_queue)\.sh|$RESEARCH/runs/compare\.sh" > /dev/null
+}
+
+start() {  # each job runs a copy of its script in runs/: bash reads a script as it goes, so an edit here
+           # must not reach a running one
+  ! jobs_running || { echo "the background jobs are running already (background.sh status)" >&2; exit 2; }
+  worktree "$CAMPAIGN" "$CAMPAIGN_COMMIT"
+  worktree "$RESEARCH" "$RESEARCH_COMMIT"
+  restore "$MAIN/experiments/campaign" "$CAMPAIGN/runs/campaign"
+  restore "$MAIN/experiments/campaign/evals" "$CAMPAIGN/runs/evals"
+  restore "$MAIN/experiments/compare-quick" "$RESEARCH/runs/compare-quick"
+  cp "$CAMPAIGN/experiments/campaign.sh" "$CAMPAIGN/runs/campaign.sh"
+  cp "$MAIN/experiments/eval_queue.sh" "$CAMPAIGN/runs/eval_queue.sh"
+  cp "$MAIN/experiments/compare_quick.sh" "$RESEARCH/runs/compare.sh"
+  export OMP_NUM_THREADS=1
+  # training at normal priority (the longest chain); the evaluations and the comparison share the rest.
+  # `(cd D; job &)`: only the job goes to the background, so nothing waits on it holding this output
+  (cd "$CAMPAIGN"; ADVGEN=$CAMPAIGN/.venv/bin/advgen setsid nohup bash "$CAMPAIGN/runs/campaign.sh" "$DATA" \
+     runs/campaign $TRAIN_LEFT >> runs/campaign.log 2>&1 < /dev/null &)
+  (cd "$CAMPAIGN"; ADVGEN=$CAMPAIGN/.venv/bin/advgen setsid nohup nice -n 5 bash "$CAMPAIGN/runs/eval_queue.sh" \
+     "$DATA" runs/campaign runs/evals $EVAL_LEFT >> runs/evals.log 2>&1 < /dev/null &)
+  (cd "$RESEARCH"; ADVGEN=$RESEARCH/.venv/bin/advgen setsid nohup nice -n 5 bash "$RESEARCH/runs/compare.sh" \
+     "$DATA" runs/compare-quick >> runs/compare.log 2>&1 < /dev/null &)
+  sleep 2
+  status
+}
+
+status() {
+  pgrep -af "$CAMPAIGN/runs/(campaign|eval_queue)\.sh|$RESEARCH/runs/compare\.sh" || echo "no background job runs"
+  for log in "$CAMPAIGN/runs/campaign.log" "$CAMPAIGN/runs/evals.log" "$RESEARCH/runs/compare.log"; do
+    [ -f "$log" ] && echo "$log: $(tail -n 1 "$log" | cut -c1-160)"
+  done
+  return 0
+}
+
+stop() {
+  pkill -f "$CAMPAIGN/runs/(campaign|eval_queue)\.sh|$RESEARCH/runs/compare\.sh" || true
+  pkill -TERM -f "($CAMPAIGN|$RESEARCH)/\.venv/bin/advgen" || true
+  for _ in $(seq 60); do   # training ends its step and saves its state: give it a minute
+    pgrep -f "($CAMPAIGN|$RESEARCH)/\.venv/bin/advgen" > /dev/null || break
+    sleep 1
+  done
+  if pgrep -f "($CAMPAIGN|$RESEARCH)/\.venv/bin/advgen" > /dev/null; then
+    echo "advgen processes still running after SIGTERM; state not saved" >&2; exit 1
+  fi
+  python3 experiments/carry.py save "$CAMPAIGN/runs/campaign" experiments/campaign
+  python3 experiments/carry.py save "$CAMPAIGN/runs/evals" experiments/campaign/evals
+  python3 experiments/carry.py save "$RESEARCH/runs/compare-quick" experiments/compare-quick --light --max-mb 20
+  echo "saved; now: git add experiments && git commit"
+}
+
+case ${1:-} in
+  start|status|stop) "$1" ;;
+  *) echo "usage: background.sh start|status|stop" >&2; exit 2 ;;
+esac
