@@ -501,6 +501,70 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (a fractional df is rounded down: wider)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def welch_interval(a: dict, b: dict) -> tuple[float, float, float]:
+    """(difference of means a − b, low, high): the Welch 95% interval of a difference of two means over
+    independent seeds, a and b mean_std dicts with n ≥ 2 each."""
+    va, vb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
+    d = a["mean"] - b["mean"]
+    if va + vb == 0:
+        return d, d, d
+    df = (va + vb) ** 2 / (va ** 2 / (a["n"] - 1) + vb ** 2 / (b["n"] - 1))
+    t = T975[max(k for k in T975 if k <= max(1, int(df)))] if df < 31 else 1.96
+    half = t * (va + vb) ** 0.5
+    return d, d - half, d + half
+
+
+def _accuracy_at(point: dict, eps: str) -> tuple[str, dict | None]:
+    """("AA" | "PGD", its mean_std) of one summary point at eps: AutoAttack where it ran, else PGD."""
+    aa = point["autoattack"].get(eps)
+    return ("AA", aa) if aa else ("PGD", point["pgd"].get(eps))
+
+
+def contrasts(summary: list[dict], eps: str, ref: str = "nfgsm", slow: str = "pgd10", seeds: int = 3) -> list[dict]:
+    """Every entry against two references, as the research issue states its target, at L2 eps:
+    (1) against `ref` (N-FGSM) at the largest budget both have, on AutoAttack where both ran it (else PGD):
+        it wins when the mean gain is >= 2 points and beyond one std of the difference, sqrt(sd1² + sd2²);
+    (2) against `slow` (PGD-10) at <= 1/3 of its passes: the entry's largest budget with a `slow` budget
+        of >= 3x its passes (the smallest such), on the same attack for both: it holds when the mean is
+        within 1 point. Each with the Welch 95% interval of the difference; a side with fewer than `seeds`
+        seeds is "pending" (no verdict)."""
+    by = {(s["name"], s["budget_units"]): s for s in summary}
+    names = [n for n in dict.fromkeys(s["name"] for s in summary) if n not in ("base", ref, slow)]
+    out = []
+    for name in names:
+        mine = sorted((s for s in summary if s["name"] == name), key=lambda s: s["passes"]["mean"])
+        row = {"name": name, "vs_ref": None, "vs_slow": None}
+        shared = [s for s in mine if (ref, s["budget_units"]) in by]
+        if shared:
+            row["vs_ref"] = _contrast(shared[-1], by[(ref, shared[-1]["budget_units"])], eps, seeds,
+                                      lambda d, sd: d >= 0.02 and d > sd)
+        slows = sorted((s for s in summary if s["name"] == slow), key=lambda s: s["passes"]["mean"])
+        pairs = [(m, next(q for q in slows if q["passes"]["mean"] >= 3 * m["passes"]["mean"])) for m in mine
+                 if any(q["passes"]["mean"] >= 3 * m["passes"]["mean"] for q in slows)]
+        if pairs:
+            row["vs_slow"] = _contrast(*pairs[-1], eps, seeds, lambda d, sd: d >= -0.01)
+        out.append(row)
+    return out
+
+
+def _contrast(a: dict, b: dict, eps: str, seeds: int, wins) -> dict:
+    """a against b at eps on the attack both have (AutoAttack if both ran it, else PGD)."""
+    attack = "AA" if _accuracy_at(a, eps)[0] == _accuracy_at(b, eps)[0] == "AA" else "PGD"
+    va, vb = (p["autoattack" if attack == "AA" else "pgd"].get(eps) for p in (a, b))
+    c = {"units": a["budget_units"], "other_units": b["budget_units"], "attack": attack,
+         "passes_ratio": a["passes"]["mean"] / b["passes"]["mean"], "seeds": [a["seeds"], b["seeds"]]}
+    if va is None or vb is None or min(va["n"], vb["n"]) < seeds:
+        return {**c, "verdict": "pending"}
+    d, lo, hi = welch_interval(va, vb)
+    sd = (va["std"] ** 2 + vb["std"] ** 2) ** 0.5
+    return {**c, "diff": d, "ci95": [lo, hi], "sd": sd, "verdict": "yes" if wins(d, sd) else "no"}
+
+
 def plot_curves(results: dict, path: Path, axis: str = "passes") -> None:
     """Robust accuracy at the largest PGD eps against the budget: one curve per method, mean ± std over
     seeds as error bars (PGD open markers and dashed; AutoAttack filled, where evaluated)."""
@@ -535,6 +599,12 @@ def plot_curves(results: dict, path: Path, axis: str = "passes") -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.13), ncol=1, frameon=False)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _delta(c: dict) -> str:
+    if c["verdict"] == "pending":
+        return f"pending ({c['seeds'][0]} / {c['seeds'][1]} seeds)"
+    return f"{100 * c['diff']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"
 
 
 def _seeds(points: list[dict]) -> str:
@@ -572,6 +642,19 @@ def render(results: dict, plot: str = "curves.png") -> str:
                  str(r["seeds"]), fmt(r["clean"])] + [fmt(r["pgd"].get(e)) for e in pgd_eps] + \
                 [fmt(r["autoattack"].get(e)) for e in aa_eps] + ["FAILED: " + "; ".join(r["failed"]) if r["failed"] else "ok"]
         lines.append("| " + " | ".join(cells) + " |")
+    eps = pgd_eps[-1]
+    lines += ["", f"Against the references at L2 {eps} (the research issue's target; AA where both sides ran "
+              "AutoAttack, else PGD; Δ in points with the Welch 95% interval over seeds; a verdict needs 3 seeds "
+              "a side). N-FGSM at equal budget: a win is Δ ≥ 2 and beyond one std of the difference. PGD-10 at "
+              "≤ 1/3 of its passes: held when Δ ≥ −1.", "",
+              "| entry | vs N-FGSM: units, attack | Δ | win | vs PGD-10: units / PGD-10's, passes | Δ | within 1 |",
+              "|---|---|---|---|---|---|---|"]
+    for c in contrasts(summary, eps):
+        r, q = c["vs_ref"], c["vs_slow"]
+        lines.append(f"| {c['name']} | " + (f"{r['units']:g}, {r['attack']} | {_delta(r)} | {r['verdict']}"
+                                            if r else "– | – | –") + " | " +
+                     (f"{q['units']:g} / {q['other_units']:g}, {q['passes_ratio']:.2f}×, {q['attack']} | "
+                      f"{_delta(q)} | {q['verdict']}" if q else "– | – | –") + " |")
     lines += ["", f"![robust accuracy against the training budget]({plot})", "",
               "Entries: " + "; ".join(f"`{r['name']}` {r['label']}" for r in summary if r["budget_units"] ==
                                       min(q["budget_units"] for q in summary if q["name"] == r["name"])), ""]

@@ -1,0 +1,72 @@
+"""The comparison's verdicts against its references (compare.contrasts): which budgets are paired, on
+which attack, the Welch interval and the issue's thresholds. Synthetic rows: nothing is trained."""
+from __future__ import annotations
+
+import pytest
+
+from advgen.compare import contrasts, render, summarize, welch_interval
+
+UNIT = 256
+
+
+def _rows(name, units, passes_per_step, pgd, aa_final, seeds=(0, 1, 2)):
+    """Rows of one entry: pgd[units] and aa_final are lists of per-seed accuracies; AutoAttack only at
+    the entry's largest budget, as the quick preset does."""
+    rows = []
+    for i, seed in enumerate(seeds):
+        for u in units:
+            passes = round(u * UNIT / passes_per_step) * passes_per_step
+            rows.append({"name": name, "method": name, "label": name, "seed": seed, "budget_units": u, "steps": 1,
+                         "passes": passes, "budget_seconds": passes / 10, "clean": 0.6, "pgd": {"0.5": pgd[u][i]},
+                         "autoattack": {"0.5": aa_final[i]} if u == units[-1] else {}, "checks": []})
+    return rows
+
+
+def _summary(gen_aa, seeds=(0, 1, 2)):
+    q = [1.0, 2.0, 4.0]
+    rows = _rows("nfgsm", [0.5] + q, 2, {u: [0.30, 0.31, 0.32] for u in [0.5] + q}, [0.34, 0.35, 0.36])
+    rows += _rows("pgd10", q + [8.0], 11, {u: [0.36, 0.37, 0.38] for u in q + [8.0]}, [0.37, 0.38, 0.39])
+    rows += _rows("gen_x", [0.5] + q, 3, {0.5: [0.2] * 3, 1.0: [0.3] * 3, 2.0: [0.365, 0.37, 0.375],
+                                          4.0: [0.40, 0.40, 0.41]}, gen_aa, seeds)
+    return summarize(rows)
+
+
+def test_welch_interval_matches_the_hand_computation():
+    a = {"mean": 0.40, "std": 0.01, "n": 3}
+    b = {"mean": 0.35, "std": 0.02, "n": 3}
+    d, lo, hi = welch_interval(a, b)
+    # se² = (0.01² + 0.02²) / 3; Welch df = 2.94, rounded down to 2: t = 4.303
+    half = 4.303 * ((0.01 ** 2 + 0.02 ** 2) / 3) ** 0.5
+    assert d == pytest.approx(0.05) and (lo, hi) == pytest.approx((0.05 - half, 0.05 + half))
+    big = {"mean": 0.4, "std": 0.01, "n": 40}
+    # 78 degrees of freedom: the normal quantile
+    assert welch_interval(big, {**big, "mean": 0.39})[2] - 0.01 == pytest.approx(1.96 * 0.01 * (2 / 40) ** 0.5)
+
+
+def test_contrasts_pair_the_budgets_the_target_names():
+    (c,) = contrasts(_summary([0.38, 0.38, 0.39]), "0.5")
+    ref, slow = c["vs_ref"], c["vs_slow"]
+    # N-FGSM at the largest shared budget (4 units), both AutoAttacked: +3.33 points, sd of the difference
+    # sqrt(0.01² + 0.0058²) = 1.2 points: a win
+    assert (ref["units"], ref["attack"], ref["verdict"]) == (4.0, "AA", "yes")
+    assert ref["diff"] == pytest.approx(0.0333, abs=1e-3) and ref["ci95"][0] < ref["diff"] < ref["ci95"][1]
+    # PGD-10 at >= 3x the passes: gen_x's 2 units (513 passes) against PGD-10's 8 (2046), on PGD for both
+    # (gen_x's 2-unit snapshot has no AutoAttack): 0.37 against 0.37, within 1 point
+    assert (slow["units"], slow["other_units"], slow["attack"], slow["verdict"]) == (2.0, 8.0, "PGD", "yes")
+    assert slow["passes_ratio"] == pytest.approx(513 / 2046) and slow["diff"] == pytest.approx(0.0, abs=1e-9)
+    # 1.5 points over N-FGSM is not the 2 the target asks
+    assert contrasts(_summary([0.365, 0.365, 0.365]), "0.5")[0]["vs_ref"]["verdict"] == "no"
+
+
+def test_contrasts_wait_for_three_seeds_a_side():
+    (c,) = contrasts(_summary([0.40, 0.41], seeds=(0, 1)), "0.5")
+    assert c["vs_ref"]["verdict"] == "pending" and c["vs_ref"]["seeds"] == [2, 3] and "diff" not in c["vs_ref"]
+    results = {"settings": {"pgd_eps": [0.5], "aa_eps": [0.5], "aa_attacks": None, "aa_targets": 9, "train_subset": 1,
+                            "lr": 0.01, "seeds": [0, 1], "unit_passes": UNIT, "batch_size": 128, "pgd_steps": 50,
+                            "pgd_restarts": 2, "aa_every_budget": False},
+               "rows": [], "preset": "t", "version": "0", "git_commit": None,
+               "machine": "m", "base": "b", "n_test": 200}
+    q = [1.0, 2.0, 4.0]
+    results["rows"] = _rows("nfgsm", q, 2, {u: [0.3] * 3 for u in q}, [0.34, 0.35, 0.36]) + \
+        _rows("gen_x", q, 3, {u: [0.3] * 2 for u in q}, [0.40, 0.41], seeds=(0, 1))
+    assert "| gen_x | 4, AA | pending (2 / 3 seeds) | pending |" in render(results)
