@@ -264,7 +264,8 @@ class _FakeAA:
         return out
 
 
-FULL = dict(pgd_eps=[0.0, 0.5, 2.0], aa_eps=[0.5], pgd_steps=3, restarts=1, batch_size=8)
+# 3 PGD steps: Madry's 2.5 eps / steps, not the full evaluation's default (meant for 50 steps)
+FULL = dict(pgd_eps=[0.0, 0.5, 2.0], aa_eps=[0.5], pgd_steps=3, restarts=1, batch_size=8, rel_step=2.5 / 3)
 
 
 @pytest.fixture
@@ -344,6 +345,28 @@ def test_compare_autoattack_resumes_inside_its_chunks(tmp_path, trained_tiny, mo
     _FakeAA.calls = []
     evaluate_model(other, x, y, p, autoattack=True, seed=3, aa_progress=progress)
     assert len(_FakeAA.calls) == 3 and "model_sha256" in caplog.text and "starting its AutoAttack over" in caplog.text
+
+
+def test_full_evaluation_step_size_and_the_settings_of_older_files(tmp_path, trained_tiny, fake_aa, monkeypatch):
+    import importlib
+    ev = importlib.import_module("advgen.evaluate")   # the module: advgen.evaluate is also a function
+    x, y = trained_tiny.x_test[:8], trained_tiny.y_test[:8]
+    steps = []
+    real = ev.PGD
+
+    def spy(*a, **k):
+        steps.append(k["rel_step"])
+        return real(*a, **k)
+    monkeypatch.setattr(ev, "PGD", spy)
+    default = {k: v for k, v in FULL.items() if k != "rel_step"}
+    out = ev.full_evaluation(trained_tiny.model, x, y, **default)
+    large = 0.1   # the large-eps sanity check's own PGD
+    assert out["settings"]["pgd_rel_step"] == ev.FULL_REL_STEP and set(steps) - {large} == {ev.FULL_REL_STEP}
+    assert out["attacks"]["pgd_l2"]["step_size"] == f"{ev.FULL_REL_STEP:g} * eps"
+    # Madry's 2.5 / steps, the step of the first evaluations: not named, so their files resume
+    steps.clear()
+    old = ev.full_evaluation(trained_tiny.model, x, y, **FULL)
+    assert "pgd_rel_step" not in old["settings"] and set(steps) - {large} == {2.5 / FULL["pgd_steps"]}
 
 
 def test_full_evaluation_refuses_a_file_of_another_model_or_settings(tmp_path, trained_tiny, fake_aa):

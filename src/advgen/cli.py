@@ -446,8 +446,7 @@ def _eval_defaults(args) -> None:
             setattr(args, name, value)
     if args.full:
         check(args.attack == "pgd-l2", "--full runs PGD-L2 and the standard AutoAttack-L2 itself: leave --attack out")
-        check(args.step_size is None and args.rel_step is None, "--full takes PGD steps of 2.5*eps/--steps: "
-                                                                "leave --step-size and --rel-step out")
+        check(args.step_size is None, "--full takes PGD steps relative to eps: give --rel-step, not --step-size")
         check(all(math.isfinite(e) and e >= 0 for e in args.eps + args.aa_eps), "--eps and --aa-eps must be >= 0")
 
 
@@ -507,7 +506,8 @@ def _full_eval(args, model, test_set, device) -> int:
     check(args.out is not None, "--full needs --out FILE.json (it is written as the parts finish, and resumed from)")
     result = full_evaluation(model, test_set.images.to(device), test_set.labels.to(device), pgd_eps=args.eps,
                              aa_eps=args.aa_eps, pgd_steps=args.steps, restarts=args.restarts, seed=args.seed,
-                             batch_size=args.batch_size, progress_file=Path(args.out), objectives=args.pgd_objective)
+                             batch_size=args.batch_size, progress_file=Path(args.out), objectives=args.pgd_objective,
+                             **({} if args.rel_step is None else {"rel_step": args.rel_step}))
     from .checkpoint import resolve_model_file, write_json
     result["model"] = str(args.model_path)
     result["model_file"] = str(resolve_model_file(args.model_path))
@@ -613,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, help="attack steps (default 20; with --full 50)")
     step = e.add_mutually_exclusive_group()
     step.add_argument("--step-size", type=_number, help="absolute PGD step size")
-    step.add_argument("--rel-step", type=float, help="PGD step size as a fraction of eps (default 2.5/steps)")
+    step.add_argument("--rel-step", type=float, help="PGD step size as a fraction of eps (default 2.5/steps; "
+                                                      "with --full 0.2)")
     e.add_argument("--restarts", type=int, help="random restarts, each sample's worst case kept (default 1; with --full 2)")
     e.add_argument("--pgd-objective", type=_objectives, default="ce,margin", metavar="ce|margin|ce,margin",
                    help="what PGD's restarts ascend, in turn (ce,margin: cross-entropy, then the margin loss; "

@@ -244,14 +244,21 @@ class FullEvalProgress:
         return _unbits(bits[:n])
 
 
+# PGD-L2's step in the full evaluation, as a fraction of eps. Madry's 2.5·eps/steps (0.05 at 50 steps)
+# left 2.7-3 points between PGD and AutoAttack on the campaign's standard-trained models at L2 0.25;
+# 0.2 and 0.4 close most of it (experiments/pgd_step_probe.py; README, "Evaluation you can trust")
+FULL_REL_STEP = 0.2
+
+
 def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                     pgd_eps=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0), aa_eps=(0.25, 0.5), pgd_steps: int = 50,
                     restarts: int = 2, seed: int = 0, batch_size: int = 500, progress_file=None,
-                    objectives=("ce", "margin")) -> dict:
+                    objectives=("ce", "margin"), rel_step: float | None = FULL_REL_STEP) -> dict:
     """The full-strength L2 evaluation of one model (the model zoo's cards), every accuracy with its
     Wilson 95% interval:
 
-    PGD-L2 (pgd_steps steps of 2.5·eps/steps, `restarts` random restarts ascending `objectives` in turn,
+    PGD-L2 (pgd_steps steps of rel_step·eps (None: Madry's 2.5·eps/steps), `restarts` random restarts
+    ascending `objectives` in turn,
     each sample's worst case) at every pgd_eps; the standard AutoAttack (APGD-CE, APGD-T with 9 targets,
     FAB-T, Square; Croce & Hein 2020) at every aa_eps; per aa eps, the per-sample worst case over both (a
     sample counts robust only if every attack fails on it); the sanity checks of the PGD curve (Carlini
@@ -269,6 +276,9 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     objectives = (objectives,) if isinstance(objectives, str) else tuple(objectives)
     if objectives != ("ce",):   # named only when not the plain cross-entropy: older files resume as they were
         settings["pgd_objectives"] = list(objectives)
+    rel = 2.5 / pgd_steps if rel_step is None else float(rel_step)
+    if rel != 2.5 / pgd_steps:   # likewise named only when not the step of the first evaluations
+        settings["pgd_rel_step"] = rel
     progress = FullEvalProgress(progress_file, settings)
     fast, fmt = inference_copy(model), torch.channels_last
 
@@ -277,7 +287,7 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             fast, images[a:b], labels[a:b], lambda r: make(r, seed + a), [eps], batch_size, fmt)[0])
 
     def pgd_at(r, s):
-        return PGD(fast, norm="l2", eps=r, steps=pgd_steps, rel_step=2.5 / pgd_steps, restarts=restarts, seed=s,
+        return PGD(fast, norm="l2", eps=r, steps=pgd_steps, rel_step=rel, restarts=restarts, seed=s,
                    objective=objectives)
 
     clean = progress.flags("clean", n, batch_size, lambda a, b: predict(fast, images[a:b], batch_size) == labels[a:b])
@@ -290,7 +300,7 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     worst = {e: aa[e] & pgd.get(e, aa[e]) for e in settings["aa_eps"]}
     mean = lambda f: f.float().mean().item()  # noqa: E731
     return {"settings": settings, "n": n,
-            "attacks": {"pgd_l2": {"steps": pgd_steps, "step_size": "2.5 * eps / steps", "restarts": restarts,
+            "attacks": {"pgd_l2": {"steps": pgd_steps, "step_size": f"{rel:g} * eps", "restarts": restarts,
                                    "objectives": list(objectives), "random_start": True,
                                    "keep": "each sample's worst case over restarts"},
                         "autoattack_l2": {"version": "standard",

@@ -276,6 +276,12 @@ def _listed(values) -> str:
     return " / ".join(seen) if seen else "pending"
 
 
+def _pgd_step(settings: dict) -> str:
+    """PGD's step size in words, from a full evaluation's settings (older ones name no step: Madry's)."""
+    rel = settings.get("pgd_rel_step")
+    return "2.5·eps/steps" if rel is None else f"{rel:g}·eps"
+
+
 def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool, bench: dict | None = None,
            bench_source: str = "") -> str:
     """The Markdown of docs/report-paper.md."""
@@ -292,7 +298,7 @@ def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool,
              "- Models: " + "; ".join(f"`{s}` {w}" for s, w in STAGES.items()) + " (docs/campaign.md has each "
              "command; Table 1 the epochs each ran).",
              ("- Evaluation: " + (f"the first {ev0['n']} test images; PGD-L2 {ev0['settings']['pgd_steps']} steps "
-                                  f"of 2.5·eps/steps with {ev0['settings']['restarts']} random restarts, each "
+                                  f"of {_pgd_step(ev0['settings'])} with {ev0['settings']['restarts']} random restarts, each "
                                   "sample's worst case; the standard AutoAttack (APGD-CE, APGD-T with 9 targets, "
                                   "FAB-T, Square); worst case = robust only if both attacks fail; "
                                   "[low, high] = Wilson 95% interval." if ev0 else "pending.")), ""]
