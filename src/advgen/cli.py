@@ -26,6 +26,7 @@ from . import __version__
 from .attacks import ATTACKS
 from .config import SCHEDULES, AttackConfig, NoOptions, TrainConfig
 from .errors import ConfigError, Interrupted, UserError, WorkersFailed, check
+from .evaluate import FULL_REL_STEP
 from .models import MODELS
 from .models.generators import ASSIGNMENTS, BOUNDS
 from .training import METHODS
@@ -436,11 +437,12 @@ def load_eval_model(args, device: torch.device):
 
 
 EVAL_DEFAULTS = {"eps": [0.0, 0.25, 0.5], "steps": 20, "restarts": 1}
-FULL_EVAL_DEFAULTS = {"eps": [0.0, 0.1, 0.25, 0.5, 0.75, 1.0], "steps": 50, "restarts": 2}
+FULL_EVAL_DEFAULTS = {"eps": [0.0, 0.1, 0.25, 0.5, 0.75, 1.0], "steps": 50, "restarts": 2, "rel_step": FULL_REL_STEP}
 
 
 def _eval_defaults(args) -> None:
-    """--eps, --steps, --restarts left out: a quick curve, or with --full the zoo's full strength."""
+    """--eps, --steps, --restarts (and with --full --rel-step) left out: a quick curve, or with --full the
+    zoo's full strength."""
     for name, value in (FULL_EVAL_DEFAULTS if args.full else EVAL_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -507,7 +509,7 @@ def _full_eval(args, model, test_set, device) -> int:
     result = full_evaluation(model, test_set.images.to(device), test_set.labels.to(device), pgd_eps=args.eps,
                              aa_eps=args.aa_eps, pgd_steps=args.steps, restarts=args.restarts, seed=args.seed,
                              batch_size=args.batch_size, progress_file=Path(args.out), objectives=args.pgd_objective,
-                             **({} if args.rel_step is None else {"rel_step": args.rel_step}))
+                             rel_step=args.rel_step)
     from .checkpoint import resolve_model_file, write_json
     result["model"] = str(args.model_path)
     result["model_file"] = str(resolve_model_file(args.model_path))
@@ -614,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     step = e.add_mutually_exclusive_group()
     step.add_argument("--step-size", type=_number, help="absolute PGD step size")
     step.add_argument("--rel-step", type=float, help="PGD step size as a fraction of eps (default 2.5/steps; "
-                                                      "with --full 0.2)")
+                                                      f"with --full {FULL_REL_STEP:g})")
     e.add_argument("--restarts", type=int, help="random restarts, each sample's worst case kept (default 1; with --full 2)")
     e.add_argument("--pgd-objective", type=_objectives, default="ce,margin", metavar="ce|margin|ce,margin",
                    help="what PGD's restarts ascend, in turn (ce,margin: cross-entropy, then the margin loss; "

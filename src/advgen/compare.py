@@ -519,12 +519,6 @@ def welch_interval(a: dict, b: dict) -> tuple[float, float, float]:
     return d, d - half, d + half
 
 
-def _accuracy_at(point: dict, eps: str) -> tuple[str, dict | None]:
-    """("AA" | "PGD", its mean_std) of one summary point at eps: AutoAttack where it ran, else PGD."""
-    aa = point["autoattack"].get(eps)
-    return ("AA", aa) if aa else ("PGD", point["pgd"].get(eps))
-
-
 def contrasts(summary: list[dict], eps: str, ref: str = "nfgsm", slow: str = "pgd10", seeds: int = 3) -> list[dict]:
     """Every entry against two references, as the research issue states its target, at L2 eps:
     (1) against `ref` (N-FGSM) at the largest budget both have, on AutoAttack where both ran it (else PGD):
@@ -544,8 +538,8 @@ def contrasts(summary: list[dict], eps: str, ref: str = "nfgsm", slow: str = "pg
             row["vs_ref"] = _contrast(shared[-1], by[(ref, shared[-1]["budget_units"])], eps, seeds,
                                       lambda d, sd: d >= 0.02 and d > sd)
         slows = sorted((s for s in summary if s["name"] == slow), key=lambda s: s["passes"]["mean"])
-        pairs = [(m, next(q for q in slows if q["passes"]["mean"] >= 3 * m["passes"]["mean"])) for m in mine
-                 if any(q["passes"]["mean"] >= 3 * m["passes"]["mean"] for q in slows)]
+        pairs = [(m, q) for m in mine
+                 if (q := next((q for q in slows if q["passes"]["mean"] >= 3 * m["passes"]["mean"]), None))]
         if pairs:
             row["vs_slow"] = _contrast(*pairs[-1], eps, seeds, lambda d, sd: d >= -0.01)
         out.append(row)
@@ -554,7 +548,7 @@ def contrasts(summary: list[dict], eps: str, ref: str = "nfgsm", slow: str = "pg
 
 def _contrast(a: dict, b: dict, eps: str, seeds: int, wins) -> dict:
     """a against b at eps on the attack both have (AutoAttack if both ran it, else PGD)."""
-    attack = "AA" if _accuracy_at(a, eps)[0] == _accuracy_at(b, eps)[0] == "AA" else "PGD"
+    attack = "AA" if a["autoattack"].get(eps) and b["autoattack"].get(eps) else "PGD"
     va, vb = (p["autoattack" if attack == "AA" else "pgd"].get(eps) for p in (a, b))
     c = {"units": a["budget_units"], "other_units": b["budget_units"], "attack": attack,
          "passes_ratio": a["passes"]["mean"] / b["passes"]["mean"], "seeds": [a["seeds"], b["seeds"]]}
