@@ -148,6 +148,30 @@ def test_add_refuses_an_evaluation_of_other_weights_or_an_unfinished_one(run_and
     assert zoo.add(run, "x", full, command="d", machine="m", folder=tmp_path / "z", force=True)["command"] == "d"
 
 
+def test_a_card_carries_the_gap_rule_even_when_its_evaluation_predates_it(run_and_eval, tmp_path, monkeypatch, capsys):
+    """An evaluation file written before full_evaluation ran the PGD - AutoAttack gap rule gets it
+    computed on its card from the accuracies, and `advgen zoo` names the failed check."""
+    run, ev, _ = run_and_eval
+    full = json.loads(ev.read_text())
+    gap_name = "PGD within 3 points of AutoAttack"
+    assert [c["name"] for c in full["checks"]].count(gap_name) == 1      # the current evaluation runs it
+    older = {**full, "checks": [c for c in full["checks"] if c["name"] != gap_name]}
+    aa = full["autoattack_l2"]["0.5"]["accuracy"]
+    older["pgd_l2"] = {**full["pgd_l2"], "0.5": {**full["pgd_l2"]["0.5"], "accuracy": aa + 0.2}}
+    card = zoo.add(run, "older", older, command="c", machine="m", folder=tmp_path / "z")
+    gap = [c for c in card["eval"]["checks"] if c["name"] == gap_name]
+    assert len(gap) == 1 and not gap[0]["passed"] and "0.5" in gap[0]["detail"]
+    within = {**older, "pgd_l2": {**full["pgd_l2"], "0.5": {**full["pgd_l2"]["0.5"], "accuracy": aa + 0.03}}}
+    ok = zoo.add(run, "within", within, command="c", machine="m", folder=tmp_path / "z")
+    assert [c["passed"] for c in ok["eval"]["checks"] if c["name"] == gap_name] == [True]
+    monkeypatch.setenv("ADVGEN_ZOO_DIR", str(tmp_path / "z"))
+    capsys.readouterr()
+    assert main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    assert f"older: check failed: {gap_name} (PGD overstates robustness at eps 0.5)" in out
+    assert "within: check failed" not in out
+
+
 def test_add_reads_the_training_command_from_the_run_log(run_and_eval, tmp_path, capsys, monkeypatch):
     run, ev, _ = run_and_eval
     monkeypatch.setenv("ADVGEN_ZOO_DIR", str(tmp_path / "zoo"))

@@ -83,6 +83,7 @@ def card_for(name: str, rec: dict, meta: dict, evaluation: dict, *, command: str
 
     from .report import DATA_CAVEAT
     cfg, rows = rec["config"], rec["epochs"]
+    evaluation = {**evaluation, "checks": _with_gap_check(evaluation)}
     return {"name": name, "architecture": meta["model"], "num_classes": meta["num_classes"],
             "method": cfg["method"], "config": cfg, "command": command, "commit": rec.get("git_commit"),
             "advgen_version": rec.get("version"), "train_images": rec.get("train_images"), "epochs": len(rows),
@@ -90,6 +91,17 @@ def card_for(name: str, rec: dict, meta: dict, evaluation: dict, *, command: str
             "epoch_seconds": [r["seconds"] for r in rows], "machine": machine,
             "bf16_autocast": bool(cfg.get("amp", False)), "data": DATA_CAVEAT,
             "eval": {k: v for k, v in evaluation.items() if k not in ("samples", "model", "model_file")}}
+
+
+def _with_gap_check(evaluation: dict) -> list[dict]:
+    """The evaluation's sanity checks with the PGD - AutoAttack gap rule (evaluate.gap_check) among
+    them: evaluations written before full_evaluation ran it get it computed from their accuracies, so a
+    card never shows only passed checks where PGD overstates robustness."""
+    from .evaluate import gap_check
+    acc = lambda key: {e: r["accuracy"] for e, r in evaluation[key].items()}  # noqa: E731
+    gap = gap_check(acc("pgd_l2"), acc("autoattack_l2"), evaluation["n"])
+    checks = list(evaluation["checks"])
+    return checks if any(c["name"] == gap["name"] for c in checks) else checks + [gap]
 
 
 def add(run_dir: Path, name: str, evaluation: dict, *, command: str | None = None, machine: str,
@@ -146,6 +158,9 @@ def table(all_cards: list[dict], folder: Path | None = None) -> str:
     widths = [max(len(r[i]) for r in rows + [heads]) for i in range(len(heads))]
     line = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
     ns = sorted({str(c.get("eval", {}).get("n", "?")) for c in all_cards})
+    failed = [f"{c['name']}: check failed: {k['name']} ({k['detail']})"
+              for c in all_cards for k in c.get("eval", {}).get("checks", []) if not k.get("passed", True)]
     return "\n".join([line(heads), "-" * len(line(heads))] + [line(r) for r in rows] +
-                      [f"accuracy % [95% Wilson interval] on the first {'/'.join(ns)} test images; "
-                       "load one as zoo:NAME"])
+                      [f"accuracy % [95% Wilson interval] on the first {'/'.join(ns)} test images; worst = "
+                       "robust only if PGD and AutoAttack both fail; load one as zoo:NAME"] + failed +
+                     (["where PGD overstates robustness, quote the AutoAttack or worst-case column"] if failed else []))
