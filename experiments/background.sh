@@ -21,7 +21,9 @@ DATA=${DATA:-$ROOT/shared/data}
 CAMPAIGN=$ROOT/campaign CAMPAIGN_COMMIT=dcd5982
 RESEARCH=$ROOT/research RESEARCH_COMMIT=2d14d2e
 TRAIN_LEFT="minmax_paper"                          # campaign stages still training
-EVAL_LEFT="fgsm_rs gen_gradient pgd10 minmax_paper" # campaign evaluations still to finish, in order
+EVAL_LEFT="gen_gradient pgd10"     # campaign evaluations still to finish, in order, of trained stages
+EVAL_AFTER_TRAIN="minmax_paper"    # a second queue: these wait for their training to finish, then take
+                                   # the core it frees, beside the first queue
 
 worktree() {  # worktree DIR COMMIT: the pinned worktree with its venv, made if missing
   local dir=$1 commit=$2
@@ -61,8 +63,14 @@ start() {  # each job runs a copy of its script in runs/: bash reads a script as
   # `(cd D; job &)`: only the job goes to the background, so nothing waits on it holding this output
   (cd "$CAMPAIGN"; ADVGEN=$CAMPAIGN/.venv/bin/advgen setsid nohup bash "$CAMPAIGN/runs/campaign.sh" "$DATA" \
      runs/campaign $TRAIN_LEFT >> runs/campaign.log 2>&1 < /dev/null &)
-  (cd "$CAMPAIGN"; ADVGEN=$CAMPAIGN/.venv/bin/advgen setsid nohup nice -n 5 bash "$CAMPAIGN/runs/eval_queue.sh" \
-     "$DATA" runs/campaign runs/evals $EVAL_LEFT >> runs/evals.log 2>&1 < /dev/null &)
+  queue() {  # queue LOG STAGE...: an evaluation queue, if it has stages
+    [ $# -gt 1 ] || return 0
+    local log=$1; shift
+    (cd "$CAMPAIGN"; ADVGEN=$CAMPAIGN/.venv/bin/advgen setsid nohup nice -n 5 bash "$CAMPAIGN/runs/eval_queue.sh" \
+       "$DATA" runs/campaign runs/evals "$@" >> "$log" 2>&1 < /dev/null &)
+  }
+  queue runs/evals.log $EVAL_LEFT
+  queue runs/evals-after-train.log $EVAL_AFTER_TRAIN
   (cd "$RESEARCH"; ADVGEN=$RESEARCH/.venv/bin/advgen setsid nohup nice -n 5 bash "$RESEARCH/runs/compare.sh" \
      "$DATA" runs/compare-quick >> runs/compare.log 2>&1 < /dev/null &)
   sleep 2
@@ -71,7 +79,7 @@ start() {  # each job runs a copy of its script in runs/: bash reads a script as
 
 status() {
   pgrep -af "$CAMPAIGN/runs/(campaign|eval_queue)\.sh|$RESEARCH/runs/compare\.sh" || echo "no background job runs"
-  for log in "$CAMPAIGN/runs/campaign.log" "$CAMPAIGN/runs/evals.log" "$RESEARCH/runs/compare.log"; do
+  for log in "$CAMPAIGN/runs/campaign.log" "$CAMPAIGN"/runs/evals*.log "$RESEARCH/runs/compare.log"; do
     [ -f "$log" ] && echo "$log: $(tail -n 1 "$log" | cut -c1-160)"
   done
   return 0
