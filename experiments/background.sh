@@ -20,9 +20,9 @@ ROOT=$(dirname "$MAIN")
 DATA=${DATA:-$ROOT/shared/data}
 CAMPAIGN=$ROOT/campaign CAMPAIGN_COMMIT=dcd5982
 RESEARCH=$ROOT/research RESEARCH_COMMIT=2d14d2e
-TRAIN_LEFT="minmax_paper"                          # campaign stages still training
+TRAIN_LEFT="minmax_paper nfgsm"    # campaign stages still to train, in order
 EVAL_LEFT="gen_gradient pgd10"     # campaign evaluations still to finish, in order, of trained stages
-EVAL_AFTER_TRAIN="minmax_paper"    # a second queue: these wait for their training to finish, then take
+EVAL_AFTER_TRAIN="minmax_paper nfgsm"  # a second queue: these wait for their training to finish, then take
                                    # the core it frees, beside the first queue
 
 worktree() {  # worktree DIR COMMIT: the pinned worktree with its venv, made if missing
@@ -55,7 +55,7 @@ start() {  # each job runs a copy of its script in runs/: bash reads a script as
   restore "$MAIN/experiments/campaign" "$CAMPAIGN/runs/campaign"
   restore "$MAIN/experiments/campaign/evals" "$CAMPAIGN/runs/evals"
   restore "$MAIN/experiments/compare-quick" "$RESEARCH/runs/compare-quick"
-  cp "$CAMPAIGN/experiments/campaign.sh" "$CAMPAIGN/runs/campaign.sh"
+  cp "$MAIN/experiments/campaign.sh" "$CAMPAIGN/runs/campaign.sh"   # the stage list; advgen stays pinned
   cp "$MAIN/experiments/eval_queue.sh" "$CAMPAIGN/runs/eval_queue.sh"
   cp "$MAIN/experiments/compare_quick.sh" "$RESEARCH/runs/compare.sh"
   export OMP_NUM_THREADS=1

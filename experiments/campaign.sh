@@ -8,7 +8,8 @@
 #   python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install .
 #   OMP_NUM_THREADS=1 nohup bash experiments/campaign.sh /work/shared/data runs/campaign > campaign.log 2>&1 &
 #
-# Stages run cheapest first, so a lost machine costs at most the stage in progress.
+# Stages run cheapest first, so a lost machine costs at most the stage in progress; nfgsm, the peer
+# the research comparison added (issue: fast-AT state of the art), comes last.
 set -euo pipefail
 DATA=${1:?usage: campaign.sh DATA_DIR OUT_DIR [STAGE...]}
 OUT=${2:?usage: campaign.sh DATA_DIR OUT_DIR [STAGE...]}
@@ -32,6 +33,7 @@ run() {
     fgsm_rs)       stage fgsm_rs --method fgsm "${L2[@]}" "${FT[@]}" --lr 0.01 ;;
     gen_gradient)  stage gen_gradient --method generator --gen-preset gradient --gen-bound 0.5 "${FT[@]}" --lr 0.01 ;;
     pgd10)         stage pgd10 --method minmax "${L2[@]}" --attack-steps 10 --attack-step-size 0.125 "${FT[@]}" --lr 0.01 ;;
+    nfgsm)         stage nfgsm --method nfgsm "${L2[@]}" "${FT[@]}" --lr 0.01 ;;
     minmax_paper)  stage minmax_paper --method minmax --attack-norm l2 --attack-eps 0.05 --attack-steps 40 \
                      --attack-step-size 0.005 "${FT[@]}" --lr 0.005 ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
@@ -39,6 +41,6 @@ run() {
 }
 
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(base gen_paper fgsm_rs gen_gradient pgd10 minmax_paper)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(base gen_paper fgsm_rs gen_gradient pgd10 minmax_paper nfgsm)
 for s in "${STAGES[@]}"; do run "$s"; done
 echo "== $(date -Is) campaign done"

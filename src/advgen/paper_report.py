@@ -29,6 +29,7 @@ STAGES = {
     "fgsm_rs": "FGSM-RS, L2 eps 0.5",
     "gen_gradient": "advgen's generator variant (--gen-preset gradient), L2 bound 0.5",
     "pgd10": "min-max PGD-10, L2 eps 0.5",
+    "nfgsm": "N-FGSM (de Jorge et al. 2022), L2 eps 0.5, noise 2 eps",
 }
 EVAL_FILE = "eval-full.json"
 PAPER_RATIO = 551 / 105   # the paper's Table 1: min-max 551 s, generator 105 s per epoch
