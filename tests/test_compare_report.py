@@ -15,8 +15,9 @@ def _rows(name, units, passes_per_step, pgd, aa_final, seeds=(0, 1, 2)):
     rows = []
     for i, seed in enumerate(seeds):
         for u in units:
-            passes = round(u * UNIT / passes_per_step) * passes_per_step
-            rows.append({"name": name, "method": name, "label": name, "seed": seed, "budget_units": u, "steps": 1,
+            steps = round(u * UNIT / passes_per_step)
+            passes = steps * passes_per_step
+            rows.append({"name": name, "method": name, "label": name, "seed": seed, "budget_units": u, "steps": steps,
                          "passes": passes, "budget_seconds": passes / 10, "clean": 0.6, "pgd": {"0.5": pgd[u][i]},
                          "autoattack": {"0.5": aa_final[i]} if u == units[-1] else {}, "checks": []})
     return rows
@@ -69,4 +70,8 @@ def test_contrasts_wait_for_three_seeds_a_side():
     q = [1.0, 2.0, 4.0]
     results["rows"] = _rows("nfgsm", q, 2, {u: [0.3] * 3 for u in q}, [0.34, 0.35, 0.36]) + \
         _rows("gen_x", q, 3, {u: [0.3] * 2 for u in q}, [0.40, 0.41], seeds=(0, 1))
-    assert "| gen_x | 4, AA | pending (2 / 3 seeds) | pending |" in render(results)
+    md = render(results)
+    assert "| gen_x | 4, AA | pending (2 / 3 seeds) | pending |" in md
+    # the table gives the work as steps (batches seen) beside passes: gen_x's step costs 3 passes
+    assert "| entry | units | steps | passes | seconds | seeds |" in md
+    assert "| gen_x | 4 | 341 | 1023 |" in md and "| nfgsm | 4 | 512 | 1024 |" in md

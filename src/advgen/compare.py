@@ -483,7 +483,8 @@ def _work(run_dir: Path, steps: int, last: bool) -> dict:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and std over seeds per (entry, budget): clean, PGD and AutoAttack at each eps, passes, seconds."""
+    """Mean and std over seeds per (entry, budget): clean, PGD and AutoAttack at each eps, steps, passes,
+    seconds."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["name"], r["budget_units"]), []).append(r)
@@ -493,7 +494,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         eps_pgd = sorted({e for r in rs for e in r["pgd"]}, key=float)
         eps_aa = sorted({e for r in rs for e in r["autoattack"]}, key=float)
         out.append({"name": name, "label": rs[0]["label"], "budget_units": units, "seeds": len(rs),
-                    "passes": mean_std([r["passes"] for r in rs]), "seconds": mean_std([r["budget_seconds"] for r in rs]),
+                    "steps": mean_std([r["steps"] for r in rs]), "passes": mean_std([r["passes"] for r in rs]),
+                    "seconds": mean_std([r["budget_seconds"] for r in rs]),
                     "clean": mean_std([r["clean"] for r in rs]),
                     "pgd": {e: mean_std([r["pgd"].get(e) for r in rs]) for e in eps_pgd},
                     "autoattack": {e: mean_std([r["autoattack"].get(e) for r in rs]) for e in eps_aa},
@@ -615,7 +617,7 @@ def render(results: dict, plot: str = "curves.png") -> str:
     aa_eps = [str(e) for e in s["aa_eps"]]
     def fmt(v):   # one value (the base, a single seed) has no spread to show
         return "–" if v is None else f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if v["n"] > 1 else "")
-    head = ["entry", "units", "passes", "seconds", "seeds", "clean"] + [f"PGD {e}" for e in pgd_eps] + \
+    head = ["entry", "units", "steps", "passes", "seconds", "seeds", "clean"] + [f"PGD {e}" for e in pgd_eps] + \
            [f"AA {e}" for e in aa_eps] + ["checks"]
     aa = "standard AutoAttack" if s["aa_attacks"] is None else \
         f"AutoAttack {' + '.join(s['aa_attacks'])} ({s['aa_targets']} target classes)"
@@ -625,14 +627,15 @@ def render(results: dict, plot: str = "curves.png") -> str:
              f"Every entry is fine-tuned from the same base ({results['base']}) on {s['train_subset'] or 50000} "
              f"training images with SGD lr {s['lr']} (constant), seeds {s['seeds']}. One budget unit is "
              f"{s['unit_passes']} forward-backward passes of a batch of {s['batch_size']}; an entry whose step costs P "
-             f"passes trains units·{s['unit_passes']}/P steps. Evaluation on the first {results['n_test']} test "
+             f"passes trains units·{s['unit_passes']}/P steps (each step one batch: steps·{s['batch_size']} images seen). Evaluation on the first {results['n_test']} test "
              f"images: PGD-L2 {s['pgd_steps']} steps of 2.5·eps/{s['pgd_steps']}, {s['pgd_restarts']} restarts "
              f"ascending {' / '.join(s.get('pgd_objectives', ['ce']))} in turn (worst case kept); {aa} at L2 {', '.join(aa_eps)} on "
              f"{'every budget' if s['aa_every_budget'] else 'the final model of each run'}. Accuracies in %, "
              f"mean ± std over seeds; with n = {results['n_test']} one sample is {100 / results['n_test']:.1f} points.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
-        cells = [r["name"], f"{r['budget_units']:g}", f"{r['passes']['mean']:.0f}", f"{r['seconds']['mean']:.0f}",
+        cells = [r["name"], f"{r['budget_units']:g}", f"{r['steps']['mean']:.0f}", f"{r['passes']['mean']:.0f}",
+                 f"{r['seconds']['mean']:.0f}",
                  str(r["seeds"]), fmt(r["clean"])] + [fmt(r["pgd"].get(e)) for e in pgd_eps] + \
                 [fmt(r["autoattack"].get(e)) for e in aa_eps] + ["FAILED: " + "; ".join(r["failed"]) if r["failed"] else "ok"]
         lines.append("| " + " | ".join(cells) + " |")
