@@ -125,6 +125,7 @@ def sanity_checks(norm: str, epsilons, accs, fgsm_accs, large_eps_acc, n: int) -
 
 
 GAP_LIMIT = 0.03  # PGD minus AutoAttack accuracy above which PGD alone is not trusted
+GAP_CHECK = f"PGD within {100 * GAP_LIMIT:.0f} points of AutoAttack"   # the name gap_check's result carries
 
 
 def gap_check(pgd: dict, autoattack: dict, n: int) -> dict:
@@ -132,7 +133,7 @@ def gap_check(pgd: dict, autoattack: dict, n: int) -> dict:
     accuracies multiples of 1/n, hence the half-sample slack). A larger gap means PGD misses what
     AutoAttack finds, so PGD's accuracies at radii without AutoAttack overstate robustness."""
     stronger = [e for e in autoattack if e in pgd and pgd[e] - autoattack[e] > GAP_LIMIT + 0.5 / n]
-    check = {"name": f"PGD within {100 * GAP_LIMIT:.0f} points of AutoAttack", "passed": not stronger,
+    check = {"name": GAP_CHECK, "passed": not stronger,
              "detail": "ok" if not stronger else f"PGD overstates robustness at eps {', '.join(map(str, stronger))}"}
     if stronger:
         log.warning("sanity check failed: %s (%s)", check["name"], check["detail"])

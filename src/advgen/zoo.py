@@ -97,11 +97,12 @@ def _with_gap_check(evaluation: dict) -> list[dict]:
     """The evaluation's sanity checks with the PGD - AutoAttack gap rule (evaluate.gap_check) among
     them: evaluations written before full_evaluation ran it get it computed from their accuracies, so a
     card never shows only passed checks where PGD overstates robustness."""
-    from .evaluate import gap_check
-    acc = lambda key: {e: r["accuracy"] for e, r in evaluation[key].items()}  # noqa: E731
-    gap = gap_check(acc("pgd_l2"), acc("autoattack_l2"), evaluation["n"])
+    from .evaluate import GAP_CHECK, gap_check
     checks = list(evaluation["checks"])
-    return checks if any(c["name"] == gap["name"] for c in checks) else checks + [gap]
+    if any(c["name"] == GAP_CHECK for c in checks):
+        return checks
+    acc = lambda key: {e: r["accuracy"] for e, r in evaluation[key].items()}  # noqa: E731
+    return checks + [gap_check(acc("pgd_l2"), acc("autoattack_l2"), evaluation["n"])]
 
 
 def add(run_dir: Path, name: str, evaluation: dict, *, command: str | None = None, machine: str,
@@ -158,9 +159,11 @@ def table(all_cards: list[dict], folder: Path | None = None) -> str:
     widths = [max(len(r[i]) for r in rows + [heads]) for i in range(len(heads))]
     line = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
     ns = sorted({str(c.get("eval", {}).get("n", "?")) for c in all_cards})
-    failed = [f"{c['name']}: check failed: {k['name']} ({k['detail']})"
-              for c in all_cards for k in c.get("eval", {}).get("checks", []) if not k.get("passed", True)]
+    from .evaluate import GAP_CHECK
+    failed = [(c["name"], k) for c in all_cards for k in c.get("eval", {}).get("checks", []) if not k.get("passed", True)]
     return "\n".join([line(heads), "-" * len(line(heads))] + [line(r) for r in rows] +
                       [f"accuracy % [95% Wilson interval] on the first {'/'.join(ns)} test images; worst = "
-                       "robust only if PGD and AutoAttack both fail; load one as zoo:NAME"] + failed +
-                     (["where PGD overstates robustness, quote the AutoAttack or worst-case column"] if failed else []))
+                       "robust only if PGD and AutoAttack both fail; load one as zoo:NAME"] +
+                     [f"{name}: check failed: {k['name']} ({k['detail']})" for name, k in failed] +
+                     (["where PGD overstates robustness, quote the AutoAttack or worst-case column"]
+                      if any(k["name"] == GAP_CHECK for _, k in failed) else []))
