@@ -9,7 +9,8 @@
 #   OMP_NUM_THREADS=1 nohup bash experiments/campaign.sh /work/shared/data runs/campaign > campaign.log 2>&1 &
 #
 # Stages run cheapest first, so a lost machine costs at most the stage in progress; nfgsm, the peer
-# the research comparison added (issue: fast-AT state of the art), comes last.
+# the research comparison added (issue: fast-AT state of the art), and gen_sdi, its best generator
+# variant so far, come last.
 set -euo pipefail
 DATA=${1:?usage: campaign.sh DATA_DIR OUT_DIR [STAGE...]}
 OUT=${2:?usage: campaign.sh DATA_DIR OUT_DIR [STAGE...]}
@@ -34,6 +35,8 @@ run() {
     gen_gradient)  stage gen_gradient --method generator --gen-preset gradient --gen-bound 0.5 "${FT[@]}" --lr 0.01 ;;
     pgd10)         stage pgd10 --method minmax "${L2[@]}" --attack-steps 10 --attack-step-size 0.125 "${FT[@]}" --lr 0.01 ;;
     nfgsm)         stage nfgsm --method nfgsm "${L2[@]}" "${FT[@]}" --lr 0.01 ;;
+    gen_sdi)       stage gen_sdi --method generator --gen-preset gradient --gen-bound 0.5 --gen-step-after true \
+                     "${FT[@]}" --lr 0.01 ;;
     minmax_paper)  stage minmax_paper --method minmax --attack-norm l2 --attack-eps 0.05 --attack-steps 40 \
                      --attack-step-size 0.005 "${FT[@]}" --lr 0.005 ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
@@ -41,6 +44,6 @@ run() {
 }
 
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(base gen_paper fgsm_rs gen_gradient pgd10 minmax_paper nfgsm)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(base gen_paper fgsm_rs gen_gradient pgd10 minmax_paper nfgsm gen_sdi)
 for s in "${STAGES[@]}"; do run "$s"; done
 echo "== $(date -Is) campaign done"

@@ -30,6 +30,7 @@ STAGES = {
     "gen_gradient": "advgen's generator variant (--gen-preset gradient), L2 bound 0.5",
     "pgd10": "min-max PGD-10, L2 eps 0.5",
     "nfgsm": "N-FGSM (de Jorge et al. 2022), L2 eps 0.5, noise 2 eps",
+    "gen_sdi": "gradient generators + a gradient step from their output (FGSM-SDI style), L2 bound 0.5",
 }
 EVAL_FILE = "eval-full.json"
 PAPER_RATIO = 551 / 105   # the paper's Table 1: min-max 551 s, generator 105 s per epoch
