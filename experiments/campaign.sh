@@ -19,6 +19,7 @@ ADVGEN=${ADVGEN:-advgen}
 COMMON=(--data-dir "$DATA" --device cpu --checkpoint-every 50)
 FT=(--init "$OUT/base" --epochs 8)
 L2=(--attack-norm l2 --attack-eps 0.5)
+GEN_GRAD=(--method generator --gen-preset gradient --gen-bound 0.5)   # advgen's gradient generators at L2 0.5
 
 stage() {  # stage NAME ARGS...: train into OUT/NAME, resuming whatever is there
   local name=$1; shift
@@ -32,11 +33,10 @@ run() {
     base)          stage base --method standard --model resnet20 --epochs 40 --lr 0.1 --weight-decay 5e-4 ;;
     gen_paper)     stage gen_paper --method generator --gen-preset paper "${FT[@]}" --lr 0.005 ;;
     fgsm_rs)       stage fgsm_rs --method fgsm "${L2[@]}" "${FT[@]}" --lr 0.01 ;;
-    gen_gradient)  stage gen_gradient --method generator --gen-preset gradient --gen-bound 0.5 "${FT[@]}" --lr 0.01 ;;
+    gen_gradient)  stage gen_gradient "${GEN_GRAD[@]}" "${FT[@]}" --lr 0.01 ;;
     pgd10)         stage pgd10 --method minmax "${L2[@]}" --attack-steps 10 --attack-step-size 0.125 "${FT[@]}" --lr 0.01 ;;
     nfgsm)         stage nfgsm --method nfgsm "${L2[@]}" "${FT[@]}" --lr 0.01 ;;
-    gen_sdi)       stage gen_sdi --method generator --gen-preset gradient --gen-bound 0.5 --gen-step-after true \
-                     "${FT[@]}" --lr 0.01 ;;
+    gen_sdi)       stage gen_sdi "${GEN_GRAD[@]}" --gen-step-after true "${FT[@]}" --lr 0.01 ;;
     minmax_paper)  stage minmax_paper --method minmax --attack-norm l2 --attack-eps 0.05 --attack-steps 40 \
                      --attack-step-size 0.005 "${FT[@]}" --lr 0.005 ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
