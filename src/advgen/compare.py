@@ -169,17 +169,19 @@ def evaluate_model(model, x, y, p: ComparePreset, autoattack: bool, seed: int = 
     out["checks"] = sanity_checks("l2", [0.0] + p.pgd_eps, [out["clean"]] + pgd, [out["clean"]] + fgsm, large,
                                   x.shape[0])
     if autoattack:
-        out["autoattack"] = dict(aa_done or _autoattack(model, x, y, p, seed, aa_progress))
+        out["autoattack"] = dict(aa_done or _autoattack(model, x, y, p, seed, aa_progress, fmt))
         out["checks"].append(gap_check(out["pgd"], out["autoattack"], x.shape[0]))
     return out
 
 
-def _autoattack(model, x, y, p: ComparePreset, seed: int, progress_file: Path | None) -> dict:
+def _autoattack(model, x, y, p: ComparePreset, seed: int, progress_file: Path | None,
+                memory_format: torch.memory_format = torch.contiguous_format) -> dict:
     """{eps: accuracy} under AutoAttack at every p.aa_eps, p.aa_chunk images at a time, the chunk that
     starts at image a seeded seed + a (the same as one robust_flags call in batches of p.aa_chunk).
     progress_file: where the per-sample results are saved after every chunk (FullEvalProgress) and
     resumed from; one written for another model, other images or other settings is stale (the run was
-    trained again), so it is started over, with a warning."""
+    trained again), so it is started over, with a warning. memory_format: the batches' layout (the
+    model's: channels_last for a speed.inference_copy)."""
     from .errors import UserError
     from .evaluate import FullEvalProgress, fingerprint, robust_flags
     settings = {**_aa_settings(p), "seed": seed, "model_sha256": fingerprint(model),
@@ -195,7 +197,7 @@ def _autoattack(model, x, y, p: ComparePreset, seed: int, progress_file: Path | 
     def chunk(eps: float, a: int, b: int) -> torch.Tensor:
         return robust_flags(model, x[a:b], y[a:b], lambda e: AutoAttack(
             model, norm="l2", eps=e, attacks=p.aa_attacks, targets=p.aa_targets, seed=seed + a), [eps], c,
-            torch.channels_last)[0]
+            memory_format)[0]
 
     return {str(e): int(progress.flags(f"aa:{e}", len(y), c, lambda a, b, e=e: chunk(e, a, b)).sum()) / len(y)
             for e in p.aa_eps}
