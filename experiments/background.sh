@@ -19,8 +19,8 @@ MAIN=$PWD
 ROOT=$(dirname "$MAIN")
 DATA=${DATA:-$ROOT/shared/data}
 CAMPAIGN=$ROOT/campaign CAMPAIGN_COMMIT=dcd5982
-RESEARCH=$ROOT/research RESEARCH_COMMIT=2d14d2e
-TRAIN_LEFT="minmax_paper nfgsm gen_sdi"   # campaign stages still to train, in order
+RESEARCH=$ROOT/research RESEARCH_COMMIT=0ee6e99
+TRAIN_LEFT="nfgsm gen_sdi"   # campaign stages still to train, in order
 EVAL_LEFT="pgd10"                  # campaign evaluations still to finish, in order, of trained stages
 EVAL_AFTER_TRAIN="minmax_paper nfgsm gen_sdi"  # a second queue: these wait for their training to finish, then take
                                    # the core it frees, beside the first queue

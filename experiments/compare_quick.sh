@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The research comparison (issue: fast-AT state of the art): `advgen compare --preset quick`, entry by
 # entry, the most informative first, so that a stopped session leaves whole entries behind. Each call
-# resumes what OUT holds. Run from a worktree pinned to one commit (2d14d2e since 2026-12-01 22:55; f520c91 before):
+# resumes what OUT holds. Run from a worktree pinned to one commit (0ee6e99 since 2026-12-02 21:14, the same training code
+# with PGD-10 to 16 units; 2d14d2e from 2026-12-01 22:55; f520c91 before):
 #
 #   git worktree add ../research 2d14d2e && cd ../research
 #   python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install '.[autoattack]'
