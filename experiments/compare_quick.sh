@@ -4,7 +4,7 @@
 # resumes what OUT holds. Run from a worktree pinned to one commit (0ee6e99 since 2026-12-02 21:14, the same training code
 # with PGD-10 to 16 units; 2d14d2e from 2026-12-01 22:55; f520c91 before):
 #
-#   git worktree add ../research 2d14d2e && cd ../research
+#   git worktree add ../research 0ee6e99 && cd ../research
 #   python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install '.[autoattack]'
 #   python3 ../main/experiments/carry.py restore ../main/experiments/compare-quick runs/compare-quick
 #   OMP_NUM_THREADS=1 ADVGEN=$PWD/.venv/bin/advgen nohup bash ../main/experiments/compare_quick.sh \
