@@ -8,8 +8,10 @@
 #                                          # restored from the state committed in experiments/), then
 #                                          # start the three jobs; refused while they run
 #   bash experiments/background.sh status  # which jobs run, the last line of each log
-#   bash experiments/background.sh stop    # stop them (training saves its state on SIGTERM), save their
-#                                          # state into experiments/ with carry.py; then commit it
+#   bash experiments/background.sh save    # save their state into experiments/ with carry.py while they
+#                                          # run (a session can end without warning: save and commit often)
+#   bash experiments/background.sh stop    # stop them (training saves its state on SIGTERM), then save;
+#                                          # then commit it
 #
 # What is left to run is named below; edit it as stages finish. A stop loses at most the work since
 # each job's last save: 50 training steps, an AutoAttack chunk of 100 images, a comparison's AutoAttack.
@@ -95,6 +97,10 @@ stop() {
   if pgrep -f "($CAMPAIGN|$RESEARCH)/\.venv/bin/advgen" > /dev/null; then
     echo "advgen processes still running after SIGTERM; state not saved" >&2; exit 1
   fi
+  save
+}
+
+save() {  # also while the jobs run: each file is written atomically, so this takes what each job saved last
   python3 experiments/carry.py save "$CAMPAIGN/runs/campaign" experiments/campaign
   python3 experiments/carry.py save "$CAMPAIGN/runs/evals" experiments/campaign/evals
   python3 experiments/carry.py save "$RESEARCH/runs/compare-quick" experiments/compare-quick --light --max-mb 20
@@ -102,6 +108,6 @@ stop() {
 }
 
 case ${1:-} in
-  start|status|stop) "$1" ;;
-  *) echo "usage: background.sh start|status|stop" >&2; exit 2 ;;
+  start|status|save|stop) "$1" ;;
+  *) echo "usage: background.sh start|status|save|stop" >&2; exit 2 ;;
 esac

@@ -8,7 +8,9 @@ which then resumes where it stopped.
     python experiments/carry.py save RUNS KEEP [--light] [--keep-weights base] [--max-mb 20]
     python experiments/carry.py restore KEEP RUNS
 
-save: every file directly in RUNS, and every run folder below it without its lock. A finished run
+save: every file directly in RUNS, and every run folder below it without its lock and the temp files of
+writes in progress (advgen writes every file atomically, so a save of running jobs is consistent file by
+file, and a resumed run drops the metrics rows its state does not hold). A finished run
 (run.json says "finished") leaves out its training state (state.safetensors: only needed to resume);
 an unfinished one keeps it and its snapshots, so it resumes exactly. --light: a finished run keeps
 only its records (*.json, *.csv, *.txt, *.log) and the weights not evaluated yet (a snapshot without
@@ -38,18 +40,18 @@ def finished(run: Path) -> bool:
 
 def evaluated(path: Path, run: Path) -> bool:
     """Whether the weights file `path` of a finished comparison run has its evaluation in `run`: a
-    snapshot snapshots/step-N.safetensors its eval-step-N.json; the final model.safetensors one more
-    eval-step file than there are snapshots (every budget's)."""
-    evals = list(run.glob("eval-step-*.json"))
+    snapshot snapshots/step-N.safetensors its eval-step-N.json, the final model.safetensors the
+    eval-step file of the run's last step (the sum of its epochs' steps in run.json)."""
     if path.parent.name == "snapshots":
         return (run / f"eval-{path.stem}.json").exists()
-    return len(evals) > len(list((run / "snapshots").glob("step-*.safetensors")))
+    last = sum(e["steps"] for e in json.loads((run / "run.json").read_text()).get("epochs", []))
+    return (run / f"eval-step-{last}.json").exists()
 
 
 def wanted(path: Path, run: Path, light: bool) -> bool:
     """Whether save copies `path`, a file of the run folder `run`."""
-    if path.name == ".lock":
-        return False
+    if path.name == ".lock" or (path.name.startswith(".") and path.suffix == ".tmp"):
+        return False   # a lock, or a file being written (atomic_write's temp): a save of running jobs meets them
     if not finished(run):
         return True
     if path.name == "state.safetensors":
@@ -71,7 +73,7 @@ def copy_tree(src: Path, dst: Path, keep=lambda p: True) -> int:
 def save(runs: Path, keep: Path, light: bool, keep_weights: set[str], max_mb: float | None = None) -> None:
     keep.mkdir(parents=True, exist_ok=True)
     for f in sorted(runs.iterdir()):
-        if f.is_file() and f.name != ".lock":
+        if f.is_file() and f.name != ".lock" and not (f.name.startswith(".") and f.suffix == ".tmp"):
             shutil.copy2(f, keep / f.name)
         elif f.is_dir():
             lite = light and f.name not in keep_weights

@@ -12,9 +12,9 @@ SPEC.loader.exec_module(carry)
 
 def _run(folder: Path, finished: bool) -> None:
     (folder / "snapshots").mkdir(parents=True)
-    (folder / "run.json").write_text(json.dumps({"finished": finished}))
+    (folder / "run.json").write_text(json.dumps({"finished": finished, "epochs": [{"steps": 3}, {"steps": 1}]}))
     for name in ("model.safetensors", "state.safetensors", "metrics.csv", "eval-step-4.json", ".lock",
-                 "snapshots/step-2.safetensors"):
+                 "snapshots/step-2.safetensors", ".metrics.csv.x1y2.tmp"):
         (folder / name).write_text(name)
 
 
@@ -32,11 +32,11 @@ def test_save_keeps_what_resumes_and_light_keeps_records(tmp_path):
     full = tmp_path / "full"
     assert _files(full / "done") == {"run.json", "model.safetensors", "metrics.csv", "eval-step-4.json",
                                      "snapshots/step-2.safetensors"}          # no state, no lock
-    assert _files(full / "going") == _files(runs / "going") - {".lock"}     # all it needs to resume
+    assert _files(full / "going") == _files(runs / "going") - {".lock", ".metrics.csv.x1y2.tmp"}   # all it needs
     assert (full / "compare.json").exists()
     assert carry.main(["save", str(runs), str(tmp_path / "part"), "--light"]) == 0
-    # done's snapshot (step 2) is not evaluated yet: it and the final model stay, to be evaluated
-    assert _files(tmp_path / "part" / "done") == {"run.json", "metrics.csv", "eval-step-4.json", "model.safetensors",
+    # done's snapshot (step 2) is not evaluated yet: it stays, to be evaluated; the final model (step 4) is
+    assert _files(tmp_path / "part" / "done") == {"run.json", "metrics.csv", "eval-step-4.json",
                                                   "snapshots/step-2.safetensors"}
     (runs / "done" / "eval-step-2.json").write_text("{}")
     assert carry.main(["save", str(runs), str(tmp_path / "part"), "--light"]) == 0   # evaluated since: weights go
@@ -69,3 +69,19 @@ def test_an_unfinished_run_over_max_mb_is_left_out(tmp_path, capsys):
     assert "left out big: in progress, 3 MB to save, over --max-mb 2" in capsys.readouterr().out
     assert carry.main(["save", str(runs), str(tmp_path / "keep"), "--max-mb", "4"]) == 0
     assert (tmp_path / "keep" / "big" / "state.safetensors").stat().st_size == 3 * 2**20
+
+
+def test_a_final_model_is_kept_until_its_own_step_is_evaluated(tmp_path):
+    """A restored run has lost its evaluated snapshots: the final model is judged by the eval file of
+    its last step (4 = the epochs' steps), not by counting snapshots (which once dropped a model whose
+    AutoAttack was still to run)."""
+    runs = tmp_path / "runs"
+    _run(runs / "done", True)
+    (runs / "done" / "snapshots" / "step-2.safetensors").unlink()
+    (runs / "done" / "eval-step-2.json").write_text("{}")
+    (runs / "done" / "eval-step-4.json").unlink()
+    assert carry.main(["save", str(runs), str(tmp_path / "keep"), "--light"]) == 0
+    assert "model.safetensors" in _files(tmp_path / "keep" / "done")
+    (runs / "done" / "eval-step-4.json").write_text("{}")
+    assert carry.main(["save", str(runs), str(tmp_path / "keep"), "--light"]) == 0
+    assert "model.safetensors" not in _files(tmp_path / "keep" / "done")
