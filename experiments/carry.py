@@ -48,10 +48,15 @@ def evaluated(path: Path, run: Path) -> bool:
     return (run / f"eval-step-{last}.json").exists()
 
 
+def transient(path: Path) -> bool:
+    """A run's lock, or the temp file of a write in progress (atomic_write's): a save of running jobs meets them."""
+    return path.name == ".lock" or (path.name.startswith(".") and path.suffix == ".tmp")
+
+
 def wanted(path: Path, run: Path, light: bool) -> bool:
     """Whether save copies `path`, a file of the run folder `run`."""
-    if path.name == ".lock" or (path.name.startswith(".") and path.suffix == ".tmp"):
-        return False   # a lock, or a file being written (atomic_write's temp): a save of running jobs meets them
+    if transient(path):
+        return False
     if not finished(run):
         return True
     if path.name == "state.safetensors":
@@ -73,7 +78,7 @@ def copy_tree(src: Path, dst: Path, keep=lambda p: True) -> int:
 def save(runs: Path, keep: Path, light: bool, keep_weights: set[str], max_mb: float | None = None) -> None:
     keep.mkdir(parents=True, exist_ok=True)
     for f in sorted(runs.iterdir()):
-        if f.is_file() and f.name != ".lock" and not (f.name.startswith(".") and f.suffix == ".tmp"):
+        if f.is_file() and not transient(f):
             shutil.copy2(f, keep / f.name)
         elif f.is_dir():
             lite = light and f.name not in keep_weights

@@ -17,8 +17,7 @@ OUT=${2:?usage: compare_quick.sh DATA_DIR OUT_DIR}
 ADVGEN=${ADVGEN:-advgen}
 # pgd10 last: its budgets went to 16 units on 2026-12-02 (its 8-unit runs of 2d14d2e are kept in
 # experiments/compare-quick-pgd10-8units/ for the record), so it is retrained after the rest; its
-# three seeds train at once (--jobs 3, one thread each) from
-# 2026-12-03, when it was the last entry left
+# three seeds train at once (--jobs 3, one thread each) since 2026-12-03, when it was the last entry left
 for e in nfgsm gen_mem mem_step gen_sdi fgsm_rs free trades gen_grad gen_rec2 pgd10; do
   echo "== $(date -Is) entry $e"
   jobs=1; [ "$e" = pgd10 ] && jobs=3
