@@ -199,6 +199,8 @@ def test_a_budget_in_steps_stops_at_that_step_and_records_passes(tmp_path):
                       budget_steps=4)
     _, rec = train(cfg, *_sets(), out_dir=tmp_path / "r", progress=False)   # 3 steps per epoch
     assert rec["finished"] and [(r["epoch"], r["steps"], r["passes"]) for r in rec["epochs"]] == [(1, 3, 9), (2, 1, 3)]
+    # each epoch names the machine its seconds were measured on (a resumed run may have moved)
+    assert all(r["machine"].endswith("device cpu") and "logical CPUs" in r["machine"] for r in rec["epochs"])
     with pytest.raises(ConfigError, match="budget_steps must be >= 1"):
         TrainConfig(budget_steps=0).validate()
 

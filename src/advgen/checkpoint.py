@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import subprocess
 import tempfile
@@ -123,6 +124,22 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def machine_description(device: torch.device) -> str:
+    """The machine a timing was measured on: CPU model, logical CPUs, torch and its threads, GPU, device."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        desc += f", GPU {torch.cuda.get_device_name(device)}"
+    return f"{desc}, device {device}"
 
 
 def save_tensors(path: Path, module_or_state, metadata: dict | None = None) -> None:

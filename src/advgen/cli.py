@@ -535,7 +535,7 @@ def cmd_zoo(args) -> int:
     from . import zoo
     if args.add:
         from .checkpoint import RUN_FILE, read_json
-        from .report import machine_description
+        from .checkpoint import machine_description
         check(args.name and args.eval, "--add RUN needs --name NAME and --eval EVAL.json (from advgen eval --full)")
         machine = (args.machine or read_json(Path(args.add) / RUN_FILE).get("machine")
                    or f"{machine_description(torch.device('cpu'))} (the machine advgen zoo --add ran on)")

@@ -31,10 +31,11 @@ import torch
 
 from . import __version__
 from .attacks import FGSM, PGD, AutoAttack
-from .checkpoint import MODEL_FILE, RUN_FILE, atomic_write, git_commit, load_model, read_json, read_tensors, write_json
+from .checkpoint import (MODEL_FILE, RUN_FILE, atomic_write, git_commit, load_model, machine_description, read_json,
+                         read_tensors, write_json)
 from .config import TrainConfig, from_dict
 from .evaluate import LARGE_EPS, accuracy, gap_check, robust_accuracy, sanity_checks
-from .report import DATA_CAVEAT, machine_description, mean_std, run_complete
+from .report import DATA_CAVEAT, mean_std, run_complete
 from .speed import inference_copy
 from .training.method import METHODS, MethodSpec, Setup
 

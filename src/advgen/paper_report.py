@@ -17,9 +17,9 @@ import torch
 
 from . import __version__
 from .checkpoint import GENERATORS_FILE, METRICS_FILE, MODEL_FILE, RUN_FILE, STATE_FILE, atomic_write, git_commit, \
-    read_json, read_tensors, write_json
+    machine_description, read_json, read_tensors, write_json
 from .errors import UserError
-from .report import DATA_CAVEAT, figure2, figure3, machine_description
+from .report import DATA_CAVEAT, figure2, figure3
 
 # the campaign's stages (docs/campaign.md), in the order the report shows them
 STAGES = {

@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
-import platform
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import GENERATORS_FILE, RUN_FILE, atomic_write, git_commit, read_json, read_tensors, write_json
+from .checkpoint import (GENERATORS_FILE, RUN_FILE, atomic_write, git_commit, machine_description, read_json,
+                         read_tensors, write_json)
 from .config import AttackConfig, TrainConfig, with_defaults
 from .training.generator import GeneratorOptions, generator_preset
 
@@ -82,21 +81,6 @@ def run_complete(run_dir: Path, cfg: TrainConfig) -> bool:
     rec = read_json(path)
     saved = with_defaults(rec.get("config") or {}, TrainConfig(method=cfg.method).to_dict())
     return saved == cfg.to_dict() and rec.get("finished", False)
-
-
-def machine_description(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
-    if device.type == "cuda":
-        desc += f", GPU {torch.cuda.get_device_name(device)}"
-    return f"{desc}, device {device}"
 
 
 def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, device="cpu",

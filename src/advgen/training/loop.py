@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint import METRICS_FILE, STATE_FILE, git_commit, load_model, save_model
+from ..checkpoint import METRICS_FILE, STATE_FILE, git_commit, load_model, machine_description, save_model
 from ..config import TrainConfig, with_defaults
 from ..data import Batches, Dataset, data_placement, normalization_for
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
@@ -426,8 +426,9 @@ def end_epoch(run: Run, saver: Saver) -> None:
     run.dist.broadcast_module(run.model, buffers_only=True)  # every rank evaluates (and saves) rank 0's model
     if saver.saved_at != (run.epoch, run.step):
         saver.save_state()  # the epoch's steps survive a kill during the evaluation
+    # the machine per epoch: a resumed run may have moved, and its seconds are only read beside it
     row = {"epoch": run.epoch, "steps": run.step, "passes": run.step * run.method.passes,
-           **run.meter.summary(run.dist),
+           **run.meter.summary(run.dist), "machine": machine_description(run.device),
            **evaluate_epoch(run.model, run.test_set.images, run.test_set.labels, watch=cfg.watch_subset,
                             watch_norm=cfg.watch_norm, watch_eps=cfg.watch_eps, watch_steps=cfg.watch_steps)}
     warn_on_overfitting(run.record["epochs"], row)
@@ -466,7 +467,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     model: the classifier to train, any nn.Module mapping (B, C, H, W) pixels in [0, 1] to logits; None
     builds cfg.model (with the weights of cfg.init). On resume its weights come from the saved state.
     The record is {"config", "epochs": [{"epoch", "seconds", "steps", "train_loss", "train_acc", "test_acc",
-    ["watch_acc"]}], "version", "git_commit", "world_size", "finished"}; with out_dir it is written to
+    ["watch_acc"], "machine"}], "version", "git_commit", "world_size", "finished"}; with out_dir it is written to
     out_dir/run.json and the weights to out_dir/model.safetensors after every epoch, and the training state
     to out_dir/state.safetensors (see the module docstring). Seeds must be set by the caller (once; under
     torchrun distributed.rank_seed(seed, rank) on each rank).
