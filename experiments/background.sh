@@ -23,7 +23,7 @@ DATA=${DATA:-$ROOT/shared/data}
 CAMPAIGN=$ROOT/campaign CAMPAIGN_COMMIT=dcd5982
 RESEARCH=$ROOT/research RESEARCH_COMMIT=0ee6e99
 TRAIN_LEFT="gen_sdi"   # campaign stages still to train, in order
-EVAL_LEFT="pgd10 nfgsm"                 # campaign evaluations still to finish, in order, of trained stages
+EVAL_LEFT="nfgsm"                 # campaign evaluations still to finish, in order, of trained stages
 EVAL_AFTER_TRAIN="minmax_paper gen_sdi"  # a second queue: these wait for their training to finish, then take
                                    # the core it frees, beside the first queue
 
