@@ -534,8 +534,7 @@ def cmd_zoo(args) -> int:
     import json
     from . import zoo
     if args.add:
-        from .checkpoint import RUN_FILE, read_json
-        from .checkpoint import machine_description
+        from .checkpoint import RUN_FILE, machine_description, read_json
         check(args.name and args.eval, "--add RUN needs --name NAME and --eval EVAL.json (from advgen eval --full)")
         machine = (args.machine or read_json(Path(args.add) / RUN_FILE).get("machine")
                    or f"{machine_description(torch.device('cpu'))} (the machine advgen zoo --add ran on)")

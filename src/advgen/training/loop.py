@@ -183,6 +183,7 @@ class Run:
         self.record = {"config": cfg.to_dict(), "epochs": [], "version": __version__, "git_commit": git_commit(),
                        "device": str(device), "world_size": dist.world, "train_images": len(train_set),
                        "test_images": len(test_set)}
+        self.machine = machine_description(device)   # each epoch's row names it: a resumed run may have moved
         self.epoch, self.step = 1, 0   # the next step to run: batch `step` of epoch `epoch`
         self.finished = False          # every epoch done (or the time budget spent), evaluated, saved
         self.out_of_time = False       # the time budget ended the steps of the current epoch
@@ -426,9 +427,8 @@ def end_epoch(run: Run, saver: Saver) -> None:
     run.dist.broadcast_module(run.model, buffers_only=True)  # every rank evaluates (and saves) rank 0's model
     if saver.saved_at != (run.epoch, run.step):
         saver.save_state()  # the epoch's steps survive a kill during the evaluation
-    # the machine per epoch: a resumed run may have moved, and its seconds are only read beside it
     row = {"epoch": run.epoch, "steps": run.step, "passes": run.step * run.method.passes,
-           **run.meter.summary(run.dist), "machine": machine_description(run.device),
+           **run.meter.summary(run.dist), "machine": run.machine,
            **evaluate_epoch(run.model, run.test_set.images, run.test_set.labels, watch=cfg.watch_subset,
                             watch_norm=cfg.watch_norm, watch_eps=cfg.watch_eps, watch_steps=cfg.watch_steps)}
     warn_on_overfitting(run.record["epochs"], row)
