@@ -130,11 +130,14 @@ def test_the_robustness_claim_once_both_paper_models_are_evaluated(campaign, tmp
     (both / "minmax_paper.json").write_text(json.dumps(mm))
     md = paper_report.build(runs, tmp_path / "docs", evals_dir=both).read_text()
 
-    def worst(ev):
-        return [a == "1" and p == "1" for a, p in zip(ev["samples"]["aa:0.5"], ev["samples"]["pgd:0.5"])]
-    g, m = worst(evs["gen_paper"]), worst(mm)
-    only_g, only_m = sum(a and not b for a, b in zip(g, m)), sum(b and not a for a, b in zip(g, m))
-    assert f"{only_g} are robust only for gen_paper and {only_m} only for minmax_paper" in md
+    def worst(ev, eps):
+        return [a == "1" and p == "1" for a, p in zip(ev["samples"][f"aa:{eps}"], ev["samples"][f"pgd:{eps}"])]
+    claim = md.split("- **Robustness**")[1].split("\n")[0]
+    for eps in ("0.25", "0.5"):     # the claim is stated at every radius both models were attacked at
+        g, m = worst(evs["gen_paper"], eps), worst(mm, eps)
+        only_g, only_m = sum(a and not b for a, b in zip(g, m)), sum(b and not a for a, b in zip(g, m))
+        at = claim.split(f"at L2 {eps}, ")[1].split(";")[1]
+        assert f"{only_g} are robust only for gen_paper and {only_m} only for minmax_paper" in at
     assert "Figure 2: generator samples (gen_paper)\n\npending" in md        # no --data-dir: no Figure 2
 
 

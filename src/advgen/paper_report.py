@@ -219,25 +219,30 @@ def tradeoff_lines(stages: dict, t: dict, eps: str = "0.5") -> list[str]:
 def claims(stages: dict, t: dict) -> list[str]:
     """What the paper's two claims become, computed from the finished stages (pending otherwise):
     speed (min-max / generator time per epoch) and robustness (the paper's generator model against its
-    min-max model, worst case over PGD and AutoAttack at L2 0.5, paired McNemar test on the same images)."""
+    min-max model, worst case over PGD and AutoAttack at each L2 radius both ran, paired McNemar test on the
+    same images)."""
     ratio = t["ratios"]["minmax/generator"]
     out = ["- **Speed** (the generator method trains faster than min-max): " +
            ("pending (gen_paper and minmax_paper must both finish)." if ratio is None else
             f"an epoch of the paper's min-max takes {ratio:.2f}× one of the paper's generator method here "
             f"(paper: {PAPER_RATIO:.1f}×).")]
     g, m = stages["gen_paper"], stages["minmax_paper"]
-    if g["eval"] is None or m["eval"] is None or "0.5" not in g["eval"]["worst_case_l2"] \
-            or "0.5" not in m["eval"]["worst_case_l2"]:
+    radii = [] if g["eval"] is None or m["eval"] is None else \
+        [e for e in g["eval"]["worst_case_l2"] if e in m["eval"]["worst_case_l2"]]
+    if not radii:
         out.append("- **Robustness** (the generator model is as robust as the min-max model): pending (both "
-                   "models need their full evaluation at L2 0.5).")
+                   "models need their full evaluation).")
         return out
-    gw, mw = g["eval"]["worst_case_l2"]["0.5"], m["eval"]["worst_case_l2"]["0.5"]
-    test = mcnemar(_and(g["samples"], "0.5"), _and(m["samples"], "0.5"))
-    out.append(f"- **Robustness** (the generator model is as robust as the min-max model): worst case over PGD and "
-               f"AutoAttack at L2 0.5, gen_paper {_pct(gw)} % against minmax_paper {_pct(mw)} %, a difference of "
-               f"{100 * (gw['accuracy'] - mw['accuracy']):+.1f} points; on the same {gw['n']} images "
-               f"{test['only_a']} are robust only for gen_paper and {test['only_b']} only for minmax_paper "
-               f"(exact McNemar p = {test['p']:.3g}).")
+    parts = []
+    for eps in radii:
+        gw, mw = g["eval"]["worst_case_l2"][eps], m["eval"]["worst_case_l2"][eps]
+        test = mcnemar(_and(g["samples"], eps), _and(m["samples"], eps))
+        parts.append(f"at L2 {eps}, gen_paper {_pct(gw)} % against minmax_paper {_pct(mw)} %, a difference of "
+                     f"{100 * (gw['accuracy'] - mw['accuracy']):+.1f} points; on the same {gw['n']} images "
+                     f"{test['only_a']} are robust only for gen_paper and {test['only_b']} only for minmax_paper "
+                     f"(exact McNemar p = {test['p']:.3g})")
+    out.append("- **Robustness** (the generator model is as robust as the min-max model): worst case over PGD and "
+               "AutoAttack " + "; ".join(parts) + ".")
     return out
 
 
