@@ -24,7 +24,7 @@ CAMPAIGN=$ROOT/campaign CAMPAIGN_COMMIT=dcd5982
 RESEARCH=$ROOT/research RESEARCH_COMMIT=0ee6e99
 TRAIN_LEFT="gen_sdi"   # campaign stages still to train, in order
 EVAL_LEFT="nfgsm"                 # campaign evaluations still to finish, in order, of trained stages
-EVAL_AFTER_TRAIN="minmax_paper gen_sdi"  # a second queue: these wait for their training to finish, then take
+EVAL_AFTER_TRAIN="gen_sdi"  # a second queue: these wait for their training to finish, then take
                                    # the core it frees, beside the first queue
 
 worktree() {  # worktree DIR COMMIT: the pinned worktree with its venv, made if missing
