@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The long background runs of this round, on one machine: the full-data campaign's training and its
-# evaluation queue (issue: full scale) and the research comparison (issue: fast-AT state of the art),
-# one thread each, each from its own git worktree pinned to the commit it started at, beside this
-# checkout. Run from the main checkout:
+# evaluation queues (issue: full scale), one thread each, from a git worktree pinned to the commit the
+# campaign started at, beside this checkout. (The research comparison, experiments/compare_quick.sh, ran
+# here too until it finished; its records are in experiments/compare-quick.) Run from the main checkout:
 #
 #   bash experiments/background.sh start   # make what is missing (worktrees, their venvs, their runs
 #                                          # restored from the state committed in experiments/), then
-#                                          # start the three jobs; refused while they run
+#                                          # start the jobs; refused while they run
 #   bash experiments/background.sh status  # which jobs run, the last line of each log
 #   bash experiments/background.sh save    # save their state into experiments/ with carry.py while they
 #                                          # run (a session can end without warning: save and commit often)
@@ -14,18 +14,17 @@
 #                                          # then commit it
 #
 # What is left to run is named below; edit it as stages finish. A stop loses at most the work since
-# each job's last save: 50 training steps, an AutoAttack chunk of 100 images, a comparison's AutoAttack.
+# each job's last save: 50 training steps or an AutoAttack chunk of 100 images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAIN=$PWD
 ROOT=$(dirname "$MAIN")
 DATA=${DATA:-$ROOT/shared/data}
 CAMPAIGN=$ROOT/campaign CAMPAIGN_COMMIT=dcd5982
-RESEARCH=$ROOT/research RESEARCH_COMMIT=0ee6e99
-TRAIN_LEFT="gen_sdi"   # campaign stages still to train, in order
-EVAL_LEFT="nfgsm"                 # campaign evaluations still to finish, in order, of trained stages
-EVAL_AFTER_TRAIN="gen_sdi"  # a second queue: these wait for their training to finish, then take
-                                   # the core it frees, beside the first queue
+TRAIN_LEFT=""   # campaign stages still to train, in order
+EVAL_LEFT="nfgsm"   # campaign evaluations still to finish, in order, of trained stages
+EVAL_AFTER_TRAIN="gen_sdi"   # a second queue: these wait for their training to finish, then take
+                             # the core it frees, beside the first queue
 
 worktree() {  # worktree DIR COMMIT: the pinned worktree with its venv, made if missing
   local dir=$1 commit=$2
@@ -46,25 +45,24 @@ restore() {  # restore SAVED RUNS: the committed state into a worktree's runs, u
 }
 
 jobs_running() {
-  pgrep -f "$CAMPAIGN/runs/(campaign|eval_queue)\.sh|$RESEARCH/runs/compare\.sh" > /dev/null
+  pgrep -f "$CAMPAIGN/runs/(campaign|eval_queue)\.sh" > /dev/null
 }
 
 start() {  # each job runs a copy of its script in runs/: bash reads a script as it goes, so an edit here
            # must not reach a running one
   ! jobs_running || { echo "the background jobs are running already (background.sh status)" >&2; exit 2; }
   worktree "$CAMPAIGN" "$CAMPAIGN_COMMIT"
-  worktree "$RESEARCH" "$RESEARCH_COMMIT"
   restore "$MAIN/experiments/campaign" "$CAMPAIGN/runs/campaign"
   restore "$MAIN/experiments/campaign/evals" "$CAMPAIGN/runs/evals"
-  restore "$MAIN/experiments/compare-quick" "$RESEARCH/runs/compare-quick"
   cp "$MAIN/experiments/campaign.sh" "$CAMPAIGN/runs/campaign.sh"   # the stage list; advgen stays pinned
   cp "$MAIN/experiments/eval_queue.sh" "$CAMPAIGN/runs/eval_queue.sh"
-  cp "$MAIN/experiments/compare_quick.sh" "$RESEARCH/runs/compare.sh"
   export OMP_NUM_THREADS=1
-  # training at normal priority (the longest chain); the evaluations and the comparison share the rest.
+  # training at normal priority (the longest chain); the evaluations share the rest.
   # `(cd D; job &)`: only the job goes to the background, so nothing waits on it holding this output
-  (cd "$CAMPAIGN"; ADVGEN=$CAMPAIGN/.venv/bin/advgen setsid nohup bash "$CAMPAIGN/runs/campaign.sh" "$DATA" \
-     runs/campaign $TRAIN_LEFT >> runs/campaign.log 2>&1 < /dev/null &)
+  if [ -n "$TRAIN_LEFT" ]; then
+    (cd "$CAMPAIGN"; ADVGEN=$CAMPAIGN/.venv/bin/advgen setsid nohup bash "$CAMPAIGN/runs/campaign.sh" "$DATA" \
+       runs/campaign $TRAIN_LEFT >> runs/campaign.log 2>&1 < /dev/null &)
+  fi
   queue() {  # queue LOG STAGE...: an evaluation queue, if it has stages
     [ $# -gt 1 ] || return 0
     local log=$1; shift
@@ -73,28 +71,26 @@ start() {  # each job runs a copy of its script in runs/: bash reads a script as
   }
   queue runs/evals.log $EVAL_LEFT
   queue runs/evals-after-train.log $EVAL_AFTER_TRAIN
-  (cd "$RESEARCH"; ADVGEN=$RESEARCH/.venv/bin/advgen setsid nohup nice -n 5 bash "$RESEARCH/runs/compare.sh" \
-     "$DATA" runs/compare-quick >> runs/compare.log 2>&1 < /dev/null &)
   sleep 2
   status
 }
 
 status() {
-  pgrep -af "$CAMPAIGN/runs/(campaign|eval_queue)\.sh|$RESEARCH/runs/compare\.sh" || echo "no background job runs"
-  for log in "$CAMPAIGN/runs/campaign.log" "$CAMPAIGN"/runs/evals*.log "$RESEARCH/runs/compare.log"; do
+  pgrep -af "$CAMPAIGN/runs/(campaign|eval_queue)\.sh" || echo "no background job runs"
+  for log in "$CAMPAIGN/runs/campaign.log" "$CAMPAIGN"/runs/evals*.log; do
     [ -f "$log" ] && echo "$log: $(tail -n 1 "$log" | cut -c1-160)"
   done
   return 0
 }
 
 stop() {
-  pkill -f "$CAMPAIGN/runs/(campaign|eval_queue)\.sh|$RESEARCH/runs/compare\.sh" || true
-  pkill -TERM -f "($CAMPAIGN|$RESEARCH)/\.venv/bin/advgen" || true
+  pkill -f "$CAMPAIGN/runs/(campaign|eval_queue)\.sh" || true
+  pkill -TERM -f "$CAMPAIGN/\.venv/bin/advgen" || true
   for _ in $(seq 60); do   # training ends its step and saves its state: give it a minute
-    pgrep -f "($CAMPAIGN|$RESEARCH)/\.venv/bin/advgen" > /dev/null || break
+    pgrep -f "$CAMPAIGN/\.venv/bin/advgen" > /dev/null || break
     sleep 1
   done
-  if pgrep -f "($CAMPAIGN|$RESEARCH)/\.venv/bin/advgen" > /dev/null; then
+  if pgrep -f "$CAMPAIGN/\.venv/bin/advgen" > /dev/null; then
     echo "advgen processes still running after SIGTERM; state not saved" >&2; exit 1
   fi
   save
@@ -103,7 +99,6 @@ stop() {
 save() {  # also while the jobs run: each file is written atomically, so this takes what each job saved last
   python3 experiments/carry.py save "$CAMPAIGN/runs/campaign" experiments/campaign
   python3 experiments/carry.py save "$CAMPAIGN/runs/evals" experiments/campaign/evals
-  python3 experiments/carry.py save "$RESEARCH/runs/compare-quick" experiments/compare-quick --light --max-mb 20
   echo "saved; now: git add experiments && git commit"
 }
 
