@@ -90,6 +90,20 @@ def test_zoo_card_lists_and_loads(a_zoo, capsys):
     assert torch.equal(model(x), ref(x))
 
 
+def test_the_table_shows_the_radius_asked_for(a_zoo, capsys):
+    folder, _, _ = a_zoo
+    ev = json.loads((folder / "tiny-base.json").read_text())["eval"]
+    capsys.readouterr()
+    assert main(["zoo", "--eps", "0"]) == 0        # PGD ran at 0 and 0.5 here, AutoAttack at 0.5 only
+    head, _, row = capsys.readouterr().out.splitlines()[:3]
+    assert "PGD-L2 0 " in head and "AA-L2 0 " in head
+    pgd0 = ev["pgd_l2"]["0.0"]
+    assert f"{100 * pgd0['accuracy']:.1f} [{100 * pgd0['ci95'][0]:.1f}, {100 * pgd0['ci95'][1]:.1f}]" in row
+    assert row.split()[-2:] == ["-", "-"]         # no AutoAttack, so no worst case, at 0
+    assert main(["zoo", "--eps", "0.3"]) == 2
+    assert "--eps 0.3: no zoo model was attacked at that L2 radius; choose from 0, 0.5" in capsys.readouterr().err
+
+
 def test_eval_of_a_zoo_model(a_zoo, tmp_path):
     data = write_cifar(tmp_path / "data2", per_batch=8, n_test=8)
     assert main(["eval", "zoo:tiny-base", "--data-dir", str(data), "--eps", "0", "--out", str(tmp_path / "e.json")]) == 0

@@ -530,7 +530,7 @@ def _full_eval(args, model, test_set, device) -> int:
 
 
 def cmd_zoo(args) -> int:
-    """advgen zoo [--json]: the table or the cards of the shipped models; --add RUN: put a run in the zoo."""
+    """advgen zoo [--json] [--eps R]: the table (attack columns at radius R) or the cards of the shipped models; --add RUN: put a run in the zoo."""
     import json
     from . import zoo
     if args.add:
@@ -543,7 +543,10 @@ def cmd_zoo(args) -> int:
         print(f"added {card['name']} to the zoo ({zoo.zoo_dir()}): {card['file']}, sha256 {card['sha256'][:16]}…")
         return 0
     cards = zoo.cards()
-    print(json.dumps(cards, indent=1) if args.json else zoo.table(cards))
+    radii = {float(k) for c in cards for key in ("pgd_l2", "autoattack_l2") for k in c.get("eval", {}).get(key, {})}
+    check(not cards or args.eps in radii, f"--eps {args.eps:g}: no zoo model was attacked at that L2 radius; "
+          f"choose from {', '.join(f'{r:g}' for r in sorted(radii))}")
+    print(json.dumps(cards, indent=1) if args.json else zoo.table(cards, eps=args.eps))
     return 0
 
 
@@ -660,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
     z = sub.add_parser("zoo", help="the models that ship with advgen (load one as zoo:NAME)")
     z.add_argument("--json", action="store_true", help="print the list of cards")
+    z.add_argument("--eps", type=float, default=0.5,
+                   help="the L2 radius of the table's attack columns (default 0.5; the zoo's AutoAttack ran at "
+                        "0.25 and 0.5)")
     z.add_argument("--add", metavar="RUN_DIR", help="add a finished run to the zoo (with --name, --eval)")
     z.add_argument("--name")
     z.add_argument("--eval", metavar="EVAL.json", help="its advgen eval --full output")

@@ -140,18 +140,19 @@ def _cell(d: dict | None) -> str:
     return "-" if not d else f"{100 * d['accuracy']:.1f} [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]"
 
 
-def table(all_cards: list[dict], folder: Path | None = None) -> str:
-    """The zoo as a text table: clean, PGD-L2, AutoAttack-L2 and their worst case at 0.5 (% with 95%
-    Wilson intervals), seconds per epoch."""
+def table(all_cards: list[dict], folder: Path | None = None, eps: float = 0.5) -> str:
+    """The zoo as a text table: clean, PGD-L2, AutoAttack-L2 and their worst case at L2 radius `eps`
+    (% with 95% Wilson intervals; "-" where a card was not attacked at that radius), seconds per epoch."""
     if not all_cards:
         return (f"the model zoo ({folder or zoo_dir()}) is empty: no full-data model has been added yet "
                 "(see docs/campaign.md)")
-    heads = ["name", "arch", "method", "images", "epochs", "s/epoch", "clean", "PGD-L2 0.5", "AA-L2 0.5",
-             "worst 0.5"]
+    heads = ["name", "arch", "method", "images", "epochs", "s/epoch", "clean", f"PGD-L2 {eps:g}", f"AA-L2 {eps:g}",
+             f"worst {eps:g}"]
     rows = []
     for c in all_cards:
         e = c.get("eval", {})
-        at = lambda key: _cell(e.get(key, {}).get("0.5"))  # noqa: E731
+        # a card's radii are the strings json gave them ("0.25"): matched as numbers, so 0.50 finds "0.5"
+        at = lambda key: _cell(next((v for k, v in e.get(key, {}).items() if float(k) == eps), None))  # noqa: E731
         spe = c.get("seconds_per_epoch")
         rows.append([c["name"], c.get("architecture", "?"), c.get("method", "?"), str(c.get("train_images") or "?"),
                      str(c.get("epochs", "?")), "?" if spe is None else f"{spe:.0f}", _cell(e.get("clean")),
