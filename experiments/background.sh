@@ -10,6 +10,7 @@
 #   bash experiments/background.sh status  # which jobs run, the last line of each log
 #   bash experiments/background.sh save    # save their state into experiments/ with carry.py while they
 #                                          # run (a session can end without warning: save and commit often)
+#   THREADS=2 bash experiments/background.sh start   # the same, each job on 2 threads (for a lone job)
 #   bash experiments/background.sh stop    # stop them (training saves its state on SIGTERM), then save;
 #                                          # then commit it
 #
@@ -56,7 +57,7 @@ start() {  # each job runs a copy of its script in runs/: bash reads a script as
   restore "$MAIN/experiments/campaign/evals" "$CAMPAIGN/runs/evals"
   cp "$MAIN/experiments/campaign.sh" "$CAMPAIGN/runs/campaign.sh"   # the stage list; advgen stays pinned
   cp "$MAIN/experiments/eval_queue.sh" "$CAMPAIGN/runs/eval_queue.sh"
-  export OMP_NUM_THREADS=1
+  export OMP_NUM_THREADS=${THREADS:-1}   # THREADS=2 when a single job is left, to take both cores
   # training at normal priority (the longest chain); the evaluations share the rest.
   # `(cd D; job &)`: only the job goes to the background, so nothing waits on it holding this output
   if [ -n "$TRAIN_LEFT" ]; then
