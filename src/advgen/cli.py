@@ -530,7 +530,8 @@ def _full_eval(args, model, test_set, device) -> int:
 
 
 def cmd_zoo(args) -> int:
-    """advgen zoo [--json] [--eps R]: the table (attack columns at radius R) or the cards of the shipped models; --add RUN: put a run in the zoo."""
+    """advgen zoo [--json] [--eps R]: the table (attack columns at radius R) or the cards of the shipped
+    models; --add RUN: put a run in the zoo."""
     import json
     from . import zoo
     if args.add:
