@@ -23,7 +23,7 @@ ROOT=$(dirname "$MAIN")
 DATA=${DATA:-$ROOT/shared/data}
 CAMPAIGN=$ROOT/campaign CAMPAIGN_COMMIT=dcd5982
 TRAIN_LEFT=""   # campaign stages still to train, in order
-EVAL_LEFT="gen_sdi"   # campaign evaluations still to finish, in order, of trained stages
+EVAL_LEFT=""   # campaign evaluations still to finish, in order, of trained stages
 EVAL_AFTER_TRAIN=""   # a second queue: these wait for their training to finish, then take
                              # the core it frees, beside the first queue
 

@@ -199,21 +199,38 @@ def _aa_lines(stages: dict) -> list[str]:
 
 def tradeoff_lines(stages: dict, t: dict, eps: str = "0.5") -> list[str]:
     """Robustness against training cost, one row per stage with both: the worst case over PGD and
-    AutoAttack at L2 eps, seconds per epoch, and each against min-max PGD-10 (pgd10) once it is in.
-    Rows by robustness, highest first; what a user should train follows from it."""
+    AutoAttack at L2 eps, seconds per epoch, and each against min-max PGD-10 (pgd10) once it is in, with
+    the exact McNemar test of the two models' per-sample worst cases on the same images (where both
+    stages carry their samples). Rows by robustness, highest first; what a user should train follows."""
     rows = [(s, st["eval"]["worst_case_l2"][eps], t["rows"][s]["seconds_per_epoch"]) for s, st in stages.items()
             if st["eval"] is not None and eps in st["eval"]["worst_case_l2"] and s in t["rows"]]
     if not rows:
         return ["pending (no stage has both its training record and its evaluation at L2 " + eps + ")."]
     ref = next(((a, sec) for s, a, sec in rows if s == "pgd10"), None)
-    head = f"| model | worst case L2 {eps} | s/epoch |" + (" points vs pgd10 | time / pgd10 |" if ref else "")
-    lines = [head, "|---|---|---|" + ("---|---|" if ref else "")]
+    head = f"| model | worst case L2 {eps} | s/epoch |" + \
+        (" points vs pgd10 | robust only here / only pgd10 (McNemar p) | time / pgd10 |" if ref else "")
+    lines = [head, "|---|---|---|" + ("---|---|---|" if ref else "")]
     for s, acc, sec in sorted(rows, key=lambda r: -r[1]["accuracy"]):
         cells = [s, _pct(acc), f"{sec:.0f}"]
         if ref:
-            cells += [f"{100 * (acc['accuracy'] - ref[0]['accuracy']):+.1f}", f"{sec / ref[1]:.2f}"]
+            cells += [f"{100 * (acc['accuracy'] - ref[0]['accuracy']):+.1f}", _paired(stages, s, "pgd10", eps),
+                      f"{sec / ref[1]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + ["", "Seconds per epoch are the campaign's own (see Table 1 on their load)."]
+    return lines + ["", "Seconds per epoch are the campaign's own (see Table 1 on their load). The paired test "
+                        "asks whether these two models differ on these images; each method ran one training "
+                        "seed, so it says nothing of the spread between seeds."]
+
+
+def _paired(stages: dict, a: str, b: str, eps: str) -> str:
+    """'only a / only b (p)' for the per-sample worst cases of stages a and b at L2 eps; '' for a == b,
+    '-' where either stage lacks its samples."""
+    if a == b:
+        return ""
+    sa, sb = stages[a].get("samples"), stages[b].get("samples")
+    if not sa or not sb or f"aa:{eps}" not in sa or f"aa:{eps}" not in sb:
+        return "-"
+    test = mcnemar(_and(sa, eps), _and(sb, eps))
+    return f"{test['only_a']} / {test['only_b']} ({test['p']:.2g})"
 
 
 def claims(stages: dict, t: dict) -> list[str]:
