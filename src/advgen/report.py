@@ -270,7 +270,7 @@ def figure3(curves: dict, path: Path, title: str | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(6.2, 3.6))
     for i, (name, curve) in enumerate(curves.items()):
         eps = [r["eps"] for r in curve["results"]]
         acc = [r["accuracy"] for r in curve["results"]]
@@ -289,9 +289,8 @@ def figure3(curves: dict, path: Path, title: str | None = None) -> None:
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)   # beside the axes: never over a curve
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
