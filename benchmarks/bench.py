@@ -1,8 +1,9 @@
 """advgen speed benchmark (issue: the generator method at the cost of standard training).
 
 Times, in one process with repetitions interleaved (A B C ... A B C ...):
-  * seconds per training epoch of standard, generator (paper bank, N = 32), FGSM-RS, min-max PGD-10 and
-    min-max PGD-40 (the paper's setting) on the same CIFAR-10 subset, ResNet-20, batch 128;
+  * seconds per training epoch of standard, generator (paper bank, N = 32), FGSM-RS, min-max PGD-10,
+    min-max PGD-40 (the paper's setting), N-FGSM and the gradient generators without and with a step
+    after (the campaign's gen_gradient and gen_sdi) on the same CIFAR-10 subset, ResNet-20, batch 128;
     medians, spread, and the ratios of the issue; images per second of standard training against the
     machine's FP32 peak (printed with how it was computed);
   * PGD-L2 (20 steps) robust accuracy on the first N test images with advgen (as `advgen eval` runs it:
@@ -32,6 +33,8 @@ from advgen.config import AttackConfig, TrainConfig
 from advgen.data import balanced_subset, first_n, load_cifar
 from advgen.evaluate import robust_accuracy
 from advgen.speed import inference_copy
+from advgen.training.generator import generator_preset
+from advgen.training.nfgsm import NFGSMOptions
 
 HERE = Path(__file__).resolve().parent
 
@@ -71,6 +74,8 @@ def train_flops_per_image(model: torch.nn.Module) -> float:
 def method_configs(batch: int) -> dict[str, TrainConfig]:
     common = dict(model="resnet20", batch_size=batch, epochs=1, lr=0.01, seed=0)
     pgd = lambda k: AttackConfig(norm="l2", eps=0.5, steps=k, step_size=2.5 * 0.5 / k)
+    sdi = generator_preset("gradient")
+    sdi.step_after = True
     return {
         "standard": TrainConfig(method="standard", **common),
         "generator": TrainConfig(method="generator", **common),
@@ -78,6 +83,10 @@ def method_configs(batch: int) -> dict[str, TrainConfig]:
         "minmax_pgd10": TrainConfig(method="minmax", options=pgd(10), **common),
         "minmax_pgd40": TrainConfig(method="minmax", options=AttackConfig(norm="l2", eps=0.05, steps=40, step_size=0.005),
                                     **common),  # the paper's min-max
+        # the full-data campaign's other methods (docs/campaign.md), with its settings
+        "nfgsm": TrainConfig(method="nfgsm", options=NFGSMOptions(norm="l2", eps=0.5), **common),
+        "gen_gradient": TrainConfig(method="generator", options=generator_preset("gradient"), **common),
+        "gen_sdi": TrainConfig(method="generator", options=sdi, **common),
     }
 
 
@@ -131,6 +140,7 @@ def bench_training(train_set, test_set, reps: int, batch: int) -> dict:
                        "minmax_pgd10/generator": ratio("minmax_pgd10", "generator"),
                        "minmax_pgd40/generator": ratio("minmax_pgd40", "generator"),
                        "fgsm_rs/generator": ratio("fgsm_rs", "generator"),
+                       **{f"minmax_pgd10/{m}": ratio("minmax_pgd10", m) for m in ("nfgsm", "gen_gradient", "gen_sdi")},
                        # above 1: advgen's standard step is faster than the plain loop
                        "plain_pytorch/standard": ratio("plain_pytorch", "standard")}}
 

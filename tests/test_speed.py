@@ -176,9 +176,10 @@ def test_bench_runs_end_to_end_on_tiny_inputs(shared_data, tmp_path):
     assert {"machine", "train_subset", "batch_size", "reps", "training", "standard_throughput", "eval"} <= set(r)
     t = r["training"]
     assert set(t["seconds_per_epoch"]) == {"standard", "generator", "fgsm_rs", "minmax_pgd10", "minmax_pgd40",
-                                           "plain_pytorch"}
+                                           "nfgsm", "gen_gradient", "gen_sdi", "plain_pytorch"}
     assert set(t["ratios"]) == {"generator/standard", "minmax_pgd10/generator", "minmax_pgd40/generator",
-                                "fgsm_rs/generator", "plain_pytorch/standard"}
+                                "fgsm_rs/generator", "minmax_pgd10/nfgsm", "minmax_pgd10/gen_gradient",
+                                "minmax_pgd10/gen_sdi", "plain_pytorch/standard"}
     for v in list(t["seconds_per_epoch"].values()) + list(t["ratios"].values()):
         assert {"median", "min", "max", "runs"} <= set(v) and v["median"] > 0
     assert r["standard_throughput"]["images_per_second"] > 0
