@@ -243,3 +243,16 @@ def test_tradeoff_pairs_each_model_with_pgd10_on_the_same_images():
     rows = {ln.split(" | ")[0]: ln.split(" | ") for ln in paper_report.tradeoff_lines(stages, t) if ln.startswith("| ")}
     assert rows["| fgsm_rs"][4] == "10 / 2 (0.039)"        # exact McNemar, 10 vs 2 discordant
     assert rows["| pgd10"][4] == ""
+
+
+def test_tradeoff_takes_the_like_for_like_ratio_from_the_benchmark():
+    def st(acc):
+        return {"eval": {"worst_case_l2": {"0.5": {"accuracy": acc, "ci95": [acc, acc], "n": 1000}}}}
+    stages = {"pgd10": st(0.40), "nfgsm": st(0.41), "gen_mem": st(0.39)}   # gen_mem: a stage the bench lacks
+    t = {"rows": {s: {"seconds_per_epoch": 1000.0} for s in stages}}      # a shared core: equal seconds
+    bench = {"training": {"seconds_per_epoch": {"minmax_pgd10": {"median": 28.0}, "nfgsm": {"median": 7.0}}}}
+    lines = paper_report.tradeoff_lines(stages, t, bench=bench)
+    assert lines[0].endswith("| time / pgd10 | time / pgd10, like for like |") and lines[1].count("---") == 7
+    rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in lines if ln.startswith("| ") and "model" not in ln}
+    assert rows["nfgsm"][-2:] == ["1.00", "0.25 |"] and rows["gen_mem"][-1] == "- |"
+    assert "like for like" not in paper_report.tradeoff_lines(stages, t)[0]             # no bench, no column

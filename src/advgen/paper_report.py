@@ -197,28 +197,40 @@ def _aa_lines(stages: dict) -> list[str]:
     return lines
 
 
-def tradeoff_lines(stages: dict, t: dict, eps: str = "0.5") -> list[str]:
+# benchmarks/bench.py's name for each campaign stage's method and settings
+BENCH_NAMES = {"base": "standard", "gen_paper": "generator", "minmax_paper": "minmax_pgd40", "fgsm_rs": "fgsm_rs",
+               "gen_gradient": "gen_gradient", "pgd10": "minmax_pgd10", "nfgsm": "nfgsm", "gen_sdi": "gen_sdi"}
+
+
+def tradeoff_lines(stages: dict, t: dict, eps: str = "0.5", bench: dict | None = None) -> list[str]:
     """Robustness against training cost, one row per stage with both: the worst case over PGD and
     AutoAttack at L2 eps, seconds per epoch, and each against min-max PGD-10 (pgd10) once it is in, with
     the exact McNemar test of the two models' per-sample worst cases on the same images (where both
-    stages carry their samples). Rows by robustness, highest first; what a user should train follows."""
+    stages carry their samples) and, given a bench.json that timed both methods, the like-for-like time
+    ratio of its interleaved epochs. Rows by robustness, highest first; what a user should train follows."""
     rows = [(s, st["eval"]["worst_case_l2"][eps], t["rows"][s]["seconds_per_epoch"]) for s, st in stages.items()
             if st["eval"] is not None and eps in st["eval"]["worst_case_l2"] and s in t["rows"]]
     if not rows:
         return ["pending (no stage has both its training record and its evaluation at L2 " + eps + ")."]
     ref = next(((a, sec) for s, a, sec in rows if s == "pgd10"), None)
+    timed = {} if bench is None else bench["training"]["seconds_per_epoch"]
+    like = lambda s: timed.get(BENCH_NAMES.get(s, s), {}).get("median")  # noqa: E731
     head = f"| model | worst case L2 {eps} | s/epoch |" + \
-        (" points vs pgd10 | robust only here / only pgd10 (McNemar p) | time / pgd10 |" if ref else "")
-    lines = [head, "|---|---|---|" + ("---|---|---|" if ref else "")]
+        (" points vs pgd10 | robust only here / only pgd10 (McNemar p) | time / pgd10 |" if ref else "") + \
+        (" time / pgd10, like for like |" if ref and like("pgd10") else "")
+    lines = [head, "|---" * head.count(" |") + "|"]
     for s, acc, sec in sorted(rows, key=lambda r: -r[1]["accuracy"]):
         cells = [s, _pct(acc), f"{sec:.0f}"]
         if ref:
             cells += [f"{100 * (acc['accuracy'] - ref[0]['accuracy']):+.1f}", _paired(stages, s, "pgd10", eps),
                       f"{sec / ref[1]:.2f}"]
+            if like("pgd10"):
+                cells.append(f"{like(s) / like('pgd10'):.2f}" if like(s) else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + ["", "Seconds per epoch are the campaign's own (see Table 1 on their load). The paired test "
-                        "asks whether these two models differ on these images; each method ran one training "
-                        "seed, so it says nothing of the spread between seeds."]
+    return lines + ["", "Seconds per epoch are the campaign's own (see Table 1 on their load)" +
+                    ("; like for like is benchmarks/bench.py's medians of interleaved epochs (Table 1)" if timed
+                     else "") + ". The paired test asks whether these two models differ on these images; each "
+                    "method ran one training seed, so it says nothing of the spread between seeds."]
 
 
 def _paired(stages: dict, a: str, b: str, eps: str) -> str:
@@ -343,7 +355,7 @@ def render(stages: dict, t: dict, *, machine: str, fig2: str | None, fig3: bool,
             lines.append(f"| {name} | " + " | ".join(_pct(pgd.get(str(e))) for e in eps) + " |")
         lines += ["", _pgd_gap_line(stages), ""]
     lines += ["## AutoAttack (accuracy % [Wilson 95%])", ""] + _aa_lines(stages) + [""]
-    lines += ["## Robustness against training time", ""] + tradeoff_lines(stages, t) + ["",
+    lines += ["## Robustness against training time", ""] + tradeoff_lines(stages, t, bench=bench) + ["",
               "## Sanity checks (Carlini et al. 2019)", ""]
     for s in evaluated:
         for c in _checks(stages[s]["eval"]):
