@@ -16,6 +16,7 @@ import advgen
 from advgen import zoo
 from advgen.cli import main
 from advgen.config import TrainConfig
+from advgen.data import first_n, load_cifar
 from advgen.errors import CheckpointError, UserError
 
 
@@ -226,7 +227,6 @@ def test_each_zoo_model_reproduces_its_cards_clean_accuracy(shared_data):
     """The weights, the normalization inside the model and the data pipeline together give the card's
     clean count on the first 1,000 test images of the offline copy (measured exact here; 2 images of
     slack for another CPU's kernels flipping a borderline logit)."""
-    from advgen.data import first_n, load_cifar
     test = first_n(load_cifar("cifar10", shared_data)[1], 1000)
     x, y = test.float_images(), test.labels
     for card in zoo.cards():
