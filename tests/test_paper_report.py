@@ -256,3 +256,18 @@ def test_tradeoff_takes_the_like_for_like_ratio_from_the_benchmark():
     rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in lines if ln.startswith("| ") and "model" not in ln}
     assert rows["nfgsm"][-2:] == ["1.00", "0.25 |"] and rows["gen_mem"][-1] == "- |"
     assert "like for like" not in paper_report.tradeoff_lines(stages, t)[0]             # no bench, no column
+
+
+def test_what_to_train_is_the_cheapest_model_level_with_the_best():
+    def st(acc, low):
+        return {"eval": {"worst_case_l2": {"0.5": {"accuracy": acc, "ci95": [low, acc + 0.03], "n": 1000}}}}
+    # pgd10 is the most robust; nfgsm is inside its interval, fgsm_rs (0.30) below it
+    stages = {"pgd10": st(0.40, 0.37), "nfgsm": st(0.38, 0.35), "fgsm_rs": st(0.30, 0.27)}
+    t = {"rows": {"pgd10": {"seconds_per_epoch": 500.0}, "nfgsm": {"seconds_per_epoch": 900.0},   # shared core
+                  "fgsm_rs": {"seconds_per_epoch": 100.0}}}
+    bench = {"training": {"seconds_per_epoch": {"minmax_pgd10": {"median": 28.0}, "nfgsm": {"median": 7.0},
+                                                "fgsm_rs": {"median": 6.0}}}}
+    advice = next(ln for ln in paper_report.tradeoff_lines(stages, t, bench=bench) if ln.startswith("What to train"))
+    assert "pgd10, nfgsm sit inside" in advice and "**nfgsm** (like-for-like benchmark)" in advice
+    advice = next(ln for ln in paper_report.tradeoff_lines(stages, t) if ln.startswith("What to train"))
+    assert "**pgd10** (the campaign" in advice          # without the benchmark: the campaign's seconds

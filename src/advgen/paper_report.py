@@ -227,10 +227,25 @@ def tradeoff_lines(stages: dict, t: dict, eps: str = "0.5", bench: dict | None =
             if like("pgd10"):
                 cells.append(f"{like(s) / like('pgd10'):.2f}" if like(s) else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + ["", "Seconds per epoch are the campaign's own (see Table 1 on their load)" +
+    return lines + ["", _what_to_train(rows, like, eps), "", "Seconds per epoch are the campaign's own (see Table 1 on their load)" +
                     ("; like for like is benchmarks/bench.py's medians of interleaved epochs (Table 1)" if timed
                      else "") + ". The paired test asks whether these two models differ on these images; each "
                     "method ran one training seed, so it says nothing of the spread between seeds."]
+
+
+def _what_to_train(rows: list, like, eps: str) -> str:
+    """The advice the trade-off table supports: of the models whose worst case at L2 eps lies inside the
+    most robust one's 95% interval (not told apart from it on these images), the cheapest, by the
+    like-for-like benchmark where it timed them all, else by the campaign's own seconds."""
+    best = max(rows, key=lambda r: r[1]["accuracy"])
+    level = [r for r in rows if r[1]["accuracy"] >= best[1]["ci95"][0]]
+    fair = all(like(s) for s, _, _ in level)
+    cost = (lambda r: like(r[0])) if fair else (lambda r: r[2])  # noqa: E731
+    pick = min(level, key=cost)
+    basis = "like-for-like benchmark" if fair else "the campaign's own seconds per epoch"
+    return (f"What to train: {', '.join(s for s, _, _ in level)} sit inside the 95% interval of the most "
+            f"robust ({best[0]}, {_pct(best[1])} at L2 {eps}); the cheapest of them is **{pick[0]}** ({basis}). "
+            "One training seed each: the ranking between seeds is the 3-seed comparison's (README).")
 
 
 def _paired(stages: dict, a: str, b: str, eps: str) -> str:
