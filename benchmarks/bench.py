@@ -3,7 +3,7 @@
 Times, in one process with repetitions interleaved (A B C ... A B C ...):
   * seconds per training epoch of standard, generator (paper bank, N = 32), FGSM-RS, min-max PGD-10,
     min-max PGD-40 (the paper's setting), N-FGSM and the gradient generators without and with a step
-    after (the campaign's gen_gradient and gen_sdi) on the same CIFAR-10 subset, ResNet-20, batch 128;
+    after (the campaign's gen-gradient-l2 and gen-sdi-l2) on the same CIFAR-10 subset, ResNet-20, batch 128;
     medians, spread, and the ratios of the issue; images per second of standard training against the
     machine's FP32 peak (printed with how it was computed);
   * PGD-L2 (20 steps) robust accuracy on the first N test images with advgen (as `advgen eval` runs it:
@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 import advgen
-from advgen.config import AttackConfig, TrainConfig
 from advgen.data import balanced_subset, first_n, load_cifar
-from advgen.evaluate import robust_accuracy
-from advgen.speed import inference_copy
-from advgen.training.generator import generator_preset
-from advgen.training.nfgsm import NFGSMOptions
+from advgen.evaluation import robust_accuracy
+from advgen.models.folding import inference_copy
+from advgen.recipes import recipe_config
+from advgen.training import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 
@@ -71,23 +70,15 @@ def train_flops_per_image(model: torch.nn.Module) -> float:
     return sum(macs) * 2 * 3
 
 
+# the recipes timed (recipes.py): Table 1's three, and the full-data campaign's other methods
+BENCH_RECIPES = ("standard", "gen-paper", "fgsm-rs-l2", "pgd10-l2", "minmax-paper", "nfgsm-l2", "gen-gradient-l2",
+                 "gen-sdi-l2")
+
+
 def method_configs(batch: int) -> dict[str, TrainConfig]:
-    common = dict(model="resnet20", batch_size=batch, epochs=1, lr=0.01, seed=0)
-    pgd = lambda k: AttackConfig(norm="l2", eps=0.5, steps=k, step_size=2.5 * 0.5 / k)
-    sdi = generator_preset("gradient")
-    sdi.step_after = True
-    return {
-        "standard": TrainConfig(method="standard", **common),
-        "generator": TrainConfig(method="generator", **common),
-        "fgsm_rs": TrainConfig(method="fgsm", options=AttackConfig(norm="l2", eps=0.5, steps=1), **common),
-        "minmax_pgd10": TrainConfig(method="minmax", options=pgd(10), **common),
-        "minmax_pgd40": TrainConfig(method="minmax", options=AttackConfig(norm="l2", eps=0.05, steps=40, step_size=0.005),
-                                    **common),  # the paper's min-max
-        # the full-data campaign's other methods (docs/campaign.md), with its settings
-        "nfgsm": TrainConfig(method="nfgsm", options=NFGSMOptions(norm="l2", eps=0.5), **common),
-        "gen_gradient": TrainConfig(method="generator", options=generator_preset("gradient"), **common),
-        "gen_sdi": TrainConfig(method="generator", options=sdi, **common),
-    }
+    """Each benchmarked recipe's config for one epoch from scratch (lr 0.01, seed 0, batch `batch`)."""
+    return {name: recipe_config(name, model="resnet20", batch_size=batch, epochs=1, lr=0.01, seed=0, init=None)
+            for name in BENCH_RECIPES}
 
 
 def plain_pytorch_epoch(train_set, batch: int, seed: int) -> float:
@@ -136,11 +127,11 @@ def bench_training(train_set, test_set, reps: int, batch: int) -> dict:
         return summary([x / y for x, y in zip(secs[a], secs[b])])
 
     return {"seconds_per_epoch": {k: summary(v) for k, v in secs.items()},
-            "ratios": {"generator/standard": ratio("generator", "standard"),
-                       "minmax_pgd10/generator": ratio("minmax_pgd10", "generator"),
-                       "minmax_pgd40/generator": ratio("minmax_pgd40", "generator"),
-                       "fgsm_rs/generator": ratio("fgsm_rs", "generator"),
-                       **{f"minmax_pgd10/{m}": ratio("minmax_pgd10", m) for m in ("nfgsm", "gen_gradient", "gen_sdi")},
+            "ratios": {"gen-paper/standard": ratio("gen-paper", "standard"),
+                       "pgd10-l2/gen-paper": ratio("pgd10-l2", "gen-paper"),
+                       "minmax-paper/gen-paper": ratio("minmax-paper", "gen-paper"),
+                       "fgsm-rs-l2/gen-paper": ratio("fgsm-rs-l2", "gen-paper"),
+                       **{f"pgd10-l2/{m}": ratio("pgd10-l2", m) for m in ("nfgsm-l2", "gen-gradient-l2", "gen-sdi-l2")},
                        # above 1: advgen's standard step is faster than the plain loop
                        "plain_pytorch/standard": ratio("plain_pytorch", "standard")}}
 
@@ -157,7 +148,7 @@ def bench_eval(model, x, y, eps: float, steps: int, reps: int) -> dict:
     accs = {}
     for rep in range(reps):
         t0 = time.perf_counter()
-        fast = inference_copy(model)  # what advgen.evaluate attacks; its cost is part of the time
+        fast = inference_copy(model)  # what advgen.evaluate() attacks; its cost is part of the time
         accs["advgen"] = robust_accuracy(fast, x, y, lambda e: advgen.PGD(fast, norm="l2", eps=e, steps=steps,
                                                                         rel_step=rel, seed=rep), [eps], 500,
                                          memory_format=torch.channels_last)[0]

@@ -24,7 +24,7 @@ from advgen.attacks.pgd import PGD, L2, eval_mode
 from advgen.data import augment
 from advgen.models import build_model
 from advgen.models.generators import GeneratorBank, BankConfig
-from advgen.speed import BNFolder, inference_copy
+from advgen.models.folding import BNFolder, inference_copy
 
 B = 128
 
@@ -242,7 +242,8 @@ _DATA = {}
 
 def _epoch(method: str, **kw):
     """One training epoch of `method` on 1280 CIFAR-10 images (ResNet-20, batch 128) -> seconds of its steps."""
-    from advgen.config import AttackConfig, TrainConfig
+    from advgen.config import AttackConfig
+    from advgen.training import TrainConfig
     from advgen.data import balanced_subset, first_n, load_cifar
     from advgen.training import train
     if not _DATA:

@@ -82,3 +82,27 @@ def trained_tiny() -> SimpleNamespace:
     assert acc > 0.9, f"tiny model only reached {acc:.3f} clean accuracy"
     return SimpleNamespace(model=model, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                            clean_acc=acc)
+
+
+def full_evaluation(model, images, labels, *, pgd_eps=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0), aa_eps=(0.25, 0.5),
+                    pgd_steps=50, restarts=2, seed=0, batch_size=500, progress_file=None, objectives=("ce", "margin"),
+                    rel_step=advgen.evaluation.FULL_REL_STEP, norm="l2"):
+    """The full evaluation's protocol from the settings of advgen 0.1's full_evaluation (the tests' way
+    of saying them), run by the one evaluate()."""
+    p = advgen.EvalProtocol(norm=norm, eps=tuple(pgd_eps), aa_eps=tuple(aa_eps), steps=pgd_steps, restarts=restarts,
+                            seed=seed, batch_size=batch_size, objectives=tuple(objectives), rel_step=rel_step)
+    return advgen.evaluate(model, images, labels, p, progress_file=progress_file)
+
+
+def curve_evaluation(model, images, labels, *, attack="pgd-l2", epsilons=(0.0, 0.25, 0.5), steps=20, step_size=None,
+                     rel_step=None, restarts=1, batch_size=500, seed=0, checks=True, objective=("ce", "margin")):
+    """A curve under one attack, said as advgen 0.1's evaluate() said it, run by the one evaluate(); the
+    result with its curve also as {"results": [{"eps", "accuracy"}]} as the tests read it."""
+    kind, _, norm = attack.partition("-")
+    norm = norm or "linf"
+    p = advgen.EvalProtocol(norm=norm, eps=tuple(epsilons), attack=kind, steps=steps, step_size=step_size,
+                            rel_step=rel_step, restarts=restarts, batch_size=batch_size, seed=seed, checks=checks,
+                            objectives=(objective,) if isinstance(objective, str) else tuple(objective))
+    out = advgen.evaluate(model, images, labels, p)
+    out["results"] = [{"eps": float(e), "accuracy": d["accuracy"]} for e, d in out[f"{kind}_{norm}"].items()]
+    return out

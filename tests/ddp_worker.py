@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny  # noqa: E402
 from synth_cifar import tiny_dataset  # noqa: E402
 
-from advgen.checkpoint import save_tensors  # noqa: E402
+from advgen.io import save_tensors# noqa: E402
 from advgen.cli import seed_everything  # noqa: E402
-from advgen.config import TrainConfig  # noqa: E402
+from advgen.training import TrainConfig  # noqa: E402
 from advgen.models.generators import BankConfig  # noqa: E402
 from advgen.training import METHODS, distributed, registered, train  # noqa: E402
-from advgen.training.generator import GeneratorOptions  # noqa: E402
-from advgen.training.trades import TradesOptions  # noqa: E402
+from advgen.training.methods.generator import GeneratorOptions  # noqa: E402
+from advgen.training.methods.trades import TradesOptions  # noqa: E402
 
 torch.set_num_threads(1)
 # 48 images, global batch 16: 3 steps per epoch, 8 rows per rank

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import advgen
-from advgen.attacks import ATTACKS, FGSM, PGD, AutoAttack, make_attack
+from advgen.attacks import FGSM, PGD, AutoAttack
 from advgen.attacks.pgd import L2, Linf
 from advgen.errors import UserError
 
@@ -342,20 +342,24 @@ def test_bad_fgsm_and_autoattack_settings():
         AutoAttack(m, eps=-1.0)
 
 
-def test_make_attack():
-    m = torch.nn.Linear(1, 1)
-    a = make_attack("pgd-l2", m, 0.5, steps=7, rel_step=0.2, restarts=2, seed=3)
-    assert isinstance(a, PGD) and (a.norm, a.eps, a.steps, a.restarts, a.seed) == ("l2", 0.5, 7, 2, 3)
-    assert a.alpha == pytest.approx(0.1)
-    assert make_attack("pgd-linf", m, 0.03).norm == "linf"
-    f = make_attack("fgsm", m, 0.03)
-    assert f.steps == 1 and f.norm == "linf"
-    assert make_attack("fgsm-l2", m, 0.5).norm == "l2"
-    aa = make_attack("autoattack-l2", m, 0.5)
-    assert isinstance(aa, AutoAttack) and aa.norm == "l2"
-    assert set(ATTACKS) == {"pgd-l2", "pgd-linf", "fgsm", "fgsm-l2", "autoattack", "autoattack-l2"}
-    with pytest.raises(UserError, match="pgd-l2"):
-        make_attack("cw", m, 0.5)
+def test_the_attack_names_of_advgen_01_keep_their_norm():
+    """`--attack pgd-linf` etc. still mean what they meant; `fgsm` and `autoattack` alone, which were Linf,
+    are refused without --norm rather than silently read as L2."""
+    from advgen.cli import build_parser
+    from advgen.cli.eval import protocol_from_args
+    parse = lambda *a: protocol_from_args(build_parser().parse_args(["eval", "RUN", *a]))  # noqa: E731
+    for name, (attack, norm) in {"pgd-l2": ("pgd", "l2"), "pgd-linf": ("pgd", "linf"), "fgsm-l2": ("fgsm", "l2"),
+                                 "autoattack-l2": ("autoattack", "l2")}.items():
+        p = parse("--attack", name)
+        assert (p.attack, p.norm) == (attack, norm)
+    assert parse().norm == "l2" and parse().eps == (0.0, 0.25, 0.5)
+    assert parse("--norm", "linf").eps == (0.0, 4 / 255, 8 / 255)        # the norm's own radii, not 0.25/0.5
+    assert parse("--attack", "fgsm", "--norm", "linf").attack == "fgsm"
+    for bare in ("fgsm", "autoattack"):
+        with pytest.raises(UserError, match="--norm"):
+            parse("--attack", bare)
+    with pytest.raises(UserError, match="contradicts"):
+        parse("--attack", "pgd-l2", "--norm", "linf")
 
 
 def test_autoattack_eps_zero_and_apgd(trained_tiny):

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from synth_cifar import batch_dict, write_cifar
 
-from advgen.checkpoint import (MODEL_FILE, atomic_write, load_model, save_model, save_tensors, write_json)
+from advgen.checkpoint import MODEL_FILE, load_model, save_model
+from advgen.io import atomic_write, save_tensors, write_json
 from advgen.cli import main
 from advgen.data import _parse_batch
 from advgen.errors import CheckpointError, DataError, UserError

@@ -1,11 +1,11 @@
-"""experiments/carry.py: what a save keeps of finished and unfinished runs, and that restore returns it."""
+"""tools/carry.py: what a save keeps of finished and unfinished runs, and that restore returns it."""
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
 
-SPEC = importlib.util.spec_from_file_location("carry", Path(__file__).parents[1] / "experiments" / "carry.py")
+SPEC = importlib.util.spec_from_file_location("carry", Path(__file__).parents[1] / "tools" / "carry.py")
 carry = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(carry)
 

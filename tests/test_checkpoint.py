@@ -8,7 +8,8 @@ from torch import nn
 
 import advgen
 from advgen import checkpoint
-from advgen.checkpoint import atomic_write, read_json, read_tensors, save_model, save_tensors, write_json
+from advgen.checkpoint import save_model
+from advgen.io import atomic_write, read_json, read_tensors, save_tensors, write_json
 from advgen.errors import CheckpointError, UserError
 from advgen.models import Normalize, build_model
 from advgen.models.resnet_cifar import CifarResNet

@@ -71,7 +71,7 @@ def test_reproduce_smoke_writes_report_and_skips_done_stages(tmp_path, capsys):
 @needs_data
 def test_reproduce_seeds_reports_mean_and_std_of_the_seeds(tmp_path, monkeypatch, capsys):
     import dataclasses
-    from advgen import report
+    from advgen.apps import reproduce as report
     from advgen.config import AttackConfig
     monkeypatch.setitem(report.PRESETS, "smoke2", dataclasses.replace(   # a 2-step inner PGD: seconds
         report.PRESETS["smoke"], attack=AttackConfig(steps=2, step_size=0.05), eval_steps=2))
@@ -155,12 +155,12 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
     assert "±" not in rows["| base"] and "±" in rows["| fgsm_rs"]      # one base model: no spread to show
     # the copy for docs/: re-rendered from compare.json under a name, the plot's name in its markdown
     docs = tmp_path / "docs"
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "compare_docs.py"), str(out), "--name", "smoke",
+    subprocess.run([sys.executable, str(ROOT / "tools" / "compare_docs.py"), str(out), "--name", "smoke",
                     "--out", str(docs)], check=True, capture_output=True)
     assert json.loads((docs / "compare-smoke.json").read_text()) == res
     assert "](curves-smoke.png)" in (docs / "compare-smoke.md").read_text()
     assert (docs / "curves-smoke.png").stat().st_size > 10_000 and (docs / "curves-smoke-seconds.png").exists()
-    bad = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare_docs.py"), str(tmp_path), "--name",
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_docs.py"), str(tmp_path), "--name",
                           "x", "--out", str(docs)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "compare.json does not exist" in bad.stderr
     # run again: everything is found done (no training, cached evaluations)
@@ -168,11 +168,11 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
     assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
     assert (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns == before
     # a PGD setting changed: PGD runs again, AutoAttack's accuracies are reused (AutoAttack is not called)
-    from advgen.compare import COMPARE_PRESETS
+    from advgen.apps.compare.plan import COMPARE_PRESETS
 
     def no_autoattack(*a, **k):
         raise AssertionError("AutoAttack ran again")
-    monkeypatch.setattr("advgen.compare.AutoAttack", no_autoattack)
+    monkeypatch.setattr("advgen.evaluation.protocol.AutoAttack", no_autoattack)
     monkeypatch.setattr(COMPARE_PRESETS["smoke"], "pgd_objectives", ["margin"])
     assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
     ev = json.loads((out / "gen_sdi-s1" / "eval-step-3.json").read_text())
@@ -182,7 +182,7 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(COMPARE_PRESETS["smoke"], "pgd_objectives", ["ce", "margin"])
     assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
     assert json.loads((out / "compare.json").read_text())["rows"] == res["rows"]      # PGD is deterministic
-    # the records alone rebuild it (what experiments/carry.py --light keeps): the runs' weights, snapshots
+    # the records alone rebuild it (what tools/carry.py --light keeps): the runs' weights, snapshots
     # and states deleted, the same rows come back, nothing retrained
     for f in out.glob("*-s*/**/*.safetensors"):
         f.unlink()
@@ -192,7 +192,8 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
 
 
 def test_generator_presets_and_flag_overrides():
-    from advgen.cli import build_parser, train_config_from_args
+    from advgen.cli import build_parser
+    from advgen.cli.train import train_config_from_args
     parse = lambda *a: train_config_from_args(build_parser().parse_args(["train", "--method", "generator", "--out", "x", *a]))
     paper = parse().options
     assert (paper.bank.n, paper.bank.bound, paper.bank.size, paper.optimizer, paper.lr) == (32, "box", 0.2, "sgd", 0.005)
@@ -203,13 +204,13 @@ def test_generator_presets_and_flag_overrides():
 
 
 def test_the_plot_legend_counts_each_entrys_seeds():
-    from advgen.compare import _seeds
+    from advgen.apps.compare.report import _seeds
     assert _seeds([{"seeds": 3}, {"seeds": 3}]) == "3 seeds" and _seeds([{"seeds": 1}]) == "1 seed"
     assert _seeds([{"seeds": 1}, {"seeds": 3}]) == "1-3 seeds"
 
 
 def test_gap_check_allows_exactly_three_points_and_flags_more():
-    from advgen.evaluate import gap_check
+    from advgen.evaluation import gap_check
     n = 200
     ev = lambda pgd, aa: ({"0.5": pgd / n}, {"0.5": aa / n})  # noqa: E731
     assert gap_check(*ev(62, 56), n)["passed"]          # 3.0 points: not "more than 3"

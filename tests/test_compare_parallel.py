@@ -19,16 +19,17 @@ import torch
 from synth_cifar import write_cifar
 
 from advgen.cli import main
-from advgen.compare import COMPARE_PRESETS, L2, Entry, compare
+from advgen.apps.compare.plan import COMPARE_PRESETS, Entry
+from advgen.apps.compare.run import compare
 from advgen.config import NoOptions
 from advgen.training import Method, registered
 from advgen.training.rundir import hold_run_dir
 
-FGSM = Entry("fgsm_rs", "FGSM-RS", "fgsm", dict(L2), [1.0, 2.0])
+FGSM = Entry("fgsm-rs-l2", [1.0, 2.0])
 TINY = dataclasses.replace(COMPARE_PRESETS["smoke"], train_subset=128, test_subset=8, pgd_eps=[0.5], pgd_steps=2,
                            entries=[FGSM])
-BROKEN = dataclasses.replace(TINY, seeds=[0], entries=[FGSM, Entry("raises", "raises in its first step", "raises", {}),
-                                                       Entry("dies", "killed in its first step", "dies", {})])
+BROKEN = dataclasses.replace(TINY, seeds=[0], entries=[FGSM, Entry("raises", method_name="raises"),
+                                                       Entry("dies", method_name="dies")])
 ROW_KEYS = ("name", "seed", "budget_units", "steps", "passes", "clean", "pgd", "autoattack")
 
 
@@ -81,13 +82,13 @@ def test_two_workers_give_the_rows_of_one_process(one_process, caplog):
     compare("tiny", root / "j2", data_dir=data, device="cpu", base=root / "j1" / "base", jobs=2, threads=1)
     one, two = rows(root / "j1"), rows(root / "j2")
     assert [(r["name"], r["seed"], r["budget_units"]) for r in two] == \
-        [("base", 0, 0.0)] + [("fgsm_rs", s, u) for s in (0, 1) for u in (1.0, 2.0)]
+        [("base", 0, 0.0)] + [("fgsm-rs-l2", s, u) for s in (0, 1) for u in (1.0, 2.0)]
     assert two == one
     for s in (0, 1):   # each run's output went to its own log, from its own worker process
-        text = (root / "j2" / f"fgsm_rs-s{s}" / "compare.log").read_text()
-        assert f"compare: fgsm_rs seed {s} on cpu, 1 CPU thread(s)" in text and "training 4 steps" in text
-        assert not (root / "j1" / f"fgsm_rs-s{s}" / "compare.log").exists()   # --jobs 1: on the console
-        assert any(re.fullmatch(rf"fgsm_rs seed {s}: done in [0-9.]+ s on cpu", m) for m in caplog.messages)
+        text = (root / "j2" / f"fgsm-rs-l2-s{s}" / "compare.log").read_text()
+        assert f"compare: fgsm-rs-l2 seed {s} on cpu, 1 CPU thread(s)" in text and "training 4 steps" in text
+        assert not (root / "j1" / f"fgsm-rs-l2-s{s}" / "compare.log").exists()   # --jobs 1: on the console
+        assert any(re.fullmatch(rf"fgsm-rs-l2 seed {s}: done in [0-9.]+ s on cpu", m) for m in caplog.messages)
     assert "by 2 worker processes on cpu, 1 CPU thread(s) each" in json.loads((root / "j2" / "compare.json")
                                                                                 .read_text())["machine"]
 
@@ -109,29 +110,29 @@ def test_failed_workers_are_named_while_the_others_finish_and_are_reused(one_pro
         assert "Traceback" in (out / "raises-s0" / "compare.log").read_text()   # the whole story is in the log
         assert "1 other job(s) finished" in err
         assert not (out / "compare.json").exists()   # no report from a comparison with holes
-        assert (out / "fgsm_rs-s0" / "eval-step-4.json").exists()   # the healthy run finished, evaluated
-        before = (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns
+        assert (out / "fgsm-rs-l2-s0" / "eval-step-4.json").exists()   # the healthy run finished, evaluated
+        before = (out / "fgsm-rs-l2-s0" / "model.safetensors").stat().st_mtime_ns
 
         code, _, err = run(argv + ["--entries", "fgsm_rs"], capsys)
     assert code == 0, err
-    assert (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns == before
-    assert (out / "fgsm_rs-s0" / "compare.log").read_text().count("\n=== ") == 0   # one worker ever wrote it
+    assert (out / "fgsm-rs-l2-s0" / "model.safetensors").stat().st_mtime_ns == before
+    assert (out / "fgsm-rs-l2-s0" / "compare.log").read_text().count("\n=== ") == 0   # one worker ever wrote it
     # the broken entries' runs never finished: not in the report
     assert [(r["name"], r["seed"], r["budget_units"], r["steps"]) for r in rows(out)] == \
-        [("base", 0, 0.0, 0), ("fgsm_rs", 0, 1.0, 2), ("fgsm_rs", 0, 2.0, 4)]
+        [("base", 0, 0.0, 0), ("fgsm-rs-l2", 0, 1.0, 2), ("fgsm-rs-l2", 0, 2.0, 4)]
 
 
 def test_a_run_folder_in_use_is_not_written(one_process, capsys):
     root, data = one_process
     out = root / "in-use"
     shutil.copytree(root / "j1", out, ignore=shutil.ignore_patterns(".lock"))
-    victim = out / "fgsm_rs-s1"
+    victim = out / "fgsm-rs-l2-s1"
     (victim / "eval-step-4.json").unlink()   # an evaluation left to do: a task for that folder
     with hold_run_dir(victim):   # this process writes it, as another advgen compare would
         code, _, err = run(["compare", "--preset", "tiny", "--data-dir", data, "--device", "cpu", "--base",
                             root / "j1" / "base", "--out", out, "--jobs", "2"], capsys)
     assert code == 1
-    assert "fgsm_rs seed 1 failed" in err and f"is in use by another advgen process (pid {os.getpid()}" in err
+    assert "fgsm-rs-l2 seed 1 failed" in err and f"is in use by another advgen process (pid {os.getpid()}" in err
     assert not (victim / "eval-step-4.json").exists() and not (victim / "compare.log").exists()
 
 
@@ -156,7 +157,7 @@ def test_bad_jobs_and_devices_are_one_line_errors_before_any_work(tmp_path, caps
 LONG_COMPARE = """
 import dataclasses, sys
 from advgen.cli import main
-from advgen.compare import COMPARE_PRESETS
+from advgen.apps.compare.plan import COMPARE_PRESETS
 from test_compare_parallel import FGSM, TINY
 COMPARE_PRESETS["long"] = dataclasses.replace(TINY, unit_passes=4000,
                                               entries=[dataclasses.replace(FGSM, budgets=[1.0])])
@@ -173,7 +174,7 @@ def test_sigterm_stops_the_workers_and_they_save_their_state(one_process):
     proc = subprocess.Popen([sys.executable, "-c", LONG_COMPARE, "compare", "--preset", "long", "--data-dir", str(data),
                              "--device", "cpu", "--base", str(root / "j1" / "base"), "--out", str(out), "--jobs", "2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    logs = [out / f"fgsm_rs-s{s}" / "compare.log" for s in (0, 1)]
+    logs = [out / f"fgsm-rs-l2-s{s}" / "compare.log" for s in (0, 1)]
     try:
         deadline = time.monotonic() + 300
         while not all((f.parent / "run.json").exists() for f in logs):   # both past their first epoch
@@ -186,7 +187,7 @@ def test_sigterm_stops_the_workers_and_they_save_their_state(one_process):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 143, err
-    assert "interrupted by SIGTERM; stopped the 2 running worker(s) (fgsm_rs seed 0, fgsm_rs seed 1)" in err
+    assert "interrupted by SIGTERM; stopped the 2 running worker(s) (fgsm-rs-l2 seed 0, fgsm-rs-l2 seed 1)" in err
     for f in logs:
         text = f.read_text()
         assert "interrupted by SIGTERM" in text and (f.parent / "state.safetensors").exists()

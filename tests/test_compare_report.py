@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from advgen.compare import contrasts, render, summarize, welch_interval
+from advgen.apps.compare.report import contrasts, render, summarize
+from advgen.evaluation import welch_interval
 
 UNIT = 256
 

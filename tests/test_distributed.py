@@ -17,7 +17,7 @@ from synth_cifar import tiny_dataset, write_cifar
 
 import advgen
 from advgen.cli import main
-from advgen.config import TrainConfig
+from advgen.training import TrainConfig
 from advgen.data import Batches
 from advgen.errors import CheckpointError, RunDirError
 from advgen.training import train
@@ -111,7 +111,7 @@ def test_kill_both_ranks_and_resume_bit_identical(uninterrupted, tmp_path):
     out = tmp_path / "run"
     r = worker("kill:4", out)   # both ranks SIGKILLed inside step 4 (epoch 2, step 1)
     assert r.returncode != 0 and not (out / "rank-0.safetensors").exists()
-    header = json.loads(json.dumps(advgen.checkpoint.read_tensors(out / "state.safetensors")[1]))
+    header = json.loads(json.dumps(advgen.io.read_tensors(out / "state.safetensors")[1]))
     assert (header["epoch"], header["step"], header["world_size"]) == (2, 0, 2)
     r = worker("resume", out)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -175,7 +175,7 @@ def test_failing_rank_ends_the_job_and_keeps_the_state(tmp_path):
     took = time.perf_counter() - t0
     assert r.returncode != 0 and "rank 1 fails on purpose" in r.stderr
     assert took < 45, f"the job took {took:.0f} s to end"
-    header = advgen.checkpoint.read_tensors(out / "state.safetensors")[1]
+    header = advgen.io.read_tensors(out / "state.safetensors")[1]
     assert (header["epoch"], header["step"]) == (2, 0)   # the last good state, readable
 
 
@@ -223,7 +223,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_saved_and_resumable(tmp_path):
     _, err = job.communicate(timeout=120)
     assert job.returncode != 0
     assert "SIGTERM received" in err and "--resume" in err, err[-3000:]
-    header = advgen.checkpoint.read_tensors(out / "state.safetensors")[1]
+    header = advgen.io.read_tensors(out / "state.safetensors")[1]
     assert header["world_size"] == 2 and 0 < header["epoch"] * 5 + header["step"] < 50
     assert not (out / "run.json").exists() or not json.loads((out / "run.json").read_text()).get("finished")
     r = torchrun(*args, "--out", out, "--resume", timeout=300)

@@ -11,7 +11,9 @@ import torch
 
 from advgen.attacks import PGD
 from advgen.errors import UserError
-from advgen.evaluate import LARGE_EPS, accuracy, evaluate, predict, robust_accuracy, sanity_checks
+from advgen.evaluation import LARGE_EPS, accuracy, predict, robust_accuracy, sanity_checks
+from conftest import curve_evaluation as evaluate
+from conftest import full_evaluation
 
 L2_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
 LINF_GRID = [0.0, 0.02, 0.04, 0.06, 0.1]
@@ -126,7 +128,7 @@ def test_sanity_checks_pass_a_good_curve():
 
 
 def test_sanity_checks_flag_a_rising_curve(caplog):
-    with caplog.at_level(logging.WARNING, logger="advgen.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="advgen.evaluation.checks"):
         checks = sanity_checks("l2", [0, 0.5, 1.0], [0.9, 0.5, 0.7], None, None, n=100)
     assert len(checks) == 1 and checks[0]["passed"] is False
     assert "0.5" in checks[0]["detail"] and "1.0" in checks[0]["detail"]
@@ -154,37 +156,39 @@ def test_sanity_checks_flag_large_eps_accuracy(large, ok):
 
 # ------------------------------------------------------------------------------------------ evaluate
 
-EVAL_KEYS = {"attack", "norm", "steps", "step_size", "rel_step", "restarts", "objective", "n", "results", "checks",
-             "seconds", "fgsm_accuracy", "large_eps_accuracy", "large_eps_n"}
+EVAL_KEYS = {"protocol", "settings", "attacks", "n", "clean", "checks", "samples", "seconds", "results"}
 
 
 @pytest.mark.parametrize("attack,grid", [("pgd-l2", L2_GRID), ("pgd-linf", LINF_GRID)])
 def test_evaluate_pgd_on_the_tiny_model(trained_tiny, attack, grid):
     model = trained_tiny.model
     x, y = data(trained_tiny)
+    norm = attack.split("-")[1]
     r = evaluate(model, x, y, attack=attack, epsilons=grid, steps=10, batch_size=100)
-    assert set(r) == EVAL_KEYS
-    assert r["attack"] == attack and r["norm"] == attack.split("-")[1] and r["n"] == 200
-    assert r["steps"] == 10 and r["restarts"] == 1
+    assert set(r) == EVAL_KEYS | {f"pgd_{norm}"}
+    assert r["protocol"]["attack"] == "pgd" and r["protocol"]["norm"] == norm and r["n"] == 200
+    assert r["protocol"]["steps"] == 10 and r["protocol"]["restarts"] == 1
     assert [row["eps"] for row in r["results"]] == grid
     accs = [row["accuracy"] for row in r["results"]]
     assert accs[0] == pytest.approx(accuracy(model, x, y))
     assert all(b <= a for a, b in zip(accs, accs[1:]))
     assert accs[-1] < 0.05
-    assert len(r["fgsm_accuracy"]) == len(grid)
-    assert all(a <= f + 0.01 for a, f in zip(accs, r["fgsm_accuracy"]))
+    fgsm = [r["samples"][f"fgsm:{e}"].count("1") / 200 for e in grid]   # the FGSM check's per-sample results
+    assert all(a <= f + 0.01 for a, f in zip(accs, fgsm))
     assert len(r["checks"]) == 3 and all(c["passed"] for c in r["checks"]), r["checks"]
-    assert r["seconds"] >= 0
+    assert all(v >= 0 for v in r["seconds"].values())
+    for e, d in r[f"pgd_{norm}"].items():                               # every accuracy with its interval
+        assert d["ci95"][0] <= d["accuracy"] <= d["ci95"][1] and d["n"] == 200
 
 
 def test_evaluate_fgsm_and_without_checks(trained_tiny):
     model = trained_tiny.model
     x, y = data(trained_tiny, 100)
     r = evaluate(model, x, y, attack="fgsm-l2", epsilons=[0, 2.0], steps=10)
-    assert r["norm"] == "l2" and r["fgsm_accuracy"] is None
+    assert r["protocol"]["norm"] == "l2" and set(r["samples"]) == {"clean", "fgsm:0.0", "fgsm:2.0", "large"}
     assert len(r["checks"]) == 2                                     # no FGSM comparison for FGSM itself
     r = evaluate(model, x, y, attack="pgd-l2", epsilons=[0, 2.0], steps=5, checks=False)
-    assert set(r) == EVAL_KEYS - {"checks", "fgsm_accuracy", "large_eps_accuracy", "large_eps_n"}
+    assert "checks" not in r and "large" not in r["samples"]
     assert r["results"][1]["accuracy"] < r["results"][0]["accuracy"]
 
 
@@ -210,7 +214,7 @@ def test_evaluate_is_reproducible(trained_tiny):
 
 def test_inference_copy_folds_batchnorm_and_keeps_the_function():
     from advgen import build_model
-    from advgen.speed import inference_copy
+    from advgen.models.folding import inference_copy
     torch.manual_seed(0)
     model = build_model("resnet20").train()
     with torch.no_grad():  # non-trivial BatchNorm statistics, so folding has something to get wrong
@@ -233,14 +237,15 @@ def test_inference_copy_folds_batchnorm_and_keeps_the_function():
 def test_evaluate_fast_and_plain_agree(trained_tiny):
     x, y = data(trained_tiny)
     kw = dict(attack="pgd-l2", epsilons=[0.0, 0.5, 1.0], steps=5, checks=False)
-    fast = evaluate(trained_tiny.model, x, y, fast=True, **kw)
-    plain = evaluate(trained_tiny.model, x, y, fast=False, **kw)
-    for a, b in zip(fast["results"], plain["results"]):
-        assert abs(a["accuracy"] - b["accuracy"]) <= 2 / x.shape[0]  # float rounding may flip a sample
+    fast = evaluate(trained_tiny.model, x, y, **kw)   # attacks the BatchNorm-folded copy
+    model = trained_tiny.model
+    plain = robust_accuracy(model, x, y, lambda e: PGD(model, norm="l2", eps=e, steps=5, seed=0), [0.0, 0.5, 1.0])
+    for a, b in zip(fast["results"], plain):
+        assert abs(a["accuracy"] - b) <= 2 / x.shape[0]  # float rounding may flip a sample
 
 
 def test_wilson_interval_matches_the_formula_and_edges():
-    from advgen.evaluate import wilson
+    from advgen.evaluation import wilson
     lo, hi = wilson(50, 100)
     assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)   # the textbook value for 50/100
     assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0 and 0 < wilson(0, 20)[1] < 0.2
@@ -270,7 +275,7 @@ FULL = dict(pgd_eps=[0.0, 0.5, 2.0], aa_eps=[0.5], pgd_steps=3, restarts=1, batc
 
 @pytest.fixture
 def fake_aa(monkeypatch):
-    monkeypatch.setattr("advgen.attacks.AutoAttack", _FakeAA)
+    monkeypatch.setattr("advgen.evaluation.protocol.AutoAttack", _FakeAA)
     _FakeAA.calls, _FakeAA.fail_after = [], None
     return _FakeAA
 
@@ -280,7 +285,6 @@ def _bits(out, key):
 
 
 def test_full_evaluation_worst_case_is_per_sample(tmp_path, trained_tiny, fake_aa):
-    from advgen.evaluate import full_evaluation
     x, y = trained_tiny.x_test[:24], trained_tiny.y_test[:24]
     out = full_evaluation(trained_tiny.model, x, y, **{**FULL, "aa_eps": [2.0]})
     clean = out["clean"]
@@ -299,7 +303,6 @@ def test_full_evaluation_worst_case_is_per_sample(tmp_path, trained_tiny, fake_a
 
 
 def test_full_evaluation_resumes_inside_an_attack(tmp_path, trained_tiny, fake_aa):
-    from advgen.evaluate import full_evaluation
     x, y = trained_tiny.x_test[:24], trained_tiny.y_test[:24]
     whole = full_evaluation(trained_tiny.model, x, y, **FULL)
     fake_aa.calls, fake_aa.fail_after = [], 1           # stopped during AutoAttack's second chunk of 8
@@ -318,9 +321,10 @@ def test_full_evaluation_resumes_inside_an_attack(tmp_path, trained_tiny, fake_a
 
 
 def test_compare_autoattack_resumes_inside_its_chunks(tmp_path, trained_tiny, monkeypatch, caplog):
-    from advgen.compare import COMPARE_PRESETS, evaluate_model
-    from advgen.evaluate import robust_accuracy
-    monkeypatch.setattr("advgen.compare.AutoAttack", _FakeAA)
+    from advgen.apps.compare.plan import COMPARE_PRESETS
+    from advgen.apps.compare.run import evaluate_model
+    from advgen.evaluation import robust_accuracy
+    monkeypatch.setattr("advgen.evaluation.protocol.AutoAttack", _FakeAA)
     _FakeAA.calls, _FakeAA.fail_after = [], None
     p = dataclasses.replace(COMPARE_PRESETS["smoke"], aa_chunk=5, aa_eps=[0.5])   # chunks seeded 3, 8, 13
     model, x, y = trained_tiny.model, trained_tiny.x_test[:15], trained_tiny.y_test[:15]
@@ -333,23 +337,23 @@ def test_compare_autoattack_resumes_inside_its_chunks(tmp_path, trained_tiny, mo
     progress = tmp_path / "eval-step-4.aa-progress.json"
     _FakeAA.calls, _FakeAA.fail_after = [], 1            # stopped during the second chunk
     with pytest.raises(KeyboardInterrupt):
-        evaluate_model(model, x, y, p, autoattack=True, seed=3, aa_progress=progress)
+        evaluate_model(model, x, y, p, autoattack=True, seed=3, progress=progress)
     assert len(json.loads(progress.read_text())["samples"]["aa:0.5"]) == 5
     _FakeAA.calls, _FakeAA.fail_after = [], None
-    assert evaluate_model(model, x, y, p, autoattack=True, seed=3, aa_progress=progress) == whole
+    assert evaluate_model(model, x, y, p, autoattack=True, seed=3, progress=progress) == whole
     assert len(_FakeAA.calls) == 2                       # the two chunks left
     # the run trained again: the file is stale, its AutoAttack starts over, said in a warning
     other = copy.deepcopy(model)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     _FakeAA.calls = []
-    evaluate_model(other, x, y, p, autoattack=True, seed=3, aa_progress=progress)
-    assert len(_FakeAA.calls) == 3 and "model_sha256" in caplog.text and "starting its AutoAttack over" in caplog.text
+    evaluate_model(other, x, y, p, autoattack=True, seed=3, progress=progress)
+    assert len(_FakeAA.calls) == 3 and "model_sha256" in caplog.text and "starting it over" in caplog.text
 
 
 def test_full_evaluation_step_size_and_the_settings_of_older_files(tmp_path, trained_tiny, fake_aa, monkeypatch):
     import importlib
-    ev = importlib.import_module("advgen.evaluate")   # the module: advgen.evaluate is also a function
+    ev = importlib.import_module("advgen.evaluation.protocol")   # the module: advgen.evaluate is also a function
     x, y = trained_tiny.x_test[:8], trained_tiny.y_test[:8]
     steps = []
     real = ev.PGD
@@ -359,18 +363,17 @@ def test_full_evaluation_step_size_and_the_settings_of_older_files(tmp_path, tra
         return real(*a, **k)
     monkeypatch.setattr(ev, "PGD", spy)
     default = {k: v for k, v in FULL.items() if k != "rel_step"}
-    out = ev.full_evaluation(trained_tiny.model, x, y, **default)
+    out = full_evaluation(trained_tiny.model, x, y, **default)
     large = 0.1   # the large-eps sanity check's own PGD
     assert out["settings"]["pgd_rel_step"] == ev.FULL_REL_STEP and set(steps) - {large} == {ev.FULL_REL_STEP}
     assert out["attacks"]["pgd_l2"]["step_size"] == f"{ev.FULL_REL_STEP:g} * eps"
     # Madry's 2.5 / steps, the step of the first evaluations: not named, so their files resume
     steps.clear()
-    old = ev.full_evaluation(trained_tiny.model, x, y, **FULL)
+    old = full_evaluation(trained_tiny.model, x, y, **FULL)
     assert "pgd_rel_step" not in old["settings"] and set(steps) - {large} == {2.5 / FULL["pgd_steps"]}
 
 
 def test_full_evaluation_refuses_a_file_of_another_model_or_settings(tmp_path, trained_tiny, fake_aa):
-    from advgen.evaluate import full_evaluation
     x, y = trained_tiny.x_test[:16], trained_tiny.y_test[:16]
     progress = tmp_path / "eval.json"
     full_evaluation(trained_tiny.model, x, y, progress_file=progress, **FULL)
@@ -391,7 +394,7 @@ def test_full_evaluation_refuses_a_file_of_another_model_or_settings(tmp_path, t
 
 def test_full_evaluation_pgd_takes_the_objectives_in_turn(trained_tiny, fake_aa, monkeypatch):
     import sys
-    ev = sys.modules["advgen.evaluate"]      # the package's `evaluate` attribute is the function
+    ev = sys.modules["advgen.evaluation.protocol"]      # the package's `evaluate` attribute is the function
     made = []
 
     class Recording(ev.PGD):
@@ -401,12 +404,12 @@ def test_full_evaluation_pgd_takes_the_objectives_in_turn(trained_tiny, fake_aa,
 
     monkeypatch.setattr(ev, "PGD", Recording)
     x, y = trained_tiny.x_test[:8], trained_tiny.y_test[:8]
-    out = ev.full_evaluation(trained_tiny.model, x, y, **FULL)
+    out = full_evaluation(trained_tiny.model, x, y, **FULL)
     assert out["settings"]["pgd_objectives"] == ["ce", "margin"]
     assert out["attacks"]["pgd_l2"]["objectives"] == ["ce", "margin"]
     assert {o for steps, o in made if steps == FULL["pgd_steps"]} == {("ce", "margin")}
     made.clear()
-    out = ev.full_evaluation(trained_tiny.model, x, y, **FULL, objectives=("margin",))
+    out = full_evaluation(trained_tiny.model, x, y, **FULL, objectives=("margin",))
     assert {o for steps, o in made if steps == FULL["pgd_steps"]} == {("margin",)}
     assert out["settings"]["pgd_objectives"] == ["margin"]
 
@@ -415,7 +418,6 @@ def test_full_evaluation_with_the_real_standard_autoattack(tiny_model):
     """The pyautoattack package's standard version through the adapter (an untrained model: few
     points to attack, seconds): AutoAttack never does better than clean, the worst case never better
     than either attack."""
-    from advgen.evaluate import full_evaluation
     from conftest import synthetic_images
     x, y = synthetic_images(8, 3)
     out = full_evaluation(tiny_model(seed=1).eval(), x, y, pgd_eps=[0.0, 0.25], aa_eps=[0.25], pgd_steps=2,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import advgen
 from advgen.errors import UserError
 from advgen.models.generators import GeneratorBank, BankConfig
-from advgen.training.generator import GeneratorMethod, GeneratorOptions
+from advgen.training.methods.generator import GeneratorMethod, GeneratorOptions
 from advgen.training.method import Setup
 
 
@@ -321,7 +321,7 @@ def test_input_gradient_variant_and_clean_fraction(trained_tiny):
 
 def test_train_loop_with_generator_method(tmp_path):
     """A smoke run of the real loop (ResNet-20, one epoch of 64 images) saving the generator bank."""
-    from advgen.checkpoint import read_tensors
+    from advgen.io import read_tensors
     from advgen.data import Dataset
     g = torch.Generator().manual_seed(0)
     ds = Dataset(torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(64) % 10, 10)
@@ -655,7 +655,8 @@ def test_memory_options_that_make_no_sense_are_refused():
 
 
 def test_memory_cli_flags():
-    from advgen.cli import build_parser, train_config_from_args
+    from advgen.cli import build_parser
+    from advgen.cli.train import train_config_from_args
     parse = lambda *a: train_config_from_args(build_parser().parse_args(  # noqa: E731
         ["train", "--method", "generator", "--out", "x", *a])).options
     assert not parse().memory and parse().start == "bank"
@@ -668,7 +669,7 @@ def test_memory_cli_flags():
 
 
 def test_compare_entries_of_the_memory_variant_and_its_control():
-    from advgen.compare import COMPARE_PRESETS, ENTRIES, passes_per_step
+    from advgen.apps.compare.plan import COMPARE_PRESETS, L2_ENTRIES as ENTRIES, passes_per_step
     from advgen.config import from_dict
     quick = {e.name: e for e in COMPARE_PRESETS["quick"].entries}
     costs = {}

@@ -12,9 +12,9 @@ import torch
 from synth_cifar import tiny_dataset, write_cifar
 
 import advgen
-from advgen import paper_report
-from advgen.config import TrainConfig
-from advgen.evaluate import full_evaluation
+from advgen.apps import paper as paper_report
+from advgen.training import TrainConfig
+from conftest import full_evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def campaign(tmp_path_factory):
     fgsm_rs half-trained, gen_gradient part-way through its first epoch (a saved state, no run.json), pgd10
     not started; evals/ holds STAGE.json."""
     mp = pytest.MonkeyPatch()
-    mp.setattr("advgen.attacks.AutoAttack", _FakeAA)
+    mp.setattr("advgen.evaluation.protocol.AutoAttack", _FakeAA)
     root = tmp_path_factory.mktemp("campaign")
     runs, evals = root / "runs", root / "evals"
     evals.mkdir()
@@ -121,7 +121,7 @@ def test_report_uses_the_finished_stages_and_lists_the_rest(campaign, tmp_path):
 
 def test_the_robustness_claim_once_both_paper_models_are_evaluated(campaign, tmp_path, monkeypatch):
     root, runs, evals, evs = campaign
-    monkeypatch.setattr("advgen.attacks.AutoAttack", _FakeAA)
+    monkeypatch.setattr("advgen.evaluation.protocol.AutoAttack", _FakeAA)
     mm = _evaluate(runs / "minmax_paper", tmp_path / "minmax_paper.json")
     both = tmp_path / "evals"
     both.mkdir()
@@ -176,7 +176,7 @@ def test_a_part_way_evaluation_is_named_as_such_and_the_benchmark_ratios_shown(c
 
 def test_a_finished_pgd_sweep_joins_figure3_before_autoattack_ends(campaign, tmp_path, monkeypatch):
     root, runs, evals, evs = campaign
-    monkeypatch.setattr("advgen.attacks.AutoAttack", _FakeAA)
+    monkeypatch.setattr("advgen.evaluation.protocol.AutoAttack", _FakeAA)
     ev = _evaluate(runs / "minmax_paper", tmp_path / "mm.json")
     part = tmp_path / "evals"
     part.mkdir()
@@ -214,7 +214,7 @@ def test_mcnemar_exact_p_values():
 
 
 def test_the_script_errors_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "paper_report.py"), str(tmp_path / "nope"),
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "paper_report.py"), str(tmp_path / "nope"),
                           "--out", str(tmp_path / "docs")], capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a folder of campaign runs" in out.stderr

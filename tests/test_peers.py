@@ -17,14 +17,15 @@ from advgen.attacks import PGD
 from advgen.attacks.pgd import L2, kl_from
 from advgen.checkpoint import STATE_FILE
 from advgen.cli import main
-from advgen.compare import ENTRIES, passes_per_step
-from advgen.config import TrainConfig, from_dict
+from advgen.apps.compare.plan import L2_ENTRIES as ENTRIES, passes_per_step
+from advgen.config import from_dict
+from advgen.training import TrainConfig
 from advgen.errors import UserError
 from advgen.training import METHODS, Setup, registered, train
-from advgen.training.free import FreeOptions
-from advgen.training.nfgsm import NFGSMOptions
+from advgen.training.methods.free import FreeOptions
+from advgen.training.methods.nfgsm import NFGSMOptions
 from advgen.training.state import read_state
-from advgen.training.trades import TradesOptions
+from advgen.training.methods.trades import TradesOptions
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 from synth_cifar import tiny_dataset, write_cifar
 
 import advgen
-from advgen.checkpoint import STATE_FILE, read_tensors
+from advgen.checkpoint import STATE_FILE
+from advgen.io import read_tensors
 from advgen.cli import main
-from advgen.config import AttackConfig, TrainConfig
-from advgen.training.generator import GeneratorOptions
+from advgen.config import AttackConfig
+from advgen.training import TrainConfig
+from advgen.training.methods.generator import GeneratorOptions
 from advgen.errors import CheckpointError, RunDirError, TrainingDiverged
 from advgen.models.generators import BankConfig
 from advgen.training import METHODS, metrics, registered, train
@@ -374,7 +376,7 @@ def test_time_budget_ends_early_and_resumes_as_finished(tmp_path):
 
 
 def test_reproduce_resumes_a_stopped_stage(tmp_path, monkeypatch, caplog, capsys):
-    from advgen import report
+    from advgen.apps import reproduce as report
     smoke = report.PRESETS["smoke"]   # the smoke preset with a 2-step inner PGD: seconds, not half a minute
     monkeypatch.setitem(report.PRESETS, "smoke2", dataclasses.replace(
         smoke, attack=AttackConfig(steps=2, step_size=0.05), eval_steps=2))

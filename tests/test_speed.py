@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from synth_cifar import tiny_dataset
 
 from advgen.cli import main
-from advgen.config import AttackConfig, TrainConfig
+from advgen.config import AttackConfig
+from advgen.training import TrainConfig
 from advgen.errors import UserError
 from advgen.models import build_model
-from advgen.speed import BNFolder, inference_copy
+from advgen.models.folding import BNFolder, inference_copy
 from advgen.training import METHODS, registered
 from advgen.training.loop import train
 
@@ -156,7 +157,8 @@ def test_compile_failure_is_a_user_error(monkeypatch):
 
 
 def test_cli_speed_flags_reach_the_config(tmp_path):
-    from advgen.cli import build_parser, train_config_from_args
+    from advgen.cli import build_parser
+    from advgen.cli.train import train_config_from_args
     args = build_parser().parse_args(["train", "--method", "minmax", "--out", str(tmp_path), "--channels-last",
                                       "false", "--amp", "--fold-bn-attack", "false"])
     cfg = train_config_from_args(args)

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from synth_cifar import tiny_dataset, write_cifar
 
 import advgen
-from advgen.checkpoint import STATE_FILE, save_model, save_tensors
+from advgen.checkpoint import STATE_FILE, save_model
+from advgen.io import save_tensors
 from advgen.cli import main
-from advgen.config import DEFAULT_EPS, AttackConfig, TrainConfig
+from advgen.attacks import STANDARD_EPS as DEFAULT_EPS
+from advgen.config import AttackConfig
+from advgen.training import TrainConfig
 from advgen.errors import CheckpointError, ConfigError
 from advgen.training import METHODS, Method, Run, register, registered, train
 from advgen.training.state import pack, read_state, unpack
@@ -223,7 +226,7 @@ def test_snapshots_equal_the_runs_of_shorter_budgets(tmp_path):
 def test_configs_saved_before_a_setting_existed_match_with_its_default(tmp_path):
     """A finished run whose run.json predates a setting (here budget_steps and options.recursions) is
     still found complete, and still resumes."""
-    from advgen.report import run_complete
+    from advgen.apps.reproduce import run_complete
     cfg = TrainConfig(method="generator", epochs=1, batch_size=16)
     cfg.options.bank.n = 4
     train(cfg, *_sets(), out_dir=tmp_path / "r", progress=False)

@@ -13,13 +13,15 @@ from torch import nn
 import advgen.checkpoint
 from advgen.attacks import PGD
 from advgen.cli import main
-from advgen.config import TrainConfig
+from advgen.training import TrainConfig
 from advgen.data import Dataset
 from advgen.models import Normalize
 from advgen.training import train
 
 torch.set_num_threads(1)
-ev = importlib.import_module("advgen.evaluate")   # `advgen.evaluate` the attribute is the function
+ev = importlib.import_module("advgen.evaluation.core")
+from advgen.evaluation import sanity_checks  # noqa: E402
+from conftest import curve_evaluation  # noqa: E402
 
 
 def tiny(seed: int = 0, dropout: float = 0.0) -> nn.Module:
@@ -83,24 +85,24 @@ def test_attacks_run_in_eval_mode_and_leave_the_model_as_it_was():
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())   # BN statistics untouched
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
-    ev.evaluate(model, (x * 255).to(torch.uint8), y, epsilons=[0.0, 0.5], steps=2)
+    curve_evaluation(model, (x * 255).to(torch.uint8), y, epsilons=[0.0, 0.5], steps=2)
     assert model.training and all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
 
 
 def test_sanity_checks_are_always_reported_and_failures_shown():
     x, y = _data(48)
     good = tiny().eval()
-    res = ev.evaluate(good, x, good(x).argmax(1), epsilons=[0.0, 0.25, 0.5], steps=5)
+    res = curve_evaluation(good, x, good(x).argmax(1), epsilons=[0.0, 0.25, 0.5], steps=5)
     names = [c["name"] for c in res["checks"]]
     assert names == ["accuracy non-increasing in eps", "attack at least as strong as FGSM",
                      "large eps (10.0) drives accuracy to ~0"]
     assert all(c["passed"] for c in res["checks"]), res["checks"]
     masked = Masked(tiny()).eval()
-    res = ev.evaluate(masked, x, masked(x).argmax(1), epsilons=[0.0, 0.5], steps=5)
+    res = curve_evaluation(masked, x, masked(x).argmax(1), epsilons=[0.0, 0.5], steps=5)
     failed = [c for c in res["checks"] if not c["passed"]]
     assert [c["name"] for c in failed] == ["large eps (10.0) drives accuracy to ~0"]
     assert "gradients may be masked" in failed[0]["detail"]
-    checks = ev.sanity_checks("l2", [0.0, 0.5, 1.0], [0.9, 0.5, 0.7], [0.9, 0.4, 0.6], 0.0, 100)
+    checks = sanity_checks("l2", [0.0, 0.5, 1.0], [0.9, 0.5, 0.7], [0.9, 0.4, 0.6], 0.0, 100)
     assert [c["passed"] for c in checks] == [False, False, True]
 
 
@@ -124,7 +126,7 @@ def test_memory_is_bounded_by_the_batch_size(monkeypatch):
     model = Recorder(tiny().eval())
     images = (torch.rand(100, 3, 32, 32) * 255).to(torch.uint8)   # uint8, as the CLI passes the test set
     labels = torch.randint(0, 10, (100,))
-    ev.evaluate(model, images, labels, epsilons=[0.0, 0.5], steps=2, restarts=2, batch_size=16)
+    curve_evaluation(model, images, labels, epsilons=[0.0, 0.5], steps=2, restarts=2, batch_size=16)
     assert model.max_batch <= 16 and max(converted) <= 16
 
 

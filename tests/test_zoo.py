@@ -13,9 +13,9 @@ import torch
 from synth_cifar import tiny_dataset, write_cifar
 
 import advgen
-from advgen import zoo
+from advgen.apps import zoo
 from advgen.cli import main
-from advgen.config import TrainConfig
+from advgen.training import TrainConfig
 from advgen.data import first_n, load_cifar
 from advgen.errors import CheckpointError, UserError
 
@@ -35,7 +35,7 @@ class _FakeAA:
 @pytest.fixture
 def run_and_eval(tmp_path, monkeypatch):
     """A finished tiny run, the test data, and its `advgen eval RUN --full` output (fake AutoAttack)."""
-    monkeypatch.setattr("advgen.attacks.AutoAttack", _FakeAA)
+    monkeypatch.setattr("advgen.evaluation.protocol.AutoAttack", _FakeAA)
     torch.manual_seed(0)
     run = tmp_path / "run"
     advgen.train(TrainConfig(epochs=1, batch_size=16), tiny_dataset(32, 1), tiny_dataset(16, 2), out_dir=run,
@@ -120,7 +120,7 @@ def test_a_changed_weights_file_is_refused_before_loading(a_zoo, tmp_path, capsy
     def no_load(*a, **k):
         raise AssertionError("a file that fails its sha256 was read as a model")
     monkeypatch.setattr("advgen.checkpoint._load_advgen", no_load)
-    monkeypatch.setattr("advgen.checkpoint.read_tensors", no_load)
+    monkeypatch.setattr("advgen.io.read_tensors", no_load)
     with pytest.raises(CheckpointError, match="sha256 .* is not loaded"):
         advgen.load_model("zoo:tiny-base")
     data = write_cifar(tmp_path / "data2", per_batch=8, n_test=8)

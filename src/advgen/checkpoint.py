@@ -4,27 +4,22 @@ A run folder holds model.safetensors (the classifier; its header metadata repeat
 the file stands alone), run.json (config, per-epoch metrics, version, git commit) and, for the
 generator method, generators.safetensors; state.safetensors holds the whole training state for
 `--resume` (tensors, and the rest as JSON in its header, so the two can never come from different
-steps). Every write goes to a temporary file in the same folder, is fsynced and then renamed over the
-target (and the folder fsynced), so a crash leaves the old file or the new one, never half.
+steps). Writes are atomic (io.atomic_write).
+
+The model zoo's files live here too: `zoo:NAME` names a shipped model, whose weights are checked against
+the sha256 of its card before every load (apps/zoo.py lists and adds them).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import platform
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from .errors import CheckpointError, UserError
+from .io import file_digest, one_line, read_json, read_tensors, save_tensors
 
 MODEL_FILE = "model.safetensors"
 GENERATORS_FILE = "generators.safetensors"
@@ -34,146 +29,38 @@ METRICS_FILE = "metrics.csv"
 RUN_FILES = (STATE_FILE, RUN_FILE, MODEL_FILE, GENERATORS_FILE, METRICS_FILE)   # what makes a folder hold a run
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to path atomically (temp file in the same folder, fsync, os.replace)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write to {path.parent}: {e.strerror or e}") from None
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; give the file the mode open() would
-            os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+ZOO_PREFIX = "zoo:"
+ZOO_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
-def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
+def zoo_dir() -> Path:
+    """The installed zoo (package data), or $ADVGEN_ZOO_DIR."""
+    return Path(os.environ.get("ADVGEN_ZOO_DIR") or Path(__file__).with_name("zoo_models"))
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def zoo_cards(folder: Path | None = None) -> list[dict]:
+    """Every card of the zoo (its NAME.json files), sorted by name; [] when the folder is absent."""
+    folder = folder or zoo_dir()
+    return sorted((read_json(p) for p in folder.glob("*.json")), key=lambda c: c.get("name", "")) if folder.is_dir() else []
 
 
-def check_writable(folder: Path) -> None:
-    """Create `folder` if needed and prove a file can be written there, before hours of work go into it."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".advgen-probe.", suffix=".tmp") as f:
-            f.write(b"x")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
+def zoo_model_file(name: str, folder: Path | None = None) -> Path:
+    """The weights of zoo model `name`, after checking them against the card's sha256."""
+    folder = folder or zoo_dir()
+    card_path = folder / f"{name}.json"
+    if not ZOO_NAME.match(name) or not card_path.is_file():
+        known = ", ".join(c["name"] for c in zoo_cards(folder)) or "none (the zoo is empty)"
+        raise UserError(f"no model {name!r} in the zoo ({folder}); known: {known}")
+    card = read_json(card_path)
+    path = folder / card.get("file", f"{name}.safetensors")
+    if not path.is_file():
+        raise CheckpointError(f"zoo model {name}: its weights file {path.name} is missing")
+    digest = file_digest(path)
+    if digest != card.get("sha256"):
+        raise CheckpointError(f"zoo model {name}: {path.name} has sha256 {digest[:16]}…, its card says "
+                              f"{str(card.get('sha256'))[:16]}…; the file was changed or damaged and is not loaded")
+    return path
 
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """The hex digest of a file's bytes (read in 1 MiB blocks): sha256 for the zoo, md5 for CIFAR archives."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
-
-
-def git_commit() -> str | None:
-    """The commit of the advgen source tree, if it is a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine_description(device: torch.device) -> str:
-    """The machine a timing was measured on: CPU model, logical CPUs, torch and its threads, GPU, device."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
-    if device.type == "cuda":
-        desc += f", GPU {torch.cuda.get_device_name(device)}"
-    return f"{desc}, device {device}"
-
-
-def save_tensors(path: Path, module_or_state, metadata: dict | None = None) -> None:
-    """Save a module's state dict (or a dict of tensors) as safetensors, with JSON metadata."""
-    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    meta = {"advgen": json.dumps(metadata)} if metadata is not None else None
-    atomic_write(path, st_save(tensors, metadata=meta))
-
-
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a safetensors file -> (tensors, advgen metadata dict or {})."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        tensors = st_load(raw)
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        meta = json.loads(header.get("__metadata__", {}).get("advgen", "{}"))
-    except (SafetensorError, ValueError, UnicodeDecodeError, TypeError, AttributeError, OverflowError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors checkpoint ({_one_line(e)})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} has malformed advgen metadata (not a JSON object)")
-    return tensors, meta
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:limit]
 
 
 def save_model(path: Path, model: nn.Module, meta: dict) -> None:
@@ -278,15 +165,14 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, wha
             model.load_state_dict(state, strict=True)
             return
         except (RuntimeError, TypeError, ValueError) as e:  # e.g. a tensor of a dtype that cannot be copied
-            problem = _one_line(e)
+            problem = one_line(e)
     raise CheckpointError(f"{path} does not fit this architecture{f' ({what})' if what else ''}: {problem}")
 
 
 def resolve_model_file(path: str | Path) -> Path:
     """A run folder's model file, a model file, or "zoo:NAME" (checked against its card's sha256)."""
-    if isinstance(path, str) and path.startswith("zoo:"):
-        from .zoo import model_file
-        return model_file(path[len("zoo:"):])
+    if isinstance(path, str) and path.startswith(ZOO_PREFIX):
+        return zoo_model_file(path[len(ZOO_PREFIX):])
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE

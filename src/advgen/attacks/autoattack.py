@@ -41,7 +41,8 @@ class AutoAttack:
         try:
             from pyautoattack import AutoAttack as _AA
         except ImportError:
-            raise UserError("AutoAttack needs the pyautoattack package: pip install 'advgen[autoattack]'") from None
+            raise UserError("AutoAttack needs the pyautoattack package, a dependency of advgen: pip install "
+                            "pyautoattack==0.2.0") from None
         with eval_mode(self.model):
             aa = _AA(self.model, norm={"l2": "L2", "linf": "Linf"}[self.norm], eps=self.eps,
                      version=self.version, attacks=self.attacks, seed=self.seed, device=x.device)

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import check_field
+from ..flags import option
+
 BOUNDS = ("box", "l2", "linf")
 ASSIGNMENTS = ("split", "random", "all")
 
@@ -32,27 +35,29 @@ ASSIGNMENTS = ("split", "random", "all")
 class BankConfig:
     """Architecture and bound of the generator bank. Paper preset: n=32, bound='box', size=0.2."""
 
-    n: int = 32                 # number of generators
-    bound: str = "box"          # box (eq. 3) | l2 | linf
-    size: float = 0.2           # s: box half-width, or the L2 / Linf radius, in [0, 1] pixel units
-    depth: int = 3              # conv layers per generator
-    width: int = 16             # channels of the hidden layers
-    residual: bool = True       # φ(x) = x + ψ(x) rather than φ(x) = ψ(x) (box bound only)
-    grad_input: bool = False    # φ also sees the input gradient of the loss (one extra backward pass)
-    grad_skip: bool = False     # with grad_input: ψ(x, g) = g + net(x, g), so φ starts as the FGSM step
+    n: int = option(32, "--generators", "number of generator networks N")
+    bound: str = option("box", "--gen-bound-type", "box: eq. (3); l2: s*psi/||psi||_2; linf: s*tanh(psi)", choices=BOUNDS)
+    size: float = option(0.2, "--gen-bound", "s: the bound size in [0, 1] pixel units (box half-width or the radius)")
+    depth: int = option(3, "--gen-depth", "conv layers per generator")
+    width: int = option(16, "--gen-width", "channels of the hidden layers")
+    residual: bool = option(True, "--gen-residual", "phi(x) = x + psi(x) (true) or psi(x) (box bound only)")
+    grad_input: bool = option(False, "--gen-grad-input", "phi also sees the input gradient (one more forward and "
+                              "backward per step)")
+    grad_skip: bool = option(False, "--gen-grad-skip", "with --gen-grad-input: psi = gradient + net, so the bank starts "
+                             "as the FGSM step")
     memory_input: bool = False  # φ also sees the sample's previous perturbation (set from GeneratorOptions.memory)
-    assign: str = "split"       # split: batch cut in N parts; random: random parts; all: every generator on every sample
+    assign: str = option("split", "--gen-assign", "split: the batch cut in N parts; random: random parts; all: every "
+                         "generator on every sample", choices=ASSIGNMENTS)
 
     def validate(self) -> None:
-        from ..errors import check_field
-        check_field(self.n >= 1, "bank.n", f"must be >= 1, got {self.n}")
-        check_field(self.bound in BOUNDS, "bank.bound", f"unknown: {self.bound!r}; choose from {', '.join(BOUNDS)}")
-        check_field(math.isfinite(self.size) and self.size > 0, "bank.size", f"must be > 0, got {self.size}")
-        check_field(self.depth >= 1, "bank.depth", f"must be >= 1, got {self.depth}")
-        check_field(self.width >= 1, "bank.width", f"must be >= 1, got {self.width}")
-        check_field(self.assign in ASSIGNMENTS, "bank.assign",
+        check_field(self.n >= 1, "options.bank.n", f"must be >= 1, got {self.n}")
+        check_field(self.bound in BOUNDS, "options.bank.bound", f"unknown: {self.bound!r}; choose from {', '.join(BOUNDS)}")
+        check_field(math.isfinite(self.size) and self.size > 0, "options.bank.size", f"must be > 0, got {self.size}")
+        check_field(self.depth >= 1, "options.bank.depth", f"must be >= 1, got {self.depth}")
+        check_field(self.width >= 1, "options.bank.width", f"must be >= 1, got {self.width}")
+        check_field(self.assign in ASSIGNMENTS, "options.bank.assign",
                     f"unknown: {self.assign!r}; choose from {', '.join(ASSIGNMENTS)}")
-        check_field(not self.grad_skip or self.grad_input, "bank.grad_skip", "needs bank.grad_input")
+        check_field(not self.grad_skip or self.grad_input, "options.bank.grad_skip", "needs bank.grad_input")
 
 
 class GeneratorBank(nn.Module):

@@ -1,7 +1,9 @@
-"""Training: one shared loop (loop.py) and one small module per method, registered in method.METHODS."""
-from . import free, generator, minmax, nfgsm, standard, trades  # noqa: F401  (each registers its methods)
+"""Training: one shared loop (loop.py) and one small module per method under methods/, each registered in
+method.METHODS when the package is imported."""
+from . import methods  # noqa: F401  (imports every method module, each registering itself)
+from .config import SCHEDULES, TrainConfig
 from .control import STOP, StopFlag
 from .loop import Run, train
 from .method import METHODS, Method, Setup, register, registered
 
-__all__ = ["train", "Run", "METHODS", "Method", "Setup", "register", "registered", "STOP", "StopFlag"]
+__all__ = ["TrainConfig", "SCHEDULES", "train", "Run", "METHODS", "Method", "Setup", "register", "registered", "STOP", "StopFlag"]

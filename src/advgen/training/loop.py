@@ -34,13 +34,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .. import __version__
-from ..checkpoint import METRICS_FILE, STATE_FILE, git_commit, load_model, machine_description, save_model
-from ..config import TrainConfig, with_defaults
-from ..data import Batches, Dataset, data_placement, normalization_for
+from .._version import __version__
+from ..checkpoint import METRICS_FILE, STATE_FILE, load_model, save_model
+from ..config import with_defaults
+from ..data import Batches, Dataset, balanced_subset, data_placement, first_n, normalization_for
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
 from ..models import build_model
 from . import distributed
+from ..io import git_commit, machine_description
+from .config import TrainConfig
 from .control import STOP, Budget, StepTimer, StopFlag
 from .distributed import Dist
 from .method import Forwards, Method, Setup, build_method
@@ -490,6 +492,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     device = torch.device(device)
     cfg.validate()
     check_speed_options(cfg, device, dist)
+    train_set, test_set = subsets(cfg, train_set, test_set)
     check_field(checkpoint_every is None or (type(checkpoint_every) is int and checkpoint_every >= 1),
                 "checkpoint_every", f"must be a number of steps >= 1, got {checkpoint_every}")
     check_field(cfg.watch_subset <= len(test_set), "watch_subset",
@@ -500,6 +503,21 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     with hold_run_dir(out) if out is not None and dist.main else contextlib.nullcontext():
         return _train(cfg, train_set, test_set, out, device, progress, model, resume, force, checkpoint_every,
                       snapshots, tensorboard, stop, dist, data_on)
+
+
+def subsets(cfg: TrainConfig, train_set: Dataset, test_set: Dataset) -> tuple[Dataset, Dataset]:
+    """The data cfg trains and tests on: a class-balanced subset of cfg.train_subset training images drawn
+    with cfg.seed, and the first cfg.test_subset test images (data.load_subsets draws the same); a set
+    that already has that size is taken as it is (the caller drew it)."""
+    if cfg.train_subset is not None and cfg.train_subset != len(train_set):
+        check_field(cfg.train_subset < len(train_set), "train_subset",
+                    f"{cfg.train_subset} exceeds the {len(train_set)} training images")
+        train_set = balanced_subset(train_set, cfg.train_subset, cfg.seed)
+    if cfg.test_subset is not None and cfg.test_subset != len(test_set):
+        check_field(cfg.test_subset < len(test_set), "test_subset",
+                    f"{cfg.test_subset} exceeds the {len(test_set)} test images")
+        test_set = first_n(test_set, cfg.test_subset)
+    return train_set, test_set
 
 
 def _prepare(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> tuple[dict, dict] | None:

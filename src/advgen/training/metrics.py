@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..attacks import PGD
-from ..evaluate import accuracy
+from ..evaluation import accuracy
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import __version__
-from ..checkpoint import MODEL_FILE, RUN_FILE, RUN_FILES, STATE_FILE, check_writable, save_model, save_tensors, write_json
+from .._version import __version__
+from ..checkpoint import MODEL_FILE, RUN_FILE, RUN_FILES, STATE_FILE, save_model
+from ..io import check_writable, save_tensors, write_json
 from ..errors import RunDirError, UserError, check
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import read_tensors, save_tensors
+from ..io import read_tensors, save_tensors
 from ..errors import CheckpointError
 
 STATE_FORMAT = "advgen-train-state/2"

@@ -1,0 +1,14 @@
+"""The applications built on the library: reproduce (the paper's Table 1 and Figures 2-3), compare
+(methods at several budgets and seeds), zoo (the shipped models), plot, export, and the paper's
+campaign report. Each hands evaluation an EvalProtocol and training a recipe or a TrainConfig."""
+
+DATA_CAVEAT = ("Data: the offline CIFAR-10 copy is JPEG-derived (mean absolute pixel error about 6/255 against "
+               "the official batches); absolute accuracies on it can sit a few points below published CIFAR-10 "
+               "figures, while comparisons between methods on the same images are sound.")
+
+
+def curve(result: dict, key: str = "pgd_l2") -> dict:
+    """A protocol result's curve as the figures draw it: {"results": [{"eps", "accuracy", "ci95", ...}],
+    "checks"}, radii ascending."""
+    points = sorted(((float(e), d) for e, d in result[key].items()), key=lambda t: t[0])
+    return {"results": [{"eps": e, **d} for e, d in points], "checks": result.get("checks", [])}
