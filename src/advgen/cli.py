@@ -198,6 +198,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--init", help="start from this checkpoint (run folder or model file)")
+    p.add_argument("--normalize", metavar="cifar10|cifar100|imagenet|none|MEAN/STD",
+                   help="the normalization of a foreign --init file (.pt/.pth/.th/.tar) that does not carry its "
+                        "own; required for such a file (never assumed)")
     p.add_argument("--watch-subset", type=int, default=None,
                    help="PGD accuracy on the first N test images after each epoch (default 256 for fgsm, else 0)")
     p.add_argument("--watch-eps", type=_number, default=d.watch_eps)
@@ -285,7 +288,7 @@ FLAGS = {"attack.norm": "--attack-norm", "attack.eps": "--attack-eps", "attack.s
          "generator.warmup_epochs": "--gen-warmup", "generator.reinit_every": "--gen-reinit-every",
          "generator.recursions": "--gen-recursions", "generator.step_size": "--gen-step-size",
          "generator.step_after": "--gen-step-after", "generator.memory": "--gen-memory", "generator.start": "--gen-start",
-         "checkpoint_every": "--checkpoint-every"}
+         "checkpoint_every": "--checkpoint-every", "init_normalize": "--normalize"}
 
 
 def flag_of(field: str) -> str:
@@ -337,6 +340,7 @@ def train_config_from_args(args) -> TrainConfig:
                       weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
                       train_subset=args.train_subset, test_subset=args.test_subset, watch_subset=watch,
                       watch_norm=args.watch_norm, watch_eps=args.watch_eps, init=args.init,
+                      init_normalize=args.normalize,
                       time_budget=args.time_budget, budget_clock=args.budget_clock, budget_steps=args.budget_steps,
                       channels_last={"auto": None, "true": True, "false": False}[args.channels_last],
                       compile=args.compile, amp=args.amp, fold_bn_attack=args.fold_bn_attack,
@@ -414,11 +418,9 @@ def cmd_train(args) -> int:
 def load_eval_model(args, device: torch.device):
     """(model, test set) for `advgen eval`. An advgen checkpoint is read before the data (it names its
     own classes and normalization); a foreign file after them: it gets the data's class and channel
-    counts and --normalize (default: the data's own statistics) in front of it."""
+    counts and the normalization it carries or --normalize states (checkpoint.choose_normalization)."""
     from .checkpoint import (FOREIGN_SUFFIXES, load_model, model_from_foreign_state, read_foreign_state,
-                             resolve_model_file)
-    from .data import normalization_for
-    from .models.normalize import parse_stats
+                             require_normalization, resolve_model_file)
     if resolve_model_file(args.model_path).suffix.lower() not in FOREIGN_SUFFIXES:
         check(args.normalize is None, "--normalize applies to foreign .pt/.pth/.th/.tar files only; advgen "
                                       "checkpoints carry their own normalization")
@@ -427,12 +429,9 @@ def load_eval_model(args, device: torch.device):
     path = resolve_model_file(args.model_path)
     check(args.model is not None, f"{path} is a foreign PyTorch file: name its architecture (--model)")
     state = read_foreign_state(path)                  # a bad file fails before the data are loaded
+    require_normalization(state, path, args.normalize)   # neither carried nor stated: refused before the data load
     test_set = load_data(args, train=False)[1]
-    stats = (parse_stats(args.normalize, test_set.channels) if args.normalize is not None
-             else normalization_for(test_set))
-    log.info("normalization in front of %s: mean %s, std %s", args.model_path,
-             ",".join(f"{v:.4g}" for v in stats[0]), ",".join(f"{v:.4g}" for v in stats[1]))
-    model = model_from_foreign_state(state, path, args.model, test_set.num_classes, test_set.channels, stats)
+    model = model_from_foreign_state(state, path, args.model, test_set.num_classes, test_set.channels, args.normalize)
     return model.to(device), test_set
 
 
@@ -610,8 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", metavar="NAME|package.module:factory",
                    help=f"architecture of a foreign .pt/.pth/.th/.tar file ({', '.join(sorted(MODELS))}, or your own)")
     e.add_argument("--normalize", metavar="cifar10|cifar100|imagenet|none|MEAN/STD",
-                   help="what goes in front of a foreign model: named statistics, none, or per-channel comma "
-                        "lists MEAN/STD, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (default: the dataset's statistics)")
+                   help="what goes in front of a foreign model: named statistics, none (raw [0, 1] pixels), or "
+                        "per-channel comma lists MEAN/STD, e.g. 0.5,0.5,0.5/0.25,0.25,0.25; required for a foreign "
+                        "file that does not carry its own (RobustBench mu/sigma buffers); never assumed")
     e.add_argument("--attack", default="pgd-l2", choices=ATTACKS)
     e.add_argument("--eps", type=_floats, help="comma-separated radii, [0,1] pixel units "
                                                 "(default 0,0.25,0.5; with --full 0,0.1,0.25,0.5,0.75,1)")
