@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import advgen
-from advgen.checkpoint import read_tensors, save_model, save_tensors, saved_architecture
+from advgen import checkpoint
+from advgen.checkpoint import read_tensors, save_model, save_tensors
 from advgen.errors import CheckpointError, ConfigError
 from advgen.models import Normalize, build_model
 from advgen.models.normalize import CIFAR10_MEAN, CIFAR10_STD
@@ -118,7 +119,7 @@ def test_file_written_the_old_way_loads_as_the_v2_forward(tmp_path):
     old = tmp_path / "old.safetensors"
     save_tensors(old, trained, {"model": "preact_resnet18", "num_classes": 10, "method": "fgsm", "epoch": 15})
     assert "variant" not in read_tensors(old)[1]
-    assert saved_architecture(old) == "preact_resnet18_v2"
+    assert checkpoint.saved_architecture(old) == "preact_resnet18_v2"
     assert torch.equal(logits(advgen.load_model(old)), logits(trained))
     # a file saved now records its variant, and each name loads as its own forward
     fast = settled(build_model("preact_resnet18"), seed=6)
@@ -126,7 +127,7 @@ def test_file_written_the_old_way_loads_as_the_v2_forward(tmp_path):
         path = tmp_path / f"{name}.safetensors"
         save_model(path, model, {"model": name, "num_classes": 10})
         assert read_tensors(path)[1]["variant"] == advgen.models.VARIANTS[name]
-        assert saved_architecture(path) == name
+        assert checkpoint.saved_architecture(path) == name
         assert torch.equal(logits(advgen.load_model(path)), logits(model))
 
 
