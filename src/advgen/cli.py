@@ -465,6 +465,8 @@ def cmd_eval(args) -> int:
     if args.out:
         from .checkpoint import check_writable
         check_writable(Path(args.out).parent)  # before the attack runs, not after
+    if args.robustbench_json:
+        _check_model_info_request(args)
     with distributed_job(args.device) as (dist, device):
         seed_everything(args.seed)
         model, test_set = load_eval_model(args, device)
@@ -513,6 +515,8 @@ def _full_eval(args, model, test_set, device) -> int:
     result["model"] = str(args.model_path)
     result["model_file"] = str(resolve_model_file(args.model_path))
     write_json(Path(args.out), result)
+    if args.robustbench_json:
+        _write_model_info(args, result)
     cell = lambda d: f"{100 * d['accuracy']:6.2f}% [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]"  # noqa: E731
     print(f"{result['n']} images; PGD-L2 {args.steps} steps x {args.restarts} restarts ascending "
           f"{_turns(args.pgd_objective, args.restarts)}; standard AutoAttack-L2; "
@@ -526,6 +530,127 @@ def _full_eval(args, model, test_set, device) -> int:
         print(f"[{'ok' if c['passed'] else 'FAILED'}] {c['name']}: {c['detail']}")
     print(f"{sum(result['seconds'].values()):.0f} s of attacks in all; results in {args.out}")
     return 0
+
+
+# ---------------------------------------------------------------- RobustBench interop (advgen.interop)
+
+def _check_model_info_request(args) -> None:
+    """eval --robustbench-json: refuse what cannot be written before hours of attacks, not after."""
+    from . import interop
+    from .checkpoint import check_writable
+    check(args.full, "--robustbench-json needs --full (RobustBench reports the standard AutoAttack)")
+    interop.benchmark_dataset(args.dataset)
+    interop.pick_eps(args.aa_eps, None)
+    check_writable(Path(args.robustbench_json).parent)
+
+
+def _advgen_facts(path: Path, model_name: str | None) -> tuple[str | None, dict]:
+    """(registry name, training config) of an advgen model file; (model_name, {}) for a foreign file."""
+    from .checkpoint import FOREIGN_SUFFIXES, read_tensors, saved_architecture
+    if path.suffix.lower() in FOREIGN_SUFFIXES:
+        return model_name, {}
+    config = read_tensors(path)[1].get("config")
+    return saved_architecture(path), config if isinstance(config, dict) else {}
+
+
+def _model_info(args, name: str | None, config: dict, dataset: str, evaluation: dict | None, eps: float | None,
+                provenance: dict) -> dict:
+    """The RobustBench model-info dict of a model (interop.model_info), from the command's options."""
+    from . import interop
+    from .evaluate import GAP_CHECK
+    numbers = interop.evaluation_numbers(evaluation, eps, (GAP_CHECK,)) if evaluation is not None else None
+    arch = interop.ARCHITECTURES.get(name)
+    additional = getattr(args, "additional_data", None)
+    if additional is None and config.get("dataset") in interop.DATASETS and not config.get("init"):
+        additional = False   # trained from scratch on the named dataset alone
+    if arch is not None:
+        provenance = {**provenance, "robustbench_builder": arch.builder}
+    if arch is not None and arch.builder is None:
+        provenance["load_with"] = (f"advgen.load_model(FILE.pt, model_name={name!r}): advgen's own names, the "
+                                   "normalization as mu/sigma (docs/models-and-checkpoints.md)")
+    return interop.model_info(architecture=arch.architecture if arch else None, dataset=dataset,
+                              threat_model="L2" if numbers else None, eps=eps, numbers=numbers,
+                              additional_data=additional, title=getattr(args, "title", None),
+                              authors=getattr(args, "authors", None), link=getattr(args, "link", None),
+                              venue=getattr(args, "venue", None),
+                              provenance={"advgen_version": __version__, **provenance})
+
+
+def _write_model_info(args, result: dict) -> None:
+    """eval --full --robustbench-json PATH: the result just computed, as RobustBench model info."""
+    from . import interop
+    from .checkpoint import resolve_model_file, write_json
+    path = resolve_model_file(args.model_path)
+    name, config = _advgen_facts(path, args.model)
+    eps = interop.pick_eps(args.aa_eps, None)
+    info = _model_info(args, name, config, args.dataset, result, eps,
+                       {"model": str(args.model_path), "advgen_model": name, "evaluation": str(args.out)})
+    write_json(Path(args.robustbench_json), info)
+    print(f"RobustBench model info written to {args.robustbench_json}"
+          + (f" (null: {', '.join(info['advgen']['missing'])})" if info["advgen"]["missing"] else ""))
+
+
+def _export_evaluation(args, path: Path) -> tuple[dict | None, dict]:
+    """(the evaluation of the model to report, or None; provenance): --eval EVAL.json (checked to be of
+    these very weights), else a zoo model's card."""
+    from . import zoo
+    from .checkpoint import read_json, read_tensors
+    if args.eval:
+        evaluation = read_json(Path(args.eval))
+        zoo.check_evaluation(evaluation, read_tensors(path)[0], args.eval)
+        return evaluation, {"evaluation": str(args.eval)}
+    if str(args.model_path).startswith(zoo.PREFIX):
+        card = read_json(zoo.zoo_dir() / f"{args.model_path[len(zoo.PREFIX):]}.json")
+        zoo.check_evaluation(card["eval"], read_tensors(path)[0], f"the zoo card of {card['name']}")
+        return card["eval"], {"evaluation": f"the zoo card of {card['name']}", "data": card.get("data")}
+    return None, {}
+
+
+def cmd_export(args) -> int:
+    """advgen export MODEL --format robustbench OUT: the model as RobustBench's architecture names its
+    weights (normalization as mu/sigma buffers) in OUT/NAME.pt, and its model info in OUT/NAME.json."""
+    from . import interop
+    from .checkpoint import FOREIGN_SUFFIXES, MODEL_FILE, load_model, resolve_model_file
+    path = resolve_model_file(args.model_path)
+    check(path.suffix.lower() not in FOREIGN_SUFFIXES, f"{path}: export reads advgen models (a run folder, a "
+          ".safetensors file or zoo:NAME); a foreign file is already a plain state dict")
+    name, config = _advgen_facts(path, None)
+    check(name is not None, f"{path} does not record its architecture")
+    interop.upstream_arch(name)
+    dataset = config.get("dataset")
+    check(isinstance(dataset, str), f"{path} does not record the dataset it was trained on")
+    evaluation, provenance = _export_evaluation(args, path)
+    eps = interop.pick_eps(evaluation["autoattack_l2"], args.eps) if evaluation is not None else None
+    model_id = args.name or (args.model_path[4:] if str(args.model_path).startswith("zoo:") else
+                             (path.parent.name if path.name == MODEL_FILE else path.stem))
+    info = _model_info(args, name, config, dataset, evaluation, eps,
+                       {"model": str(args.model_path), "advgen_model": name, **provenance})
+    state = interop.robustbench_state(load_model(path), name)
+    weights, card = interop.write_export(Path(args.out), model_id, state, info, force=args.force)
+    print(f"exported {name} as {info['architecture']} to {weights} and {card}"
+          + (f"; null fields: {', '.join(info['advgen']['missing'])} (see advgen.missing)"
+             if info["advgen"]["missing"] else ""))
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    x = sub.add_parser("export", help="write a model for another tool: --format robustbench (state dict with "
+                                      "mu/sigma buffers + model-info JSON)")
+    x.add_argument("model_path", metavar="RUN_DIR|MODEL_FILE|zoo:NAME")
+    x.add_argument("out", metavar="OUT", help="folder to write NAME.pt and NAME.json into")
+    x.add_argument("--format", required=True, choices=["robustbench"])
+    x.add_argument("--name", help="file names and model id (default: the zoo name, run folder or file name)")
+    x.add_argument("--eval", metavar="EVAL.json", help="its advgen eval --full output (default for zoo:NAME: "
+                                                        "its card's evaluation)")
+    x.add_argument("--eps", type=_number, help="the AutoAttack radius to report (default: 0.5, or the only one)")
+    x.add_argument("--title", help="model info 'name': the paper's title")
+    x.add_argument("--authors")
+    x.add_argument("--link")
+    x.add_argument("--venue")
+    x.add_argument("--additional-data", type=_bool, help="whether training used data beyond the dataset "
+                                                         "(default: false for a run from scratch, else unknown)")
+    x.add_argument("--force", action="store_true", help="replace existing OUT/NAME.pt and OUT/NAME.json")
+    x.set_defaults(func=cmd_export)
 
 
 def cmd_zoo(args) -> int:
@@ -631,6 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the zoo's full-strength L2 evaluation: PGD (--steps, --restarts) at --eps, the standard "
                         "AutoAttack at --aa-eps, their per-sample worst case, Wilson 95%% intervals (resumable via --out)")
     e.add_argument("--aa-eps", type=_floats, default=[0.25, 0.5], help="AutoAttack radii of --full")
+    e.add_argument("--robustbench-json", metavar="PATH",
+                   help="with --full: also write the result as a RobustBench model-info JSON (clean and AutoAttack "
+                        "accuracy at 0.5, or at the one --aa-eps; fields advgen cannot know are null, with why)")
     _add_data_args(e, train=False)
     e.set_defaults(func=cmd_eval)
 
@@ -662,6 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--devices", type=_device_list, metavar="DEVICE,...",
                    help="devices of the workers, round-robin (e.g. cuda:0,cuda:1; default: --device)")
     c.set_defaults(func=cmd_compare)
+    _add_export_parser(sub)
     z = sub.add_parser("zoo", help="the models that ship with advgen (load one as zoo:NAME)")
     z.add_argument("--json", action="store_true", help="print the list of cards")
     z.add_argument("--eps", type=float, default=0.5,
