@@ -600,9 +600,12 @@ def _export_evaluation(args, path: Path) -> tuple[dict | None, dict]:
         zoo.check_evaluation(evaluation, read_tensors(path)[0], args.eval)
         return evaluation, {"evaluation": str(args.eval)}
     if str(args.model_path).startswith(zoo.PREFIX):
-        card = read_json(zoo.zoo_dir() / f"{args.model_path[len(zoo.PREFIX):]}.json")
-        zoo.check_evaluation(card["eval"], read_tensors(path)[0], f"the zoo card of {card['name']}")
-        return card["eval"], {"evaluation": f"the zoo card of {card['name']}", "data": card.get("data")}
+        name = args.model_path[len(zoo.PREFIX):]
+        card = read_json(zoo.zoo_dir() / f"{name}.json")
+        if not isinstance(card.get("eval"), dict):
+            return None, {"data": card.get("data")}
+        zoo.check_evaluation(card["eval"], read_tensors(path)[0], f"the zoo card of {name}")
+        return card["eval"], {"evaluation": f"the zoo card of {name}", "data": card.get("data")}
     return None, {}
 
 
