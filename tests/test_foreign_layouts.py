@@ -200,3 +200,29 @@ def test_cli_eval_foreign_file_with_normalize_and_its_errors(tmp_path, capsys):
     advgen.checkpoint.save_model(own, advgen.build_model("resnet20"), {"model": "resnet20", "num_classes": 10})
     assert advgen.cli.main(["eval", str(own), "--normalize", "none", "--device", "cpu"]) == 2
     assert "applies to foreign" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("container", ["model_state_dict", None])
+@pytest.mark.parametrize("prefix", ["model.", "module.model."])
+@pytest.mark.parametrize("arch", ["resnet20", "preact_resnet18", "wrn10_2"])
+def test_other_containers_and_model_prefixes_load_strictly(tmp_path, monkeypatch, arch, prefix, container):
+    """{'model_state_dict': ...} or a bare dict, keys under 'model.' (RobustBench's normalize wrapper) or
+    'module.model.', for the akamaster ResNet-20, the PreAct-ResNet-18 and a (narrow) WideResNet."""
+    from advgen.models import MODELS, wide_resnet
+    from test_preact_forwards import UpstreamPreActResNet18
+    from test_wide_resnet import RefWideResNet
+    monkeypatch.setitem(MODELS, "wrn10_2", wide_resnet(10, 2))
+    ref = settled({"resnet20": lambda: AkaResNet(3), "preact_resnet18": lambda: UpstreamPreActResNet18(v2=False),
+                   "wrn10_2": lambda: RefWideResNet(10, 2)}[arch](), seed=7)
+    sd = {prefix + k: v for k, v in ref.state_dict().items() if k not in ("mu", "sigma")}
+    torch.save({container: sd, "epoch": 3} if container else sd, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt", model_name=arch, normalize="none")
+    expect = ref if arch != "preact_resnet18" else _without_normalization(ref)
+    assert torch.equal(logits(loaded, X), logits(expect, X))
+
+
+def _without_normalization(net):
+    """The reference PreAct with its mu / sigma at mean 0, std 1 (the file above leaves them out)."""
+    net.mu.zero_()
+    net.sigma.fill_(1.0)
+    return net
