@@ -266,7 +266,7 @@ def test_foreign_pytorch_files_load_weights_only(tmp_path, capsys):
     foreign = {"module." + k.replace("fc.", "linear."): v for k, v in ours[1].state_dict().items()}
     path = tmp_path / "resnet20.pth"
     torch.save({"state_dict": foreign, "epoch": 200}, path)
-    loaded = load_model(path, model_name="resnet20")
+    loaded = load_model(path, model_name="resnet20", normalize="cifar10")
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), ours(x))
@@ -288,7 +288,7 @@ def test_foreign_pytorch_files_load_weights_only(tmp_path, capsys):
     wrong = tmp_path / "resnet32.pt"
     torch.save(build_model("resnet32")[1].state_dict(), wrong)
     with pytest.raises(CheckpointError, match="does not fit this architecture"):
-        load_model(wrong, model_name="resnet20")
+        load_model(wrong, model_name="resnet20", normalize="cifar10")
 
 
 # ------------------------------------------------------------------------------ unwritable, full disk

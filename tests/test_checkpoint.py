@@ -117,7 +117,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
         advgen.load_model(tmp_path / "classes.safetensors")
     torch.save(model[1].state_dict(), tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError):
-        advgen.load_model(tmp_path / "foreign.pt", model_name="preact_resnet18")
+        advgen.load_model(tmp_path / "foreign.pt", model_name="preact_resnet18", normalize="cifar10")
 
 
 def test_missing_checkpoint(tmp_path):
@@ -151,7 +151,7 @@ def test_foreign_state_dict_loads_with_key_mapping(tmp_path):
     net = bare_resnet20()
     assert not any(k.startswith("0.") or k.startswith("1.") for k in net.state_dict())
     torch.save(net.state_dict(), tmp_path / "foreign.pt")
-    loaded = advgen.load_model(tmp_path / "foreign.pt", model_name="resnet20")
+    loaded = advgen.load_model(tmp_path / "foreign.pt", model_name="resnet20", normalize="cifar10")
     assert not loaded.training
     torch.testing.assert_close(outputs(loaded), outputs(reference(net)), atol=0, rtol=0)
     torch.testing.assert_close(loaded[0].mean.flatten(), torch.tensor((0.4914, 0.4822, 0.4465)))
@@ -162,7 +162,7 @@ def test_foreign_wrapped_dataparallel_names(tmp_path):
     sd = {("module." + k).replace("module.fc.", "module.linear."): v for k, v in net.state_dict().items()}
     assert "module.linear.weight" in sd
     torch.save({"state_dict": sd, "epoch": 7}, tmp_path / "foreign.pth")
-    loaded = advgen.load_model(tmp_path / "foreign.pth", model_name="resnet20")
+    loaded = advgen.load_model(tmp_path / "foreign.pth", model_name="resnet20", normalize="cifar10")
     torch.testing.assert_close(outputs(loaded), outputs(reference(net)), atol=0, rtol=0)
 
 

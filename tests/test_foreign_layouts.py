@@ -53,8 +53,9 @@ class AkaResNet(nn.Module):
         return self.linear(F.avg_pool2d(out, out.size(3)).flatten(1))
 
 
-class FastATBlock(nn.Module):
-    """Pre-activation block; the 1x1 shortcut conv (shortcut.0) sees the pre-activated input."""
+class PreActV2Block(nn.Module):
+    """Pre-activation block; the 1x1 shortcut conv (shortcut.0) sees the pre-activated input (RobustBench
+    PreActBlockV2, pytorch-cifar)."""
 
     def __init__(self, cin, planes, stride):
         super().__init__()
@@ -71,7 +72,7 @@ class FastATBlock(nn.Module):
         return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
 
 
-class FastATPreActResNet18(nn.Module):
+class PreActV2ResNet18(nn.Module):
     """conv1, layer1..layer4 (2 blocks each), bn, linear; avg_pool2d(4) on the 4x4 map."""
 
     def __init__(self, num_classes=10):
@@ -79,7 +80,7 @@ class FastATPreActResNet18(nn.Module):
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         cin = 64
         for s, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), 1):
-            setattr(self, f"layer{s}", nn.Sequential(FastATBlock(cin, planes, stride), FastATBlock(planes, planes, 1)))
+            setattr(self, f"layer{s}", nn.Sequential(PreActV2Block(cin, planes, stride), PreActV2Block(planes, planes, 1)))
             cin = planes
         self.bn = nn.BatchNorm2d(512)
         self.linear = nn.Linear(512, num_classes)
@@ -127,17 +128,17 @@ def test_akamaster_file_of_old_pytorch_without_batch_counters_loads(tmp_path):
     ref = settled(AkaResNet(3), seed=1)
     sd = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save({"state_dict": sd}, tmp_path / "old.th")
-    torch.testing.assert_close(logits(load_model(tmp_path / "old.th", model_name="resnet20"), X),
+    torch.testing.assert_close(logits(load_model(tmp_path / "old.th", model_name="resnet20", normalize="cifar10"), X),
                                logits(nn.Sequential(Normalize(), ref), X), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("wrapper", ["model", "net", "state_dict"])
-def test_fast_at_preact_resnet18_loads_with_identical_logits_cifar100(tmp_path, wrapper):
-    ref = settled(FastATPreActResNet18(num_classes=100), seed=2)
+def test_preact_v2_resnet18_loads_with_identical_logits_cifar100(tmp_path, wrapper):
+    ref = settled(PreActV2ResNet18(num_classes=100), seed=2)
     sd = ref.state_dict()
     assert "layer2.0.shortcut.0.weight" in sd and "bn.weight" in sd and "layer1.0.shortcut.0.weight" not in sd
     torch.save({wrapper: sd, "epoch": 30}, tmp_path / "preact.pth")
-    loaded = load_model(tmp_path / "preact.pth", model_name="preact_resnet18", num_classes=100,
+    loaded = load_model(tmp_path / "preact.pth", model_name="preact_resnet18_v2", num_classes=100,
                         normalize=(CIFAR100_MEAN, CIFAR100_STD))
     expect = logits(nn.Sequential(Normalize(CIFAR100_MEAN, CIFAR100_STD), ref), X)
     got = logits(loaded, X)
@@ -148,19 +149,19 @@ def test_fast_at_preact_resnet18_loads_with_identical_logits_cifar100(tmp_path, 
 def test_mismatch_lists_missing_unexpected_keys_and_shapes_in_the_files_spelling(tmp_path):
     torch.save({"state_dict": {"module." + k: v for k, v in AkaResNet(5).state_dict().items()}}, tmp_path / "r32.th")
     with pytest.raises(CheckpointError) as e:
-        load_model(tmp_path / "r32.th", model_name="resnet20")
+        load_model(tmp_path / "r32.th", model_name="resnet20", normalize="imagenet")
     msg = str(e.value)
     assert "\n" not in msg and "r32.th does not fit this architecture (resnet20, 10 classes, 3 channels)" in msg
     # blocks 3 and 4 of each stage do not exist in a ResNet-20: reported under their own names, not shifted
     assert "72 unexpected keys: module.layer1.3.bn1.bias" in msg and "Sequential" not in msg
     assert "missing keys" not in msg and "shape" not in msg
 
-    sd = FastATPreActResNet18().state_dict()
+    sd = PreActV2ResNet18().state_dict()
     del sd["bn.weight"], sd["bn.bias"]
     sd["linear.weight"] = torch.zeros(7, 512)
     torch.save(sd, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError) as e:
-        load_model(tmp_path / "broken.pt", model_name="preact_resnet18")
+        load_model(tmp_path / "broken.pt", model_name="preact_resnet18", normalize="none")
     msg = str(e.value)
     assert "2 missing keys: 1.bn.bias, 1.bn.weight" in msg
     assert "1 shape mismatches (file vs model): linear.weight (7, 512) vs (10, 512)" in msg
@@ -171,7 +172,7 @@ def test_option_b_shortcuts_are_not_silently_dropped(tmp_path):
     sd["module.layer2.0.shortcut.0.weight"] = torch.zeros(32, 16, 1, 1)
     torch.save(sd, tmp_path / "optb.th")
     with pytest.raises(CheckpointError, match="1 unexpected keys: module.layer2.0.shortcut.0.weight"):
-        load_model(tmp_path / "optb.th", model_name="resnet20")
+        load_model(tmp_path / "optb.th", model_name="resnet20", normalize="imagenet")
 
 
 def test_parse_stats():
@@ -199,3 +200,29 @@ def test_cli_eval_foreign_file_with_normalize_and_its_errors(tmp_path, capsys):
     advgen.checkpoint.save_model(own, advgen.build_model("resnet20"), {"model": "resnet20", "num_classes": 10})
     assert advgen.cli.main(["eval", str(own), "--normalize", "none", "--device", "cpu"]) == 2
     assert "applies to foreign" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("container", ["model_state_dict", None])
+@pytest.mark.parametrize("prefix", ["model.", "module.model."])
+@pytest.mark.parametrize("arch", ["resnet20", "preact_resnet18", "wrn10_2"])
+def test_other_containers_and_model_prefixes_load_strictly(tmp_path, monkeypatch, arch, prefix, container):
+    """{'model_state_dict': ...} or a bare dict, keys under 'model.' (RobustBench's normalize wrapper) or
+    'module.model.', for the akamaster ResNet-20, the PreAct-ResNet-18 and a (narrow) WideResNet."""
+    from advgen.models import MODELS, wide_resnet
+    from test_preact_forwards import UpstreamPreActResNet18
+    from test_wide_resnet import RefWideResNet
+    monkeypatch.setitem(MODELS, "wrn10_2", wide_resnet(10, 2))
+    ref = settled({"resnet20": lambda: AkaResNet(3), "preact_resnet18": lambda: UpstreamPreActResNet18(v2=False),
+                   "wrn10_2": lambda: RefWideResNet(10, 2)}[arch](), seed=7)
+    sd = {prefix + k: v for k, v in ref.state_dict().items() if k not in ("mu", "sigma")}
+    torch.save({container: sd, "epoch": 3} if container else sd, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt", model_name=arch, normalize="none")
+    expect = ref if arch != "preact_resnet18" else _without_normalization(ref)
+    assert torch.equal(logits(loaded, X), logits(expect, X))
+
+
+def _without_normalization(net):
+    """The reference PreAct with its mu / sigma at mean 0, std 1 (the file above leaves them out)."""
+    net.mu.zero_()
+    net.sigma.fill_(1.0)
+    return net

@@ -222,15 +222,15 @@ def test_cli_eval_on_an_npz_with_a_foreign_one_channel_file(tmp_path, capsys):
     path = npz(tmp_path / "d.npz", size=(16, 16))
     net = build_model("resnet20", 4, 1, mean=[0.5], std=[0.25])[1]
     torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, tmp_path / "m.pth")
-    argv = ["eval", str(tmp_path / "m.pth"), "--model", "resnet20", "--dataset", str(path), "--device", "cpu",
-            "--eps", "0,0.1", "--steps", "1"]
+    argv = ["eval", str(tmp_path / "m.pth"), "--model", "resnet20", "--normalize", "0.5/0.25", "--dataset", str(path),
+            "--device", "cpu", "--eps", "0,0.1", "--steps", "1"]
     assert advgen.cli.main(argv) == 0
     assert "8 images" in capsys.readouterr().out
     bad = npz(tmp_path / "bad.npz", y_train=np.arange(24) % 4 + 0.5)
-    assert advgen.cli.main(argv[:4] + ["--dataset", str(bad), "--device", "cpu"]) == 2
+    assert advgen.cli.main(argv[:6] + ["--dataset", str(bad), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "labels must be integers" in err[0]
-    assert advgen.cli.main(argv[:4] + ["--dataset", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    assert advgen.cli.main(argv[:6] + ["--dataset", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     assert "unknown dataset" in capsys.readouterr().err
 
 

@@ -11,6 +11,7 @@ the sha256 of its card before every load (apps/zoo.py lists and adds them).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -20,6 +21,8 @@ from torch import nn
 
 from .errors import CheckpointError, UserError
 from .io import file_digest, one_line, read_json, read_tensors, save_tensors
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 GENERATORS_FILE = "generators.safetensors"
@@ -64,17 +67,32 @@ def zoo_model_file(name: str, folder: Path | None = None) -> Path:
 
 
 def save_model(path: Path, model: nn.Module, meta: dict) -> None:
-    """Save a classifier; meta must hold "model" (registry name) and "num_classes"."""
+    """Save a classifier; meta must hold "model" (registry name) and "num_classes". A model whose name
+    has variants (models.VARIANTS: the two PreAct-ResNet-18 forwards) gets its "variant" recorded."""
+    from .models import VARIANTS
+    if meta.get("model") in VARIANTS:
+        meta = {**meta, "variant": VARIANTS[meta["model"]]}
     save_tensors(path, model, meta)
 
 
 FOREIGN_SUFFIXES = (".pt", ".pth", ".th", ".tar")   # torch.save files (".pth.tar" ends in ".tar")
 _STAGED = re.compile(r"layer(\d+)\.(\d+)\.(.+)")
+# containers of a state dict in the wild: akamaster {"state_dict"}, RobustBench {"state_dict"} or bare,
+# fast-AT scripts and others {"model"} / {"model_state_dict"} / {"net"}
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+# wrapper prefixes stripped from every key, repeatedly: DataParallel's "module.", RobustBench's
+# normalize_model wrapper's "model." (utils.load_model strips the same two)
+WRAPPER_PREFIXES = ("module.", "model.")
+# (mean key, std key) pairs by which a file carries its normalization, after the wrappers are stripped:
+# RobustBench's mu/sigma buffers (Wong2020FastNet, Rice2020OverfittingNetL2, ...), its normalize_model
+# wrapper (normalize.mean / normalize.std), a bare mean/std pair, advgen's own Sequential (0.mean / 0.std)
+NORMALIZATION_KEYS = (("mu", "sigma"), ("normalize.mean", "normalize.std"), ("mean", "std"), ("0.mean", "0.std"))
+NORMALIZE_HINT = "--normalize cifar10|cifar100|imagenet|none|MEAN/STD on the command line, normalize= in load_model"
 
 
 def read_foreign_state(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a torch.save file, read with weights_only=True (no code runs), unwrapped from
-    the usual containers ({"state_dict": ...}, {"model": ...}, {"net": ...}, nested or not)."""
+    the usual containers (CONTAINER_KEYS, nested up to three deep)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -82,7 +100,7 @@ def read_foreign_state(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # torch raises many types for bad files; all mean "not loadable safely"
         raise CheckpointError(f"{path} is not a loadable weights-only PyTorch file ({type(e).__name__})") from None
     for _ in range(3):
-        inner = next((obj[k] for k in ("state_dict", "model", "net") if isinstance(obj, dict)
+        inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj, dict)
                       and isinstance(obj.get(k), dict)), None)
         if inner is None:
             break
@@ -92,6 +110,86 @@ def read_foreign_state(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def strip_wrappers(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state with WRAPPER_PREFIXES removed from the front of every key, repeatedly: "module.model.x" ->
+    "x"; short key -> the file's key); a CheckpointError if two keys become one."""
+    out, original = {}, {}
+    for key, v in state.items():
+        short = key
+        while short.startswith(WRAPPER_PREFIXES):
+            short = short.split(".", 1)[1]
+        if short in out:
+            raise CheckpointError(f"{path}: keys {original[short]!r} and {key!r} both name {short!r} once the "
+                                  f"{' and '.join(WRAPPER_PREFIXES)} prefixes are removed")
+        out[short], original[short] = v, key
+    return out, original
+
+
+def split_normalization(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, tuple | None]:
+    """(state without them, (mean, std) tuples of floats) when state carries its normalization under
+    one of NORMALIZATION_KEYS (each a tensor of C values, any shape such as (1, C, 1, 1)), else (state,
+    None). Half a pair, or two pairs, is a CheckpointError."""
+    found = [(m, s) for m, s in NORMALIZATION_KEYS if m in state or s in state]
+    if not found:
+        return state, None
+    if len(found) > 1 or not all(k in state for k in found[0]):
+        raise CheckpointError(f"{path} holds {', '.join(k for pair in found for k in pair if k in state)}: "
+                              "not one whole (mean, std) pair of normalization buffers")
+    m, s = found[0]
+    mean, std = state[m].detach().flatten().tolist(), state[s].detach().flatten().tolist()
+    rest = {k: v for k, v in state.items() if k not in (m, s)}
+    return rest, (tuple(mean), tuple(std))
+
+
+def stated_stats(normalize, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a stated normalization: a name or "MEAN/STD" text (normalize.parse_stats) or a
+    (mean, std) pair of per-channel sequences; checked against `channels` (UserError)."""
+    from .models.normalize import check_stats, parse_stats
+    if isinstance(normalize, str):
+        return parse_stats(normalize, channels)
+    if not isinstance(normalize, (tuple, list)) or len(normalize) != 2:
+        raise UserError(f"normalize must be a name, MEAN/STD text or a (mean, std) pair, got {normalize!r}")
+    mean, std = (tuple(float(v) for v in part) for part in normalize)
+    check_stats(mean, std, channels)
+    return mean, std
+
+
+def _same_stats(a: tuple, b: tuple, tol: float = 1e-6) -> bool:
+    return all(len(x) == len(y) and all(abs(u - v) <= tol for u, v in zip(x, y)) for x, y in zip(a, b))
+
+
+def _fmt_stats(stats: tuple) -> str:
+    return f"mean {','.join(f'{v:.4g}' for v in stats[0])}, std {','.join(f'{v:.4g}' for v in stats[1])}"
+
+
+def choose_normalization(carried: tuple | None, normalize, channels: int, path: Path) -> tuple:
+    """The (mean, std) a foreign model gets: what the file carries, else what the caller states; never a
+    default. A file without its normalization and no statement, or a statement that contradicts what the
+    file carries, is a one-line UserError naming the flag."""
+    from .models.normalize import check_stats
+    stated = stated_stats(normalize, channels) if normalize is not None else None
+    if carried is None:
+        if stated is None:
+            raise UserError(f"{path} does not carry its normalization and advgen does not guess it: state it "
+                            f"({NORMALIZE_HINT}; none for a model trained on raw [0, 1] pixels)")
+        return stated
+    try:
+        check_stats(*carried, channels)
+    except UserError as e:
+        raise CheckpointError(f"{path} carries bad normalization buffers ({e})") from None
+    if stated is not None and not _same_stats(carried, stated):
+        raise UserError(f"{path} carries its own normalization ({_fmt_stats(carried)}), not the stated one "
+                        f"({_fmt_stats(stated)}): leave --normalize (normalize=) out")
+    return carried
+
+
+def require_normalization(state: dict[str, torch.Tensor], path: Path, normalize) -> None:
+    """choose_normalization's refusal, raised early (before a long data load), when the foreign `state`
+    carries no normalization and `normalize` states none."""
+    if normalize is None and split_normalization(strip_wrappers(state, path)[0], path)[1] is None:
+        choose_normalization(None, None, 1, path)
+
+
 def foreign_key(key: str, net: nn.Module) -> str:
     """The advgen name, in Sequential(Normalize, net), of a key from a file saved without Normalize.
 
@@ -99,7 +197,7 @@ def foreign_key(key: str, net: nn.Module) -> str:
     from 0) is `net.layers[(s - 1) * blocks_per_stage + j]`, when the net has that stage and block (else
     the key is left as it is, to be reported as unexpected); their 'shortcut.0.weight' (a 1x1 conv in a
     Sequential) is advgen's 'shortcut.weight'; 'linear.*' is 'fc.*'; everything else keeps its name
-    (conv1, bn1, bn, and advgen's own 'layers.*', 'fc.*').
+    (conv1, bn1, bn, and advgen's own 'layers.*', 'fc.*'; the WideResNets' RobustBench names are advgen's).
     """
     key = key.removeprefix("module.")
     staged = _STAGED.fullmatch(key)
@@ -115,13 +213,21 @@ def foreign_key(key: str, net: nn.Module) -> str:
 def map_foreign_keys(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Map a foreign state dict onto model = Sequential(Normalize, net): -> (state, advgen key -> file key).
 
-    Keys already in advgen's spelling ('0.mean', '1.conv1.weight') are kept. BatchNorm
-    'num_batches_tracked' counters, which older PyTorch did not save and which inference does not use,
-    are taken from the model when the file lacks them; so are the Normalize buffers (set by the caller).
+    Keys already in advgen's spelling ('0.mean', '1.conv1.weight') are kept. Keys under a prefix the net
+    declares unused upstream (`unused_upstream_prefixes`: RobustBench's never-called WideResNet
+    sub_block1) are dropped, with a log line. BatchNorm 'num_batches_tracked' counters, which older
+    PyTorch did not save and which inference does not use, are taken from the model when the file lacks
+    them; so are the Normalize buffers (set by the caller).
     """
     own, net = model.state_dict(), model[1]
+    unused = tuple(getattr(net, "unused_upstream_prefixes", ()))
+    dropped = [k for k in state if unused and k.removeprefix("module.").startswith(unused)]
+    if dropped:
+        log.info("dropped %d keys under %s (built upstream, never used in its forward)", len(dropped), ", ".join(unused))
     out, names = {}, {}
     for k, v in state.items():
+        if k in dropped:
+            continue
         mapped = k.removeprefix("module.")
         if mapped not in own:
             mapped = "1." + foreign_key(k, net)
@@ -180,46 +286,71 @@ def resolve_model_file(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, *, model_name: str | None = None, num_classes: int | None = None,
-               in_channels: int = 3, normalize: tuple | None = None,
-               device: str | torch.device = "cpu") -> nn.Module:
-    """Load a classifier from a run folder or a model file, in eval mode, taking [0, 1] inputs.
+               in_channels: int = 3, normalize=None, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a classifier from a run folder, a model file or "zoo:NAME", in eval mode, taking [0, 1] inputs.
 
-    advgen's .safetensors files name their architecture and carry their normalization. A foreign
-    torch.save file (.pt, .pth, .th, .tar; read with weights_only=True) needs model_name, and is built
-    with num_classes (default 10) and in_channels; normalize = (mean, std) per channel goes in front of
-    it (default: CIFAR-10's for 3 channels), unless the file holds advgen's Normalize buffers.
+    advgen's .safetensors files name their architecture (and its variant) and carry their normalization.
+    A foreign torch.save file (.pt, .pth, .th, .tar; read with weights_only=True, unwrapped from
+    CONTAINER_KEYS, 'module.' / 'model.' prefixes stripped, loaded strictly) needs model_name and is
+    built with num_classes (default 10) and in_channels. Its normalization is the one it carries
+    (NORMALIZATION_KEYS: RobustBench's mu/sigma, a normalize wrapper's keys) or else must be stated:
+    normalize = "cifar10" | "cifar100" | "imagenet" | "none" | "M1,M2,M3/S1,S2,S3" | (mean, std), per
+    channel, for pixels in [0, 1]. Nothing is assumed: a file without it and no `normalize` is a
+    UserError, and so is a `normalize` that contradicts what a file (advgen's or foreign) carries.
     """
     path = resolve_model_file(path)
     if path.suffix.lower() in FOREIGN_SUFFIXES:
         model = _load_foreign(path, model_name, num_classes or 10, in_channels, normalize)
     else:
-        model = _load_advgen(path, model_name, num_classes)
+        model = _load_advgen(path, model_name, num_classes, normalize)
     return model.to(device).eval()
 
 
-def _load_foreign(path: Path, model_name: str | None, num_classes: int, in_channels: int,
-                  normalize: tuple | None) -> nn.Module:
+def _load_foreign(path: Path, model_name: str | None, num_classes: int, in_channels: int, normalize) -> nn.Module:
     if model_name is None:
         raise UserError(f"{path} is a foreign PyTorch file: name its architecture (--model)")
     return model_from_foreign_state(read_foreign_state(path), path, model_name, num_classes, in_channels, normalize)
 
 
 def model_from_foreign_state(state: dict[str, torch.Tensor], path: Path, model_name: str, num_classes: int,
-                             in_channels: int = 3, normalize: tuple | None = None) -> nn.Module:
+                             in_channels: int = 3, normalize=None) -> nn.Module:
     """build_model(model_name, ...) holding a foreign state dict (from read_foreign_state(path)); `path`
-    only names the file in errors. normalize: (mean, std), default CIFAR-10's for 3 channels."""
+    only names the file in errors. The normalization: choose_normalization (what the file carries, else
+    `normalize` as load_model takes it; never a default)."""
     from .models import build_model
-    mean, std = normalize if normalize is not None else (None, None)
+    stripped, original = strip_wrappers(state, path)
+    state, carried = split_normalization(stripped, path)
+    mean, std = choose_normalization(carried, normalize, in_channels, path)
+    log.info("normalization of %s (%s): %s", path, "carried by the file" if carried else "stated",
+             _fmt_stats((mean, std)))
     model = build_model(model_name, num_classes, in_channels, mean=mean, std=std)
     mapped, names = map_foreign_keys(state, model)
+    names = {k: original.get(v, v) for k, v in names.items()}   # errors name keys as the file spells them
     load_state(model, mapped, path, f"{model_name}, {num_classes} classes, {in_channels} channels", names)
     return model.eval()
 
 
-def _load_advgen(path: Path, model_name: str | None, num_classes: int | None) -> nn.Module:
-    """An advgen safetensors model: architecture and class count from its metadata, channels and
-    normalization from its Normalize buffers ('0.mean', '0.std', shape (1, C, 1, 1))."""
-    from .models import MODELS, build_model, is_import_path
+def saved_architecture(path: str | Path) -> str | None:
+    """The registry name (models.saved_model_name) an advgen model file, run folder or zoo:NAME holds;
+    None for a foreign torch.save file or an advgen file that does not record it."""
+    from .models import saved_model_name
+    path = resolve_model_file(path)
+    if path.suffix.lower() in FOREIGN_SUFFIXES:
+        return None
+    meta = read_tensors(path)[1]
+    if not isinstance(meta.get("model"), str):
+        return None
+    try:
+        return saved_model_name(meta["model"], meta.get("variant"))
+    except UserError as e:
+        raise CheckpointError(f"{path} has inconsistent metadata ({e})") from None
+
+
+def _load_advgen(path: Path, model_name: str | None, num_classes: int | None, normalize=None) -> nn.Module:
+    """An advgen safetensors model: architecture (models.saved_model_name of its "model" and "variant")
+    and class count from its metadata, channels and normalization from its Normalize buffers ('0.mean',
+    '0.std', shape (1, C, 1, 1))."""
+    from .models import MODELS, build_model, is_import_path, saved_model_name
     tensors, meta = read_tensors(path)
     name = meta.get("model", model_name)
     if name is None:
@@ -228,11 +359,19 @@ def _load_advgen(path: Path, model_name: str | None, num_classes: int | None) ->
     if not isinstance(name, str) or (name not in MODELS and not is_import_path(name)):
         raise CheckpointError(f"{path} holds an unknown architecture {name!r}; advgen knows "
                               f"{', '.join(sorted(MODELS))}")
+    if "model" in meta:   # the name a file records; one the caller gives is built as given
+        try:
+            name = saved_model_name(name, meta.get("variant"))
+        except UserError as e:
+            raise CheckpointError(f"{path} has inconsistent metadata ({e})") from None
     if type(classes) is not int or not 1 <= classes <= 100_000:
         raise CheckpointError(f"{path} has malformed metadata (num_classes {classes!r})")
     mean, std = tensors.get("0.mean"), tensors.get("0.std")
     if mean is None or std is None or mean.dim() != 4 or mean.shape != std.shape or mean.shape[1] < 1:
         raise CheckpointError(f"{path} lacks the normalization buffers 0.mean / 0.std (1, C, 1, 1) of an advgen model")
+    if normalize is not None:   # advgen files carry theirs: a statement may only repeat it
+        choose_normalization((tuple(mean.flatten().tolist()), tuple(std.flatten().tolist())), normalize,
+                             mean.shape[1], path)
     try:
         model = build_model(name, classes, mean.shape[1], mean=mean.flatten().tolist(), std=std.flatten().tolist())
     except UserError as e:

@@ -25,6 +25,7 @@ from ..training.control import STOP
 from .apps import add_compare, add_plot, add_reproduce, add_zoo
 from .args import Parser, config_error_line, flag_of  # noqa: F401  (flag_of: the flags' one spelling)
 from .eval import add_eval_args, cmd_eval
+from .export import add_export
 from .train import add_train_args, cmd_train
 
 log = logging.getLogger("advgen")
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reproduce(sub)
     add_compare(sub)
     add_zoo(sub)
+    add_export(sub)
     add_plot(sub)
     for command in sub.choices.values():
         command.add_argument("--config", metavar="FILE.toml",

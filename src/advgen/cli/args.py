@@ -229,9 +229,15 @@ def options_from_args(method: str, args, base=None):
     return options
 
 
+# TrainConfig fields whose flag is not --FIELD
+CONFIG_FLAG_NAMES = {"init_normalize": "--normalize"}
+
+
 def flag_of(field: str, method: str | None = None) -> str:
     """The flag of a config path: "options.eps" of an attack method is --attack-eps; a TrainConfig field
-    is --FIELD (dashes for underscores)."""
+    is --FIELD (dashes for underscores) unless CONFIG_FLAG_NAMES says otherwise."""
+    if field in CONFIG_FLAG_NAMES:
+        return CONFIG_FLAG_NAMES[field]
     if field.startswith("options.") and method in METHODS and dataclasses.is_dataclass(METHODS[method].options):
         for path, f, _ in flagged_fields(METHODS[method].options, "options."):
             if path == field:

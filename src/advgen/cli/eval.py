@@ -9,14 +9,13 @@ import torch
 
 from ..attacks import STANDARD_EPS
 from ..checkpoint import (FOREIGN_SUFFIXES, RUN_FILES, load_model, model_from_foreign_state, read_foreign_state,
-                          resolve_model_file)
-from ..data import normalization_for
+                          require_normalization, resolve_model_file)
 from ..errors import check
 from ..evaluation import EvalProtocol, curve_key, evaluate
 from ..io import check_writable, read_json, write_json
 from ..models import MODELS
-from ..models.normalize import parse_stats
 from .args import add_data_args, floats, load_data, number, objectives, seed_everything
+from .export import check_model_info_request, write_model_info
 from .train import distributed_job
 
 log = logging.getLogger("advgen")
@@ -31,8 +30,9 @@ def add_eval_args(e) -> None:
     e.add_argument("--model", metavar="NAME|package.module:factory",
                    help=f"architecture of a foreign .pt/.pth/.th/.tar file ({', '.join(sorted(MODELS))}, or your own)")
     e.add_argument("--normalize", metavar="cifar10|cifar100|imagenet|none|MEAN/STD",
-                   help="what goes in front of a foreign model: named statistics, none, or per-channel comma "
-                        "lists MEAN/STD, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (default: the dataset's statistics)")
+                   help="what goes in front of a foreign model: named statistics, none (raw [0, 1] pixels), or "
+                        "per-channel comma lists MEAN/STD, e.g. 0.5,0.5,0.5/0.25,0.25,0.25; required for a foreign "
+                        "file that does not carry its own (RobustBench mu/sigma buffers); never assumed")
     e.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "autoattack", *OLD_ATTACKS],
                    help="the curve's attack; pgd-l2, pgd-linf, fgsm-l2 and autoattack-l2 are advgen 0.1's "
                         "names (deprecated) (default: pgd)")
@@ -58,6 +58,10 @@ def add_eval_args(e) -> None:
     e.add_argument("--full", action="store_true",
                    help="the zoo's full strength: PGD (--steps, --restarts) at --eps, the standard AutoAttack at "
                         "--aa-eps, their per-sample worst case, Wilson 95%% intervals, every check")
+    e.add_argument("--robustbench-json", metavar="PATH",
+                   help="with --full: also write the result as a RobustBench model-info JSON (clean and AutoAttack "
+                        "accuracy at the standard radius, or at the one --aa-eps; fields advgen cannot know are null, "
+                        "with why)")
     e.add_argument("--aa-eps", type=floats, help="AutoAttack radii of --full (default: 0.25,0.5 for l2, 8/255 for linf)")
     add_data_args(e, train=False)
 
@@ -116,14 +120,9 @@ def check_out(path: Path, force: bool) -> None:
 
 
 def load_eval_model(args, device: torch.device):
-
     """(model, test set) for `advgen eval`. An advgen checkpoint is read before the data (it names its
     own classes and normalization); a foreign file after them: it gets the data's class and channel
-    counts and --normalize (default: the data's own statistics) in front of it."""
-    from ..checkpoint import (FOREIGN_SUFFIXES, load_model, model_from_foreign_state, read_foreign_state,
-                             resolve_model_file)
-    from ..data import normalization_for
-    from ..models.normalize import parse_stats
+    counts and the normalization it carries or --normalize states (checkpoint.choose_normalization)."""
     if resolve_model_file(args.model_path).suffix.lower() not in FOREIGN_SUFFIXES:
         check(args.normalize is None, "--normalize applies to foreign .pt/.pth/.th/.tar files only; advgen "
                                       "checkpoints carry their own normalization")
@@ -132,14 +131,10 @@ def load_eval_model(args, device: torch.device):
     path = resolve_model_file(args.model_path)
     check(args.model is not None, f"{path} is a foreign PyTorch file: name its architecture (--model)")
     state = read_foreign_state(path)                  # a bad file fails before the data are loaded
+    require_normalization(state, path, args.normalize)   # neither carried nor stated: refused before the data load
     test_set = load_data(args, train=False)[1]
-    stats = (parse_stats(args.normalize, test_set.channels) if args.normalize is not None
-             else normalization_for(test_set))
-    log.info("normalization in front of %s: mean %s, std %s", args.model_path,
-             ",".join(f"{v:.4g}" for v in stats[0]), ",".join(f"{v:.4g}" for v in stats[1]))
-    model = model_from_foreign_state(state, path, args.model, test_set.num_classes, test_set.channels, stats)
+    model = model_from_foreign_state(state, path, args.model, test_set.num_classes, test_set.channels, args.normalize)
     return model.to(device), test_set
-
 
 
 def cmd_eval(args) -> int:
@@ -147,6 +142,8 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_out(out, args.force)
+    if args.robustbench_json:
+        check_model_info_request(args, protocol)
     with distributed_job(args.device) as (dist, device):
         seed_everything(args.seed)
         model, test_set = load_eval_model(args, device)
@@ -165,6 +162,8 @@ def cmd_eval(args) -> int:
     result["model_file"] = str(resolve_model_file(args.model_path))
     if out is not None:
         write_json(out, result)
+    if args.robustbench_json:
+        write_model_info(args, result, protocol)
     print_result(result, protocol)
     if out is not None:
         print(f"results in {out}")

@@ -20,7 +20,7 @@ log = logging.getLogger("advgen")
 
 # TrainConfig fields the train command sets from a flag of the same name (dashes for underscores); each
 # flag's default is "not given", so the recipe's value, or the config's default, holds
-CONFIG_FLAGS = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "init",
+CONFIG_FLAGS = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "init", "init_normalize",
                 "train_subset", "test_subset", "watch_subset", "watch_eps", "watch_norm", "time_budget",
                 "budget_steps", "budget_clock", "channels_last", "compile", "amp", "fold_bn_attack", "sync_bn")
 
@@ -47,6 +47,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                                             f"(default: {d.seed})")
     p.add_argument("--init", help="start from this checkpoint: a run folder, a model file or zoo:NAME (default: the "
                                   "recipe's, else from scratch); --init none starts a recipe from scratch")
+    p.add_argument("--normalize", dest="init_normalize", metavar="cifar10|cifar100|imagenet|none|MEAN/STD",
+                   help="the normalization of a foreign --init file (.pt/.pth/.th/.tar) that does not carry its "
+                        "own; required for such a file (never assumed)")
     p.add_argument("--watch-subset", type=int,
                    help="PGD accuracy on the first N test images after each epoch, the catastrophic-overfitting "
                         "check (default: 256 for fgsm, else 0)")

@@ -1,5 +1,10 @@
 """Model registry: lower-case name -> factory(num_classes, *, in_channels, mean, std) returning
-Sequential(Normalize(mean, std), net) for images of `in_channels` channels in [0, 1]."""
+Sequential(Normalize(mean, std), net) for images of `in_channels` channels in [0, 1].
+
+`preact_resnet18` and `preact_resnet18_v2` share their weights' names but not their forward (see
+resnet_cifar); a saved model records which one in its metadata ("variant", VARIANTS), and a file saved
+before advgen offered both (model "preact_resnet18", no variant) holds the v2 forward (saved_model_name).
+"""
 from __future__ import annotations
 
 import importlib
@@ -12,6 +17,7 @@ from ..errors import UserError
 from .generators import BankConfig, GeneratorBank
 from .normalize import CIFAR10_MEAN, CIFAR10_STD, Normalize, check_stats
 from .resnet_cifar import CifarResNet, PreActResNet18
+from .wide_resnet import WideResNet
 
 
 def _stats(in_channels: int, mean: Sequence[float] | None, std: Sequence[float] | None):
@@ -34,8 +40,26 @@ def _cifar_resnet(n: int):
 
 
 def preact_resnet18(num_classes: int = 10, *, in_channels: int = 3, mean=None, std=None) -> nn.Sequential:
+    """PreAct-ResNet-18, the fast-AT forward: the shortcut conv sees the block's raw input
+    (locuslab/fast_adversarial, RobustBench PreActBlock / Wong2020Fast)."""
     mean, std = _stats(in_channels, mean, std)
-    return nn.Sequential(Normalize(mean, std), PreActResNet18(num_classes, in_channels))
+    return nn.Sequential(Normalize(mean, std), PreActResNet18(num_classes, in_channels, shortcut_preact=False))
+
+
+def preact_resnet18_v2(num_classes: int = 10, *, in_channels: int = 3, mean=None, std=None) -> nn.Sequential:
+    """PreAct-ResNet-18, the pre-activated shortcut (RobustBench PreActBlockV2 / Rice2020Overfitting,
+    pytorch-cifar; the forward advgen had before it offered both)."""
+    mean, std = _stats(in_channels, mean, std)
+    return nn.Sequential(Normalize(mean, std), PreActResNet18(num_classes, in_channels, shortcut_preact=True))
+
+
+def wide_resnet(depth: int, widen_factor: int):
+    """The registry factory of WRN-depth-widen_factor (RobustBench's WideResNet layout)."""
+    def factory(num_classes: int = 10, *, in_channels: int = 3, mean=None, std=None) -> nn.Sequential:
+        mean, std = _stats(in_channels, mean, std)
+        return nn.Sequential(Normalize(mean, std), WideResNet(depth, widen_factor, num_classes, in_channels))
+    factory.__name__ = f"wrn{depth}_{widen_factor}"
+    return factory
 
 
 MODELS = {
@@ -45,7 +69,28 @@ MODELS = {
     "resnet56": _cifar_resnet(9),
     "resnet110": _cifar_resnet(18),
     "preact_resnet18": preact_resnet18,
+    "preact_resnet18_v2": preact_resnet18_v2,
+    "wrn28_10": wide_resnet(28, 10),
+    "wrn34_10": wide_resnet(34, 10),
 }
+
+# the forward a saved model of these names holds, recorded in its file's metadata as "variant"
+VARIANTS = {"preact_resnet18": "shortcut-on-input", "preact_resnet18_v2": "shortcut-on-preactivation"}
+LEGACY_VARIANT = {"preact_resnet18": "preact_resnet18_v2"}   # name without a recorded variant -> what it held
+
+
+def saved_model_name(name: str, variant: str | None) -> str:
+    """The registry name to build for a saved model's metadata ("model", "variant").
+
+    A file or training state written before variants were recorded names "preact_resnet18" without a
+    variant and holds the pre-activated forward: it is "preact_resnet18_v2". A recorded variant must be
+    the one of its name; anything else is a UserError (the metadata are inconsistent)."""
+    if variant is None:
+        return LEGACY_VARIANT.get(name, name)
+    if not isinstance(variant, str) or VARIANTS.get(name) != variant:
+        raise UserError(f"model {name!r} with variant {variant!r}: advgen's {name} is "
+                        f"{VARIANTS.get(name, 'without variants')}")
+    return name
 
 
 def is_import_path(name: str) -> bool:
@@ -103,4 +148,4 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, *,
     return MODELS[name](num_classes, in_channels=in_channels, mean=mean, std=std)
 
 
-__all__ = ["MODELS", "build_model", "Normalize", "GeneratorBank", "BankConfig"]
+__all__ = ["MODELS", "VARIANTS", "build_model", "saved_model_name", "Normalize", "GeneratorBank", "BankConfig"]

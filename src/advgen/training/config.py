@@ -40,6 +40,9 @@ class TrainConfig:
     watch_eps: float = 0.5
     watch_steps: int = 10
     init: str | None = None
+    # the normalization of a foreign `init` file that does not carry its own (checkpoint.load_model's
+    # normalize: "cifar10", "cifar100", "imagenet", "none" or "M1,M2,M3/S1,S2,S3"); never assumed
+    init_normalize: str | None = None
     # stop training once this many seconds of training steps have run (None: run all epochs); the
     # epoch in progress ends early, is evaluated and saved as usual. Pair with schedule="constant".
     time_budget: float | None = None
@@ -80,6 +83,9 @@ class TrainConfig:
                     f"must be >= 1, got {self.train_subset}")
         check_field(self.test_subset is None or self.test_subset >= 1, "test_subset",
                     f"must be >= 1, got {self.test_subset}")
+        check_field(self.init_normalize is None or (isinstance(self.init_normalize, str) and self.init is not None),
+                    "init_normalize", f"states the normalization of a foreign init checkpoint: a text such as "
+                                      f"cifar10, and only with init (got {self.init_normalize!r}, init {self.init!r})")
         check_field(self.watch_subset >= 0, "watch_subset", f"must be >= 0, got {self.watch_subset}")
         check_field(self.watch_norm in NORMS, "watch_norm", f"must be l2 or linf, got {self.watch_norm!r}")
         check_field(math.isfinite(self.watch_eps) and self.watch_eps > 0, "watch_eps", f"must be > 0, got {self.watch_eps}")

@@ -35,11 +35,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .._version import __version__
-from ..checkpoint import METRICS_FILE, STATE_FILE, load_model, save_model
+from ..checkpoint import METRICS_FILE, STATE_FILE, load_model, save_model, saved_architecture
 from ..config import with_defaults
 from ..data import Batches, Dataset, balanced_subset, data_placement, first_n, normalization_for
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
-from ..models import build_model
+from ..models import VARIANTS, build_model, saved_model_name
 from . import distributed
 from ..io import git_commit, machine_description
 from .config import TrainConfig
@@ -102,8 +102,11 @@ def build_classifier(cfg: TrainConfig, train_set: Dataset, *, init: bool = True)
     model = build_model(cfg.model, train_set.num_classes, train_set.channels, mean=stats[0], std=stats[1])
     if init and cfg.init is not None:
         own = model.state_dict()
+        held = saved_architecture(cfg.init)   # the two PreAct forwards share their keys: compare names
+        if held is not None and held != cfg.model:
+            raise ConfigError("init", f"{cfg.init} holds {held}, not {cfg.model}")
         theirs = load_model(cfg.init, model_name=cfg.model, num_classes=train_set.num_classes,
-                            in_channels=train_set.channels, normalize=stats).state_dict()
+                            in_channels=train_set.channels, normalize=cfg.init_normalize).state_dict()
         if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
             raise ConfigError("init", f"{cfg.init} holds another architecture or class count than "
                                       f"{cfg.model} with {train_set.num_classes} classes")
@@ -296,7 +299,7 @@ class Saver:
             self.steplog.flush()   # before the state: the file never lacks a step the state has done
             write_state(self.out / STATE_FILE, state,
                         {"version": __version__, "config": run.record["config"], "data_sha256": run.fingerprint,
-                         **run.position()})
+                         "variant": VARIANTS.get(run.cfg.model), **run.position()})
         self.saved_at = (run.epoch, run.step)
 
     def model_meta(self, epoch: int) -> dict:
@@ -449,9 +452,11 @@ def end_epoch(run: Run, saver: Saver) -> None:
 
 def _resume_state(out: Path, cfg: TrainConfig) -> tuple[dict, dict]:
     state, header = read_state(out / STATE_FILE)
+    saved = dict(header.get("config") or {})
+    if isinstance(saved.get("model"), str):   # a state without "variant" predates them (models.saved_model_name)
+        saved["model"] = saved_model_name(saved["model"], header.get("variant"))
     # settings added since the state was written count as their defaults
-    changes = _config_changes(with_defaults(header.get("config") or {}, TrainConfig(method=cfg.method).to_dict()),
-                              cfg.to_dict())
+    changes = _config_changes(with_defaults(saved, TrainConfig(method=cfg.method).to_dict()), cfg.to_dict())
     if changes:
         raise CheckpointError(f"--resume: {out} was started with other settings: {'; '.join(changes[:4])}"
                               f"{' ...' if len(changes) > 4 else ''}; pass the same arguments, or --force to "
