@@ -23,7 +23,7 @@ from conftest import make_tiny  # noqa: E402
 from synth_cifar import tiny_dataset  # noqa: E402
 
 from advgen.io import save_tensors# noqa: E402
-from advgen.cli import seed_everything  # noqa: E402
+from advgen.cli.args import seed_everything  # noqa: E402
 from advgen.training import TrainConfig  # noqa: E402
 from advgen.models.generators import BankConfig  # noqa: E402
 from advgen.training import METHODS, distributed, registered, train  # noqa: E402

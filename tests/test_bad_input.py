@@ -95,8 +95,8 @@ def test_bad_train_arguments(extra, needle, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--train-subset", "1000"], "train subset 1000 must lie in 1..80"),
-    (["--test-subset", "1000"], "test subset 1000 must lie in 1..16"),
+    (["--train-subset", "1000"], "--train-subset 1000 exceeds the 80 training images"),
+    (["--test-subset", "1000"], "--test-subset 1000 exceeds the 16 test images"),
     (["--batch-size", "500"], "batch size 500 exceeds the 80 training images"),
     (["--watch-subset", "17"], "--watch-subset 17 exceeds the 16 test images"),
 ])
@@ -125,7 +125,7 @@ def test_bad_eval_arguments(extra, needle, run_dir, data, capsys):
 
 def test_unknown_preset(tmp_path, capsys):
     code, err = _cli(["reproduce", "--preset", "bogus", "--out", tmp_path], capsys)
-    assert code == 2 and "unknown preset 'bogus'; choose from" in _one_error_line(err)
+    assert code == 2 and "invalid choice: 'bogus'" in _one_error_line(err)
 
 
 # ------------------------------------------------------------------------------------------------ data

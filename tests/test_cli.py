@@ -44,9 +44,10 @@ def test_train_generator_from_init_then_eval(tmp_path, capsys):
                         "--restarts", "2", "--pgd-objective", "margin,ce", "--test-subset", "32", "--out", out_json], capsys)
     assert code == 0 and "0.5" in out and "2 restart(s) ascending margin, ce" in out
     res = json.loads(out_json.read_text())
-    assert res["attack"] == "pgd-l2" and res["steps"] == 3 and res["n"] == 32 and res["objective"] == ["margin", "ce"]
-    assert [r["eps"] for r in res["results"]] == [0.0, 0.5]
-    assert res["results"][1]["accuracy"] <= res["results"][0]["accuracy"]
+    p = res["protocol"]
+    assert (p["attack"], p["norm"], p["steps"], p["objectives"], res["n"]) == ("pgd", "l2", 3, ["margin", "ce"], 32)
+    assert list(res["pgd_l2"]) == ["0.0", "0.5"]
+    assert res["pgd_l2"]["0.5"]["accuracy"] <= res["pgd_l2"]["0.0"]["accuracy"]
     assert {c["name"] for c in res["checks"]} >= {"accuracy non-increasing in eps", "attack at least as strong as FGSM"}
 
 
@@ -72,9 +73,8 @@ def test_reproduce_smoke_writes_report_and_skips_done_stages(tmp_path, capsys):
 def test_reproduce_seeds_reports_mean_and_std_of_the_seeds(tmp_path, monkeypatch, capsys):
     import dataclasses
     from advgen.apps import reproduce as report
-    from advgen.config import AttackConfig
     monkeypatch.setitem(report.PRESETS, "smoke2", dataclasses.replace(   # a 2-step inner PGD: seconds
-        report.PRESETS["smoke"], attack=AttackConfig(steps=2, step_size=0.05), eval_steps=2))
+        report.PRESETS["smoke"], stage_options={"minmax": {"steps": 2, "step_size": 0.05}}, eval_steps=2))
     out = tmp_path / "repro"
     code, _, _ = run(["reproduce", "--preset", "smoke2", "--seeds", "0,1", "--data-dir", DATA, "--device", "cpu",
                       "--out", out], capsys)
@@ -138,7 +138,7 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
     assert code == 0
     res = json.loads((out / "compare.json").read_text())
     rows = [(r["name"], r["seed"], r["budget_units"]) for r in res["rows"]]
-    assert rows == [("base", 0, 0.0)] + [(n, s, u) for n in ("fgsm_rs", "gen_sdi") for s in (0, 1) for u in (1.0, 2.0)]
+    assert rows == [("base", 0, 0.0)] + [(n, s, u) for n in ("fgsm-rs-l2", "gen-sdi-l2") for s in (0, 1) for u in (1.0, 2.0)]
     for r in res["rows"][1:]:
         assert set(r["pgd"]) == {"0.25", "0.5"} and r["passes"] > 0 and r["budget_seconds"] > 0
         # AutoAttack on the final model of each run only; the gap rule wherever it ran
@@ -146,13 +146,13 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
         assert any(c["name"].startswith("PGD within") for c in r["checks"]) == (r["budget_units"] == 2.0)
     # a budget in work done: unit 4 passes, FGSM costs 2 per step, the generator with a step after it 3
     steps = {(r["name"], r["budget_units"]): r["steps"] for r in res["rows"][1:]}
-    assert steps[("fgsm_rs", 1.0)] == 2 and steps[("fgsm_rs", 2.0)] == 4 and steps[("gen_sdi", 2.0)] == 3
+    assert steps[("fgsm-rs-l2", 1.0)] == 2 and steps[("fgsm-rs-l2", 2.0)] == 4 and steps[("gen-sdi-l2", 2.0)] == 3
     assert (out / "curves.png").exists() and (out / "curves-seconds.png").exists()
     assert not list(out.rglob("*.aa-progress.json"))   # an AutoAttack's progress goes once its evaluation is stored
     md = (out / "compare.md").read_text()
-    assert "| fgsm_rs | 1 |" in md and "mean ± std over seeds" in md
-    rows = {ln.split(" | ")[0]: ln for ln in md.splitlines() if ln.startswith("| base |") or ln.startswith("| fgsm_rs | 1 |")}
-    assert "±" not in rows["| base"] and "±" in rows["| fgsm_rs"]      # one base model: no spread to show
+    assert "| fgsm-rs-l2 | 1 |" in md and "mean ± std over seeds" in md
+    rows = {ln.split(" | ")[0]: ln for ln in md.splitlines() if ln.startswith("| base |") or ln.startswith("| fgsm-rs-l2 | 1 |")}
+    assert "±" not in rows["| base"] and "±" in rows["| fgsm-rs-l2"]      # one base model: no spread to show
     # the copy for docs/: re-rendered from compare.json under a name, the plot's name in its markdown
     docs = tmp_path / "docs"
     subprocess.run([sys.executable, str(ROOT / "tools" / "compare_docs.py"), str(out), "--name", "smoke",
@@ -164,9 +164,9 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
                           "x", "--out", str(docs)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "compare.json does not exist" in bad.stderr
     # run again: everything is found done (no training, cached evaluations)
-    before = (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns
+    before = (out / "fgsm-rs-l2-s0" / "model.safetensors").stat().st_mtime_ns
     assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
-    assert (out / "fgsm_rs-s0" / "model.safetensors").stat().st_mtime_ns == before
+    assert (out / "fgsm-rs-l2-s0" / "model.safetensors").stat().st_mtime_ns == before
     # a PGD setting changed: PGD runs again, AutoAttack's accuracies are reused (AutoAttack is not called)
     from advgen.apps.compare.plan import COMPARE_PRESETS
 
@@ -175,7 +175,7 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("advgen.evaluation.protocol.AutoAttack", no_autoattack)
     monkeypatch.setattr(COMPARE_PRESETS["smoke"], "pgd_objectives", ["margin"])
     assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
-    ev = json.loads((out / "gen_sdi-s1" / "eval-step-3.json").read_text())
+    ev = json.loads((out / "gen-sdi-l2-s1" / "eval-step-3.json").read_text())
     assert ev["settings"]["pgd_objectives"] == ["margin"] and ev["checks"][-1]["name"].startswith("PGD within")
     assert [r["autoattack"] for r in json.loads((out / "compare.json").read_text())["rows"]] == \
         [r["autoattack"] for r in res["rows"]]
@@ -188,7 +188,7 @@ def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
         f.unlink()
     assert run(["compare", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)[0] == 0
     assert json.loads((out / "compare.json").read_text())["rows"] == res["rows"]
-    assert not (out / "fgsm_rs-s0" / "model.safetensors").exists()
+    assert not (out / "fgsm-rs-l2-s0" / "model.safetensors").exists()
 
 
 def test_generator_presets_and_flag_overrides():
@@ -245,7 +245,7 @@ def test_radii_as_fractions_and_help_shows_defaults(capsys):
     assert "fraction such as 8/255" in capsys.readouterr().err
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
-    assert "(default: 128)" in text and "(default: 0.1)" in text and "(default: cosine)" in text
+    assert "(default: 128)" in text and "else 0.1)" in text and "(default: cosine)" in text
 
 
 def test_plot_draws_training_curves_of_runs(tmp_path, capsys):

@@ -26,8 +26,8 @@ def _rows(name, units, passes_per_step, pgd, aa_final, seeds=(0, 1, 2)):
 
 def _summary(gen_aa, seeds=(0, 1, 2)):
     q = [1.0, 2.0, 4.0]
-    rows = _rows("nfgsm", [0.5] + q, 2, {u: [0.30, 0.31, 0.32] for u in [0.5] + q}, [0.34, 0.35, 0.36])
-    rows += _rows("pgd10", q + [8.0], 11, {u: [0.36, 0.37, 0.38] for u in q + [8.0]}, [0.37, 0.38, 0.39])
+    rows = _rows("nfgsm-l2", [0.5] + q, 2, {u: [0.30, 0.31, 0.32] for u in [0.5] + q}, [0.34, 0.35, 0.36])
+    rows += _rows("pgd10-l2", q + [8.0], 11, {u: [0.36, 0.37, 0.38] for u in q + [8.0]}, [0.37, 0.38, 0.39])
     rows += _rows("gen_x", [0.5] + q, 3, {0.5: [0.2] * 3, 1.0: [0.3] * 3, 2.0: [0.365, 0.37, 0.375],
                                           4.0: [0.40, 0.40, 0.41]}, gen_aa, seeds)
     return summarize(rows)
@@ -69,10 +69,10 @@ def test_contrasts_wait_for_three_seeds_a_side():
                "rows": [], "preset": "t", "version": "0", "git_commit": None,
                "machine": "m", "base": "b", "n_test": 200}
     q = [1.0, 2.0, 4.0]
-    results["rows"] = _rows("nfgsm", q, 2, {u: [0.3] * 3 for u in q}, [0.34, 0.35, 0.36]) + \
+    results["rows"] = _rows("nfgsm-l2", q, 2, {u: [0.3] * 3 for u in q}, [0.34, 0.35, 0.36]) + \
         _rows("gen_x", q, 3, {u: [0.3] * 2 for u in q}, [0.40, 0.41], seeds=(0, 1))
     md = render(results)
     assert "| gen_x | 4, AA | pending (2 / 3 seeds) | pending |" in md
     # the table gives the work as steps (batches seen) beside passes: gen_x's step costs 3 passes
     assert "| entry | units | steps | passes | seconds | seeds |" in md
-    assert "| gen_x | 4 | 341 | 1023 |" in md and "| nfgsm | 4 | 512 | 1024 |" in md
+    assert "| gen_x | 4 | 341 | 1023 |" in md and "| nfgsm-l2 | 4 | 512 | 1024 |" in md

@@ -79,7 +79,7 @@ def test_a_plugin_method_is_on_the_command_line_and_trains(tmp_path, plugin_env)
     assert wrong.returncode == 2 and "--noisy-sigma is not an option of --method nfgsm" in wrong.stderr
     bad = advgen(plugin_env, "train", "--recipe", "noisy-0.2", "--noisy-sigma", "-1", "--data-dir", str(data),
                  "--out", str(tmp_path / "y"))
-    assert bad.returncode == 2 and "--noisy-sigma (options.sigma) must be >= 0" in bad.stderr
+    assert bad.returncode == 2 and "--noisy-sigma must be >= 0, got -1.0 (config: options.sigma)" in bad.stderr
 
 
 @pytest.mark.slow

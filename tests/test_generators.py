@@ -435,7 +435,7 @@ def test_the_step_after_the_bank_moves_its_sample_along_the_gradient(trained_tin
 def test_recursions_need_the_input_gradient():
     cfg = advgen.TrainConfig(method="generator")
     cfg.options.recursions = 2
-    with pytest.raises(UserError, match="recursions above 1 needs bank.grad_input"):
+    with pytest.raises(UserError, match="recursions above 1 needs options.bank.grad_input"):
         cfg.validate()
 
 
@@ -638,14 +638,14 @@ def test_memory_options_that_make_no_sense_are_refused():
             setattr(cfg.options, k, v)
         return cfg
     cases = [
-        (dict(start="memory"), "generator.start memory needs generator.memory and generator.step_after"),
-        (dict(start="memory", memory=True), "generator.start memory needs"),
-        (dict(start="memory", memory=True, step_after=True, steps=2), "generator.steps acts on the bank"),
-        (dict(start="memory", memory=True, step_after=True, warmup_epochs=1.0), "generator.warmup_epochs acts on"),
-        (dict(start="memory", memory=True, step_after=True, bank={"grad_input": True}), "bank.grad_input feeds"),
-        (dict(start="sample"), "generator.start unknown: 'sample'; choose from bank, memory"),
-        (dict(memory=True, bank={"assign": "all"}), "generator.memory cannot be combined with bank.assign all"),
-        (dict(bank={"memory_input": True}), "bank.memory_input needs generator.memory"),
+        (dict(start="memory"), "options.start memory needs options.memory and options.step_after"),
+        (dict(start="memory", memory=True), "options.start memory needs"),
+        (dict(start="memory", memory=True, step_after=True, steps=2), "options.steps acts on the bank"),
+        (dict(start="memory", memory=True, step_after=True, warmup_epochs=1.0), "options.warmup_epochs acts on"),
+        (dict(start="memory", memory=True, step_after=True, bank={"grad_input": True}), "options.bank.grad_input feeds"),
+        (dict(start="sample"), "options.start unknown: 'sample'; choose from bank, memory"),
+        (dict(memory=True, bank={"assign": "all"}), "options.memory cannot be combined with options.bank.assign all"),
+        (dict(bank={"memory_input": True}), "options.bank.memory_input needs options.memory"),
     ]
     for kw, needle in cases:
         with pytest.raises(UserError, match=re.escape(needle)):
@@ -673,15 +673,15 @@ def test_compare_entries_of_the_memory_variant_and_its_control():
     from advgen.config import from_dict
     quick = {e.name: e for e in COMPARE_PRESETS["quick"].entries}
     costs = {}
-    for name in ("gen_mem", "mem_step"):
+    for name in ("gen-mem-l2", "mem-step-l2"):
         e = quick[name]
-        cfg = advgen.TrainConfig(method=e.method, options=from_dict(GeneratorOptions, e.options))
+        cfg = advgen.TrainConfig(method=e.method, options=from_dict(GeneratorOptions, e.options({})))
         cfg.validate()
         costs[name] = passes_per_step(cfg)
         assert cfg.options.memory and cfg.options.step_after
-    assert costs == {"gen_mem": 3, "mem_step": 2}
-    mem, ctl = (from_dict(GeneratorOptions, quick[n].options) for n in ("gen_mem", "mem_step"))
+    assert costs == {"gen-mem-l2": 3, "mem-step-l2": 2}
+    mem, ctl = (from_dict(GeneratorOptions, quick[n].options({})) for n in ("gen-mem-l2", "mem-step-l2"))
     assert mem.bank.grad_input and mem.start == "bank" and ctl.start == "memory"
     assert (ctl.bank.bound, ctl.bank.size, ctl.step_size) == (mem.bank.bound, mem.bank.size, mem.step_size)
-    assert {e.name for e in ENTRIES} >= {"gen_mem", "mem_step"}
-    assert not any(e.options.get("memory") for e in COMPARE_PRESETS["smoke"].entries)
+    assert {e.name for e in ENTRIES} >= {"gen-mem-l2", "mem-step-l2"}
+    assert not any(e.options({}).get("memory") for e in COMPARE_PRESETS["smoke"].entries)

@@ -15,10 +15,12 @@ from test_wide_resnet import RefWideResNet
 from torch import nn
 
 import advgen
-from advgen import interop
-from advgen.checkpoint import read_tensors, save_model
+from advgen.checkpoint import zoo_dir
+from advgen.apps import export as interop
+from advgen.checkpoint import save_model
+from advgen.io import read_tensors
 from advgen.cli import main
-from advgen.evaluate import fingerprint
+from advgen.io import fingerprint
 from advgen.models import MODELS, build_model, wide_resnet
 from advgen.models.normalize import CIFAR100_MEAN, CIFAR100_STD
 
@@ -158,8 +160,7 @@ def test_export_with_an_evaluation_reports_its_numbers(tmp_path, capsys):
 
 
 def test_export_of_a_zoo_model_takes_its_cards_numbers(tmp_path):
-    from advgen import zoo
-    card = json.loads((zoo.zoo_dir() / "resnet20-pgd10.json").read_text())
+    card = json.loads((zoo_dir() / "resnet20-pgd10.json").read_text())
     assert main(["export", "zoo:resnet20-pgd10", str(tmp_path), "--format", "robustbench"]) == 0
     info = json.loads((tmp_path / "resnet20-pgd10.json").read_text())
     assert info["clean_acc"] == str(round(card["eval"]["clean"]["accuracy"] * 100, 2)) == "80.9"
@@ -212,7 +213,7 @@ def test_eval_full_writes_robustbench_model_info(tmp_path, monkeypatch, capsys):
 
 
 def test_unreliable_means_a_gradient_masking_check_failed_not_the_pgd_gap():
-    from advgen.evaluate import GAP_CHECK
+    from advgen.evaluation import GAP_CHECK
     ev = full_eval_of({"w": torch.zeros(1)}, failed=[GAP_CHECK])
     numbers = interop.evaluation_numbers(ev, 0.5, (GAP_CHECK,))
     assert numbers["unreliable"] is False and numbers["failed_checks"] == [GAP_CHECK]

@@ -13,8 +13,9 @@ from test_foreign_layouts import AkaResNet, settled
 from torch import nn
 
 import advgen
+from advgen.evaluation import robust_accuracy
 from advgen.cli import main
-from advgen.config import TrainConfig
+from advgen.training import TrainConfig
 from advgen.data import load_cifar
 from advgen.errors import ConfigError, UserError
 from advgen.models import Normalize, build_model
@@ -134,10 +135,10 @@ def test_cli_eval_numbers_of_a_raw_pixel_model(tmp_path, capsys):
     assert main(argv) == 2                             # no statement: refused, not scored as CIFAR-10-normalized
     assert "--normalize" in capsys.readouterr().err
     assert main(argv + ["--normalize", "none"]) == 0
-    got = {r["eps"]: r["accuracy"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    got = {float(e): r["accuracy"] for e, r in json.loads((tmp_path / "r.json").read_text())["pgd_l2"].items()}
     assert got[0.0] == 1.0
-    direct = advgen.evaluate(net, x, y, attack="pgd-l2", epsilons=[0.1], steps=3, restarts=1, seed=0,
-                             checks=False, fast=False, objective=("ce", "margin"))["results"][0]["accuracy"]
+    direct = robust_accuracy(net, x.float() / 255, y, lambda e: advgen.PGD(net, norm="l2", eps=e, steps=3, seed=0),
+                             [0.1])[0]
     assert 0.5 < direct < 1.0                                             # the attack bites, not everywhere
     assert abs(got[0.1] - direct) <= 1 / 40                               # at most one image of float rounding
     with torch.no_grad():

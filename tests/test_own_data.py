@@ -264,7 +264,7 @@ def test_own_module_and_grayscale_npz_train_with_generators_evaluate_and_reload(
     assert main(["eval", str(run), "--dataset", str(data), "--attack", "pgd-l2", "--eps", "0,1", "--steps", "3",
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "pgd-l2, 30 images" in out and "accuracy non-increasing in eps" in out
+    assert "30 images; PGD-L2" in out and "accuracy non-increasing in eps" in out
     # a model path that does not import is a one-line error
     assert main(["train", "--method", "standard", "--model", "nowhere.nets:small", "--dataset", str(data),
                  "--out", str(tmp_path / "r2")]) == 2

@@ -356,11 +356,12 @@ def test_cli_trains_each_peer(name, flags, expect, tmp_path, capsys):
 
 
 def test_cli_attack_steps_default_per_method(tmp_path):
-    from advgen.cli import build_parser, method_options
-    parse = lambda *a: build_parser().parse_args(["train", "--out", str(tmp_path), *a])  # noqa: E731
-    assert method_options(parse("--method", "trades")).steps == 10
-    assert method_options(parse("--method", "minmax")).steps == 40
-    assert method_options(parse("--method", "trades", "--attack-steps", "5")).steps == 5
+    from advgen.cli import build_parser
+    from advgen.cli.train import train_config_from_args
+    parse = lambda *a: train_config_from_args(build_parser().parse_args(["train", "--out", str(tmp_path), *a]))  # noqa: E731
+    assert parse("--method", "trades").options.steps == 10
+    assert parse("--method", "minmax").options.steps == 40
+    assert parse("--method", "trades", "--attack-steps", "5").options.steps == 5
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -381,7 +382,7 @@ def test_compare_entries_of_the_peers_build_and_cost_what_they_say():
     costs = {}
     for e in ENTRIES:
         if e.method in PEERS:
-            cfg = TrainConfig(method=e.method, options=from_dict(METHODS[e.method].options, e.options))
+            cfg = TrainConfig(method=e.method, options=from_dict(METHODS[e.method].options, e.options({})))
             cfg.validate()
             costs[e.name] = passes_per_step(cfg)
-    assert costs == {"nfgsm": 2, "free": 8, "trades": 12}
+    assert costs == {"nfgsm-l2": 2, "free-l2": 8, "trades-l2": 12}

@@ -13,7 +13,8 @@ from torch import nn
 
 import advgen
 from advgen import checkpoint
-from advgen.checkpoint import read_tensors, save_model, save_tensors
+from advgen.checkpoint import save_model
+from advgen.io import read_tensors, save_tensors
 from advgen.errors import CheckpointError, ConfigError
 from advgen.models import Normalize, build_model
 from advgen.models.normalize import CIFAR10_MEAN, CIFAR10_STD
@@ -142,7 +143,7 @@ def test_inconsistent_variant_metadata_is_refused(tmp_path):
 def test_init_from_an_old_preact_file_refuses_the_fast_at_forward(tmp_path):
     """--init of an old file (the v2 forward) into --model preact_resnet18 would load the same keys into
     another function: refused by name; into preact_resnet18_v2 it loads."""
-    from advgen.config import TrainConfig
+    from advgen.training import TrainConfig
     from advgen.training.loop import build_classifier
     from synth_cifar import tiny_dataset
     old = tmp_path / "old.safetensors"
@@ -158,7 +159,7 @@ def test_init_from_an_old_preact_file_refuses_the_fast_at_forward(tmp_path):
 def test_resuming_a_state_from_before_the_variants(tmp_path):
     """A training state without "variant" of a preact_resnet18 run trained the v2 forward: resuming it
     as preact_resnet18 is refused (the settings differ), as preact_resnet18_v2 it is accepted."""
-    from advgen.config import TrainConfig
+    from advgen.training import TrainConfig
     from advgen.training.loop import _resume_state
     from advgen.training.state import write_state
     old_cfg = TrainConfig(model="preact_resnet18").to_dict()

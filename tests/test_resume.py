@@ -379,7 +379,7 @@ def test_reproduce_resumes_a_stopped_stage(tmp_path, monkeypatch, caplog, capsys
     from advgen.apps import reproduce as report
     smoke = report.PRESETS["smoke"]   # the smoke preset with a 2-step inner PGD: seconds, not half a minute
     monkeypatch.setitem(report.PRESETS, "smoke2", dataclasses.replace(
-        smoke, attack=AttackConfig(steps=2, step_size=0.05), eval_steps=2))
+        smoke, stage_options={"minmax": {"steps": 2, "step_size": 0.05}}, eval_steps=2))
     data = write_cifar(tmp_path / "data", per_batch=32, n_test=32)
     out = tmp_path / "repro"
     argv = ["reproduce", "--preset", "smoke2", "--data-dir", str(data), "--device", "cpu", "--out", str(out)]

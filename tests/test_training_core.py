@@ -132,7 +132,7 @@ def test_the_bank_follows_the_classifier_layout_under_auto():
 
 def test_each_norm_has_its_own_default_eps():
     assert AttackConfig(norm="linf").radius == DEFAULT_EPS["linf"] == 8 / 255
-    assert AttackConfig(norm="l2").radius == 0.05
+    assert AttackConfig(norm="l2").radius == DEFAULT_EPS["l2"] == 0.5   # the standard threat models
     assert AttackConfig(norm="l2", eps=0.5, steps=10).step == pytest.approx(0.125)
 
 

@@ -13,6 +13,7 @@ import torch
 from synth_cifar import tiny_dataset, write_cifar
 
 import advgen
+from advgen.checkpoint import zoo_cards, zoo_model_file
 from advgen.apps import zoo
 from advgen.cli import main
 from advgen.training import TrainConfig
@@ -108,7 +109,7 @@ def test_the_table_shows_the_radius_asked_for(a_zoo, capsys):
 def test_eval_of_a_zoo_model(a_zoo, tmp_path):
     data = write_cifar(tmp_path / "data2", per_batch=8, n_test=8)
     assert main(["eval", "zoo:tiny-base", "--data-dir", str(data), "--eps", "0", "--out", str(tmp_path / "e.json")]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())["model"].endswith("tiny-base.safetensors")
+    assert json.loads((tmp_path / "e.json").read_text())["model_file"].endswith("tiny-base.safetensors")
 
 
 def test_a_changed_weights_file_is_refused_before_loading(a_zoo, tmp_path, capsys, monkeypatch):
@@ -210,11 +211,11 @@ def test_the_package_data_globs_ship_the_zoo_files():
 def test_the_shipped_zoo_is_consistent():
     """The installed zoo holds the full-data campaign's models (issue: ≥ 6), and each card's file loads
     (after its sha256 check) into a model that gives 10 finite logits."""
-    cards = zoo.cards()
+    cards = zoo_cards()
     assert len(cards) >= 6
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for card in cards:
-        assert zoo.model_file(card["name"]).name == card["file"]
+        assert zoo_model_file(card["name"]).name == card["file"]
         assert {"name", "architecture", "method", "config", "command", "commit", "train_images", "epochs",
                 "seconds_per_epoch", "machine", "eval", "sha256"} <= set(card)
         assert card["train_images"] == 50000
@@ -229,7 +230,7 @@ def test_each_zoo_model_reproduces_its_cards_clean_accuracy(shared_data):
     slack for another CPU's kernels flipping a borderline logit)."""
     test = first_n(load_cifar("cifar10", shared_data)[1], 1000)
     x, y = test.float_images(), test.labels
-    for card in zoo.cards():
+    for card in zoo_cards():
         assert card["eval"]["n"] == 1000
         model = advgen.load_model(f"zoo:{card['name']}").eval()
         with torch.no_grad():

@@ -11,4 +11,4 @@ def curve(result: dict, key: str = "pgd_l2") -> dict:
     """A protocol result's curve as the figures draw it: {"results": [{"eps", "accuracy", "ci95", ...}],
     "checks"}, radii ascending."""
     points = sorted(((float(e), d) for e, d in result[key].items()), key=lambda t: t[0])
-    return {"results": [{"eps": e, **d} for e, d in points], "checks": result.get("checks", [])}
+    return {"results": [{"eps": e, **d} for e, d in points], "checks": result.get("checks", []), "n": result["n"]}

@@ -9,7 +9,6 @@ error bars), results-paper.json (everything the report shows, without the per-sa
 """
 from __future__ import annotations
 
-import math
 import statistics
 from pathlib import Path
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +20,10 @@ from ..config import with_defaults
 from ..data import load_subsets
 from ..errors import UserError
 from ..evaluation import EvalProtocol, evaluate, mean_std
-from ..io import atomic_write, git_commit, machine_description, read_json, read_tensors, write_json
+from ..io import atomic_write, git_commit, machine_description, read_json, write_json
 from ..recipes import recipe_config
 from ..training import TrainConfig, train
-from . import curve
+from . import DATA_CAVEAT, curve
 from .figures import figure2, figure3
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class Preset:
     eval_steps: int
     batch_size: int = 128
     seed: int = 0
+    # changes to a stage's recipe options, {stage: {field: value}} (a cheaper inner attack for a test)
+    stage_options: dict = field(default_factory=dict)
 
 
 PRESETS = {
@@ -71,6 +73,8 @@ def stage_configs(p: Preset, out: Path) -> dict[str, TrainConfig]:
     cfgs = {"base": recipe_config("standard", epochs=p.base_epochs, init=None, **common)}
     for stage in ("minmax", "generator"):
         cfgs[stage] = recipe_config(STAGE_RECIPES[stage], epochs=p.robust_epochs, init=str(out / "base"), **common)
+        for name, value in p.stage_options.get(stage, {}).items():
+            setattr(cfgs[stage].options, name, value)
     return cfgs
 
 
@@ -214,20 +218,22 @@ def render_report(preset: str, p: Preset, results: dict) -> str:
     t = results["table1"]
     rows, curves = t["rows"], results["curves"]
     n = next(iter(curves.values()))["n"]
+    cfg = {name: results["runs"][name]["config"] for name in STAGES}
+    mm, gen, base = cfg["minmax"]["options"], cfg["generator"]["options"], cfg["base"]
     lines = [f"# advgen reproduction of Jung (2024), preset `{preset}`", "",
              f"advgen {results['version']} (commit {results['git_commit'] or 'unknown'}); machine: {results['machine']}.",
              "", DATA_CAVEAT, "",
              "## Settings", "",
              f"- Data: CIFAR-10, {p.train_subset or 50000} training images"
              f"{' (seeded, class-balanced subset)' if p.train_subset else ''}; first {n} test images.",
-             f"- Base: ResNet-20, standard training, {p.base_epochs} epochs, SGD lr {p.base_lr} (Nesterov momentum 0.9, "
-             f"weight decay 5e-4, cosine), batch {p.batch_size}, random crop + flip.",
-             f"- Min-max (eq. 1): from the base, {p.robust_epochs} epochs, SGD lr {p.robust_lr}; PGD-{p.attack.norm.upper()} "
-             f"eps {p.attack.eps}, {p.attack.steps} steps of {p.attack.step_size}.",
-             f"- Generator (eq. 2-5): from the base, {p.robust_epochs} epochs, SGD lr {p.robust_lr}; "
-             f"{p.generator.bank.n} generators ({p.generator.bank.depth} conv layers of width {p.generator.bank.width}, "
-             f"{'residual' if p.generator.bank.residual else 'direct'}), {p.generator.bank.bound} bound s = {p.generator.bank.size}, "
-             f"generator SGD lr {p.generator.lr}.",
+             f"- Base (recipe `{STAGE_RECIPES['base']}`): ResNet-20, standard training, {p.base_epochs} epochs, SGD lr "
+             f"{base['lr']} (Nesterov momentum 0.9, weight decay 5e-4, cosine), batch {p.batch_size}, random crop + flip.",
+             f"- Min-max (eq. 1; recipe `{STAGE_RECIPES['minmax']}`): from the base, {p.robust_epochs} epochs, SGD lr "
+             f"{cfg['minmax']['lr']}; PGD-{mm['norm'].upper()} eps {mm['eps']}, {mm['steps']} steps of {mm['step_size']}.",
+             f"- Generator (eq. 2-5; recipe `{STAGE_RECIPES['generator']}`): from the base, {p.robust_epochs} epochs, SGD lr "
+             f"{cfg['generator']['lr']}; {gen['bank']['n']} generators ({gen['bank']['depth']} conv layers of width "
+             f"{gen['bank']['width']}, {'residual' if gen['bank']['residual'] else 'direct'}), {gen['bank']['bound']} bound "
+             f"s = {gen['bank']['size']}, generator SGD lr {gen['lr']}.",
              f"- Evaluation: PGD-L2, {p.eval_steps} steps of 2.5·eps/{p.eval_steps}, random start, on the same {n} images.",
              "", "## Table 1: training time per epoch", "",
              "| method | seconds per epoch (median) | images per second | epochs |", "|---|---|---|---|"]

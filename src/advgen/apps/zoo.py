@@ -14,6 +14,7 @@ from pathlib import Path
 from ..checkpoint import MODEL_FILE, RUN_FILE, ZOO_NAME, zoo_dir
 from ..errors import UserError
 from ..evaluation import GAP_CHECK, gap_check
+from ..recipes import resolve_recipe
 from ..io import atomic_write, file_digest, fingerprint, read_json, read_tensors, write_json
 from . import DATA_CAVEAT
 
@@ -44,13 +45,14 @@ def training_command(run_dir: Path, rec: dict) -> str | None:
     return None
 
 
-def card_for(name: str, rec: dict, meta: dict, evaluation: dict, *, command: str, machine: str) -> dict:
+def card_for(name: str, rec: dict, meta: dict, evaluation: dict, *, command: str, machine: str,
+             recipe: str | None = None) -> dict:
     """The card of a zoo model (without its file and sha256): what it is, how it was trained, how it
     did under the full evaluation (its per-sample bits left out)."""
     cfg, rows = rec["config"], rec["epochs"]
     evaluation = {**evaluation, "checks": _with_gap_check(evaluation)}
     return {"name": name, "architecture": meta["model"], "num_classes": meta["num_classes"],
-            "method": cfg["method"], "config": cfg, "command": command, "commit": rec.get("git_commit"),
+            "method": cfg["method"], "recipe": recipe, "config": cfg, "command": command, "commit": rec.get("git_commit"),
             "advgen_version": rec.get("version"), "train_images": rec.get("train_images"), "epochs": len(rows),
             "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
             "epoch_seconds": [r["seconds"] for r in rows], "machine": machine,
@@ -76,7 +78,8 @@ def evaluation_norms(evaluation: dict) -> list[str]:
 
 
 def add(run_dir: Path, name: str, evaluation: dict, *, command: str | None = None, machine: str,
-        folder: Path | None = None, force: bool = False, eval_path: str = "the evaluation") -> dict:
+        folder: Path | None = None, force: bool = False, eval_path: str = "the evaluation",
+        recipe: str | None = None) -> dict:
     """Copy a finished run's model into the zoo as NAME.safetensors with its card NAME.json; returns
     the card.
 
@@ -97,7 +100,9 @@ def add(run_dir: Path, name: str, evaluation: dict, *, command: str | None = Non
     command = command or training_command(run_dir, rec)
     if not command:
         raise UserError(f"{run_dir} does not record the command that trained it: give it (--command)")
-    card = card_for(name, rec, meta, evaluation, command=command, machine=machine)
+    if recipe is not None:
+        recipe = resolve_recipe(recipe).name
+    card = card_for(name, rec, meta, evaluation, command=command, machine=machine, recipe=recipe)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{name}.safetensors"
     atomic_write(weights, (run_dir / MODEL_FILE).read_bytes())

@@ -23,7 +23,7 @@ from .._version import __version__
 from ..errors import ConfigError, Interrupted, UserError, WorkersFailed, check
 from ..training.control import STOP
 from .apps import add_compare, add_plot, add_reproduce, add_zoo
-from .args import Parser, config_error_line, flag_of  # noqa: F401  (flag_of: the flags' one spelling)
+from .args import Parser, config_error_line
 from .eval import add_eval_args, cmd_eval
 from .export import add_export
 from .train import add_train_args, cmd_train
@@ -37,7 +37,6 @@ def import_plugins() -> None:
     """Import the modules named in $ADVGEN_PLUGINS, so that the methods and recipes they register are on
     the command line like advgen's own (a new method is one file). Only modules of the installed
     environment, never the standard library; a failure is one line."""
-    from ..models import user_factory  # noqa: F401  (the same import rules as a user's model factory)
     for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS, "").split(","))):
         check(all(part.isidentifier() for part in name.split(".")), f"${PLUGINS}: {name!r} is not a module name")
         check(name.split(".")[0] not in sys.stdlib_module_names, f"${PLUGINS}: {name} is in the standard library")
@@ -129,6 +128,9 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     for action in target._actions:  # a required option given in the file is no longer required
         if action.dest in settings:
             action.required = False
+    for group in target._mutually_exclusive_groups:   # nor is a required choice (--recipe | --method) it makes
+        if any(a.dest in settings for a in group._group_actions):
+            group.required = False
     target.set_defaults(**settings)
 
 

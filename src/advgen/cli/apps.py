@@ -119,7 +119,7 @@ def cmd_zoo(args) -> int:
     radii = {float(k) for c in cards for key in (f"pgd_{args.norm}", f"autoattack_{args.norm}")
              for k in c.get("eval", {}).get(key, {})}
     check(args.json or not cards or any(abs(eps - r) < 1e-9 for r in radii),
-          f"--eps {eps:g}: no zoo model was attacked at that {args.norm} radius; choose from "
+          f"--eps {eps:g}: no zoo model was attacked at that {dict(l2='L2', linf='Linf')[args.norm]} radius; choose from "
           f"{', '.join(f'{r:g}' for r in sorted(radii)) or 'none'}")
     print(json.dumps(cards, indent=1) if args.json else zoo.table(cards, eps=eps, norm=args.norm))
     return 0

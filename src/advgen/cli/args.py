@@ -15,7 +15,7 @@ import typing
 import numpy as np
 import torch
 
-from ..errors import ConfigError, UserError, check
+from ..errors import ConfigError, check
 from ..flags import flagged_fields
 from ..training import METHODS
 
@@ -178,7 +178,7 @@ def option_flags() -> dict[str, list[tuple[str, str, dataclasses.Field, type]]]:
 
 
 def _dest(flag: str) -> str:
-    return "opt_" + flag.lstrip("-").replace("-", "_")
+    return flag.lstrip("-").replace("-", "_")
 
 
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
@@ -248,7 +248,7 @@ def flag_of(field: str, method: str | None = None) -> str:
 def config_error_line(e: ConfigError, method: str | None = None) -> str:
     """A config error as the CLI says it: the flag, the config path, the problem."""
     flag = flag_of(e.field, method)
-    return f"{flag} ({e.field}) {' '.join(e.problem.split())}"
+    return f"{flag} {' '.join(e.problem.split())} (config: {e.field})"
 
 
 def add_data_args(p: argparse.ArgumentParser, train: bool) -> None:

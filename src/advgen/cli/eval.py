@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from ..attacks import STANDARD_EPS
 from ..checkpoint import (FOREIGN_SUFFIXES, RUN_FILES, load_model, model_from_foreign_state, read_foreign_state,
                           require_normalization, resolve_model_file)
 from ..errors import check

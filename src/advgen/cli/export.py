@@ -34,7 +34,7 @@ def _advgen_facts(path: Path, model_name: str | None) -> tuple[str | None, dict]
 def _model_info(args, name: str | None, config: dict, dataset: str, evaluation: dict | None, eps: float | None,
                 provenance: dict, norm: str = "l2") -> dict:
     """The RobustBench model-info dict of a model (rb.model_info), from the command's options."""
-    numbers = rb.evaluationnumbers(evaluation, eps, (GAP_CHECK,), norm) if evaluation is not None else None
+    numbers = rb.evaluation_numbers(evaluation, eps, (GAP_CHECK,), norm) if evaluation is not None else None
     arch = rb.ARCHITECTURES.get(name)
     additional = getattr(args, "additional_data", None)
     if additional is None and config.get("dataset") in rb.DATASETS and not config.get("init"):

@@ -112,6 +112,7 @@ def train_config_from_args(args) -> TrainConfig:
     changes = {name: _given(args, name) for name in CONFIG_FLAGS
                if getattr(args, name) is not None}
     cfg = dataclasses.replace(base, options=options_from_args(base.method, args, base.options), **changes)
+    cfg.options.validate()   # before the watch settings are derived from its radius
     if args.watch_subset is None:   # the catastrophic-overfitting watch is on by default for FGSM training
         cfg.watch_subset = 256 if cfg.method == "fgsm" else 0
     if args.watch_norm is None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..attacks import FGSM, PGD, STANDARD_EPS, AutoAttack
-from ..errors import UserError, check
+from ..errors import UserError, check, check_field
 from ..io import fingerprint
 from ..models.folding import inference_copy
 from .checks import LARGE_EPS, LARGE_EPS_IMAGES, gap_check, sanity_checks
@@ -103,21 +103,22 @@ class EvalProtocol:
         return 2.5 / self.steps if self.rel_step is None else float(self.rel_step)
 
     def validate(self) -> None:
-        check(self.norm in STANDARD_EPS, f"norm must be l2 or linf, got {self.norm!r}")
-        check(self.attack in CURVE_ATTACKS, f"attack must be one of {', '.join(CURVE_ATTACKS)}, got {self.attack!r}")
+        """ConfigError naming the field (the CLI names its flag: --steps, --rel-step, ...)."""
+        check_field(self.norm in STANDARD_EPS, "norm", f"must be l2 or linf, got {self.norm!r}")
+        check_field(self.attack in CURVE_ATTACKS, "attack", f"must be one of {', '.join(CURVE_ATTACKS)}, got {self.attack!r}")
         for name in ("eps", "aa_eps"):
             values = getattr(self, name)
-            check(all(math.isfinite(e) and e >= 0 for e in values), f"{name} must be radii >= 0, got {list(values)}")
-        check(len(self.eps) > 0 or len(self.aa_eps) > 0, "a protocol needs radii (eps or aa_eps)")
-        check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        check(self.restarts >= 1, f"restarts must be >= 1, got {self.restarts}")
-        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        check(0 <= self.seed < 2**32, f"seed must lie in 0..{2**32 - 1}, got {self.seed}")
-        check(self.rel_step is None or self.step_size is None, "give rel_step or step_size, not both")
+            check_field(all(math.isfinite(e) and e >= 0 for e in values), name, f"must be radii >= 0, got {list(values)}")
+        check_field(len(self.eps) > 0 or len(self.aa_eps) > 0, "eps", "is empty: a protocol needs radii")
+        check_field(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check_field(self.restarts >= 1, "restarts", f"must be >= 1, got {self.restarts}")
+        check_field(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check_field(0 <= self.seed < 2**32, "seed", f"must lie in 0..{2**32 - 1}, got {self.seed}")
+        check_field(self.rel_step is None or self.step_size is None, "step_size", "and rel_step exclude each other")
         for name in ("rel_step", "step_size"):
             v = getattr(self, name)
-            check(v is None or (math.isfinite(v) and v > 0), f"{name} must be > 0, got {v}")
-        check(not self.aa_eps or self.attack == "pgd", "aa_eps goes with a PGD curve (attack='pgd')")
+            check_field(v is None or (math.isfinite(v) and v > 0), name, f"must be > 0, got {v}")
+        check_field(not self.aa_eps or self.attack == "pgd", "aa_eps", "goes with a PGD curve (attack pgd)")
 
     def settings(self, model_sha256: str, data_sha256: str, n: int) -> dict:
         """What identifies this evaluation of these weights on these images: a progress file made under

@@ -132,7 +132,7 @@ class StepLog:
         if len(keep) < len(rows):
             buf = io.StringIO()
             csv.writer(buf).writerows(keep)
-            from ..checkpoint import atomic_write
+            from ..io import atomic_write
             atomic_write(self.path, buf.getvalue().encode())
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ...checkpoint import MODEL_FILE, RUN_FILE
+from ...checkpoint import MODEL_FILE
 from ...config import from_dict
 from ...io import read_json
 from ...recipes import resolve_recipe
 from ...training import METHODS, TrainConfig
 from ...training.method import MethodSpec, Setup
+from ..reproduce import run_complete
 
 log = logging.getLogger(__name__)
 
@@ -142,26 +143,6 @@ def entry_config(p: ComparePreset, e: Entry, seed: int, base: Path) -> tuple[Tra
     return cfg, steps
 
 
-def passes_per_step(cfg: TrainConfig) -> int:
-    """Forward-backward passes one training step of cfg's method costs (the method says)."""
-    from ...models import build_model
-    probe = build_model(cfg.model)
-    return METHODS[cfg.method].cls(probe, cfg.options, Setup(device=torch.device("cpu"), fold_bn=False)).passes
-
-
-def entry_config(p: ComparePreset, e: Entry, seed: int, base: Path) -> tuple[TrainConfig, list[int]]:
-    """The TrainConfig of one run of entry e (its largest budget) and the steps of each of its budgets."""
-    options = from_dict(METHODS[e.method].options, e.options(p.threat))
-    cfg = TrainConfig(method=e.method, options=options, model="resnet20", epochs=1_000_000, lr=p.lr,
-                      schedule="constant", batch_size=p.batch_size, seed=seed, train_subset=p.train_subset,
-                      test_subset=p.test_subset, init=str(base), watch_subset=p.watch_subset)
-    per_step = passes_per_step(cfg)
-    steps = [max(1, round(u * p.unit_passes / per_step)) for u in e.budgets]
-    cfg.budget_steps = steps[-1]
-    cfg.validate()
-    return cfg, steps
-
-
 @dataclass(frozen=True)
 class Task:
     """One (entry, seed) of a comparison, what one worker does: train its run (if `train` and the run
@@ -221,3 +202,25 @@ def _plan(p: ComparePreset, wanted: list[Entry], base: Path, out: Path, n_test: 
                    for _, n, last, _ in _budgets(task.run_dir, e, steps)):
                 tasks.append(task)
     return tasks
+
+
+def _settings(p: ComparePreset, n: int, autoattack: bool, seed: int) -> dict:
+    return {"pgd_eps": p.pgd_eps, "pgd_steps": p.pgd_steps, "pgd_restarts": p.pgd_restarts,
+            "pgd_objectives": p.pgd_objectives, "n": n, "seed": seed,
+            "aa": _aa_settings(p) if autoattack else None}
+
+
+def _aa_settings(p: ComparePreset) -> dict:
+    aa = {"eps": p.aa_eps, "attacks": p.aa_attacks, "targets": p.aa_targets}
+    if p.aa_chunk != 500:   # named only when not the first presets' size: their records stay valid
+        aa["chunk"] = p.aa_chunk
+    return aa
+
+
+def _eval_stored(path: Path, settings: dict) -> dict | None:
+    """The evaluation stored at path if it was made with these settings, else None."""
+    if path.exists():
+        ev = read_json(path)
+        if ev.get("settings") == settings:
+            return ev
+    return None

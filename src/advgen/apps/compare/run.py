@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..._version import __version__
-from ...checkpoint import MODEL_FILE, RUN_FILE, load_model
+from ...checkpoint import RUN_FILE, load_model
 from ...data import load_subsets
 from ...errors import UserError, check
 from ...evaluation import EvalProtocol, curve_key, evaluate
@@ -38,7 +38,7 @@ from ...io import git_commit, machine_description, read_json, read_tensors, writ
 from ...training import METHODS, TrainConfig, train
 from ...training.rundir import hold_run_dir
 from ..reproduce import run_complete
-from .plan import COMPARE_PRESETS, ComparePreset, Entry, Task, _budgets, entry_config
+from .plan import COMPARE_PRESETS, ComparePreset, Entry, Task, _budgets, WORKER_LOG, _eval_stored, _plan, _settings, entry_config
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -85,18 +85,6 @@ def _eval_cached(path: Path, settings: dict, compute) -> dict:
         write_json(path, ev)
         progress.unlink(missing_ok=True)
     return ev
-
-
-def _eval_stored(path: Path, settings: dict) -> dict | None:
-    """The evaluation stored at path if it was made with these settings, else None."""
-    if path.exists():
-        ev = read_json(path)
-        if ev.get("settings") == settings:
-            return ev
-    return None
-
-
-WORKER_LOG = "compare.log"   # in the run folder: the output of the worker that ran it (appended per attempt)
 
 
 def run_task(task: Task, *, device, log_file: Path | None = None, data=None) -> None:
@@ -215,19 +203,6 @@ def _base_row(base: Path, x, y, p: ComparePreset, out: Path) -> dict:
                                                   progress=prog))
     return {"name": "base", "method": "standard", "label": "base model (standard training)", "seed": p.base_seed,
             "budget_units": 0.0, "steps": 0, "passes": 0, "budget_seconds": 0.0, **_scores(ev)}
-
-
-def _settings(p: ComparePreset, n: int, autoattack: bool, seed: int) -> dict:
-    return {"pgd_eps": p.pgd_eps, "pgd_steps": p.pgd_steps, "pgd_restarts": p.pgd_restarts,
-            "pgd_objectives": p.pgd_objectives, "n": n, "seed": seed,
-            "aa": _aa_settings(p) if autoattack else None}
-
-
-def _aa_settings(p: ComparePreset) -> dict:
-    aa = {"eps": p.aa_eps, "attacks": p.aa_attacks, "targets": p.aa_targets}
-    if p.aa_chunk != 500:   # named only when not the first presets' size: their records stay valid
-        aa["chunk"] = p.aa_chunk
-    return aa
 
 
 def _scores(ev: dict) -> dict:

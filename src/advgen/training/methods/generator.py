@@ -21,7 +21,7 @@ visit (two visits' parts together could exceed the L2 bound), so every stored an
 within the bound s. The bank sees δ_prev as C more input channels, φ_k(x, [∇L,] δ_prev)
 (models/generators.py, in units of the bound): the prior-guided initialisation of FGSM-PGI (Jia et al.
 2022) and the accumulated perturbations of ATTA (Zheng et al. 2020), with a network deciding how to use
-them. The intended strong variant is memory + bank.grad_input + step_after:
+them. The intended strong variant is memory + options.bank.grad_input + step_after:
 
     x1 = φ(x, ∇L(x), δ_prev),   x_adv = clip(x + P_s(x1 + α·d(∇L(x1)) − x)),   δ = x_adv − x stored
 
@@ -113,20 +113,20 @@ class GeneratorOptions:
         check_field(self.reinit_every >= 0, "options.reinit_every", f"must be >= 0, got {self.reinit_every}")
         check_field(self.recursions >= 1, "options.recursions", f"must be >= 1, got {self.recursions}")
         check_field(self.recursions == 1 or self.bank.grad_input, "options.recursions",
-                    "above 1 needs bank.grad_input (each application sees the gradient at its input)")
+                    "above 1 needs options.bank.grad_input (each application sees the gradient at its input)")
         check_field(self.step_size is None or (math.isfinite(self.step_size) and self.step_size > 0),
                     "options.step_size", f"must be > 0, got {self.step_size}")
         check_field(self.bank.assign != "all" or (self.recursions == 1 and not self.step_after),
                     "options.bank.assign", "all cannot be combined with recursions or step_after")
         check_field(self.bank.assign != "all" or not self.memory, "options.memory",
-                    "cannot be combined with bank.assign all (N perturbations of each sample, one buffer row)")
+                    "cannot be combined with options.bank.assign all (N perturbations of each sample, one buffer row)")
         check_field(not self.bank.memory_input or self.memory, "options.bank.memory_input",
-                    "needs generator.memory (the method keeps the perturbations the bank reads; "
-                    "generator.memory alone sets it)")
+                    "needs options.memory (the method keeps the perturbations the bank reads; "
+                    "options.memory alone sets it)")
         check_field(self.start in STARTS, "options.start", f"unknown: {self.start!r}; choose from {', '.join(STARTS)}")
         if self.start == "memory":   # the control: no bank, one step from the previous perturbation
             check_field(self.memory and self.step_after, "options.start",
-                        "memory needs generator.memory and generator.step_after (x0 = x + δ_prev, then the step)")
+                        "memory needs options.memory and options.step_after (x0 = x + δ_prev, then the step)")
             for name, unused in (("steps", self.steps != 1), ("recursions", self.recursions != 1),
                                  ("reinit_every", self.reinit_every != 0),
                                  ("warmup_epochs", self.warmup_epochs != 0)):
@@ -236,7 +236,7 @@ class GeneratorMethod(Method):
         if self.memory is None:
             n = self.setup.train_size
             if n < 1:
-                raise ValueError("generator.memory keeps a row per training image: Setup.train_size must be set")
+                raise ValueError("options.memory keeps a row per training image: Setup.train_size must be set")
             self.memory = torch.zeros((n, *x.shape[1:]), dtype=MEMORY_DTYPE, device=self.setup.device)
         return self.memory
 
@@ -287,7 +287,7 @@ class GeneratorMethod(Method):
         """where: the batch's dataset indices and augmentation (data.Where), needed with memory."""
         g = self.options
         if g.memory and where is None:
-            raise ValueError("generator.memory keeps state per training sample: call loss(x, y, where=Where) "
+            raise ValueError("options.memory keeps state per training sample: call loss(x, y, where=Where) "
                              "(the training loop does, as per_sample is True)")
         prev = self._recall(where, x) if g.memory else None
         if self.warmup_steps:
