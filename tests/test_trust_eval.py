@@ -108,7 +108,7 @@ def test_sanity_checks_are_always_reported_and_failures_shown():
 
 def test_cli_eval_prints_every_check_and_a_failure(tmp_path, monkeypatch, capsys):
     data = write_cifar(tmp_path / "d", per_batch=16, n_test=16)
-    monkeypatch.setattr(advgen.checkpoint, "load_model", lambda *a, **k: Masked(tiny()).eval())
+    monkeypatch.setattr("advgen.cli.eval.load_model", lambda *a, **k: Masked(tiny()).eval())
     out = tmp_path / "eval.json"
     assert main(["eval", "masked", "--data-dir", str(data), "--device", "cpu", "--eps", "0,0.5", "--steps", "3",
                  "--out", str(out)]) == 0

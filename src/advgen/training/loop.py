@@ -46,7 +46,7 @@ from .config import TrainConfig
 from .control import STOP, Budget, StepTimer, StopFlag
 from .distributed import Dist
 from .method import Forwards, Method, Setup, build_method
-from .metrics import EpochMeter, StepLog, evaluate_epoch, log_epoch, warn_on_overfitting
+from .metrics import EpochMeter, StepLog, catastrophic_overfitting, evaluate_epoch, log_epoch
 from .rundir import hold_run_dir, prepare_run_dir, save_run
 from .state import read_state, rng_state, set_rng_state, write_state
 
@@ -436,7 +436,9 @@ def end_epoch(run: Run, saver: Saver) -> None:
            **run.meter.summary(run.dist), "machine": run.machine,
            **evaluate_epoch(run.model, run.test_set.images, run.test_set.labels, watch=cfg.watch_subset,
                             watch_norm=cfg.watch_norm, watch_eps=cfg.watch_eps, watch_steps=cfg.watch_steps)}
-    warn_on_overfitting(run.record["epochs"], row)
+    if catastrophic_overfitting(run.record["epochs"], row):
+        row["catastrophic_overfitting"] = True
+        run.record.setdefault("catastrophic_overfitting", row["epoch"])   # the first epoch it showed
     run.record["epochs"].append(row)
     last = run.epoch == cfg.epochs or run.out_of_time
     if last:

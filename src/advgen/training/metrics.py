@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..attacks import PGD
+from ..attacks import FGSM, PGD
 from ..evaluation import accuracy
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class StepLog:
     def epoch_end(self, step: int, row: dict) -> None:
         """The epoch's evaluation to TensorBoard (the CSV holds steps only; run.json holds epochs)."""
         if self.writer is not None:
-            for key in ("test_acc", "watch_acc"):
+            for key in ("test_acc", "watch_acc", "watch_fgsm_acc"):
                 if key in row:
                     self.writer.add_scalar(f"eval/{key}", row[key], step)
             self.writer.flush()
@@ -144,26 +144,43 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
 
 def evaluate_epoch(model: nn.Module, test_images: torch.Tensor, test_labels: torch.Tensor, *,
                    watch: int, watch_norm: str, watch_eps: float, watch_steps: int) -> dict:
-    """{"test_acc"[, "watch_acc"]}: clean accuracy on the uint8 test images, PGD accuracy on the first
-    `watch` of them (PGD with `watch_steps` steps of 2.5·eps/steps; only those images are converted)."""
+    """{"test_acc"[, "watch_acc", "watch_fgsm_acc"]}: clean accuracy on the uint8 test images; on the first
+    `watch` of them (only those are converted) the accuracy under PGD (`watch_steps` steps of 2.5·eps/steps)
+    and under FGSM (no random start), the two sides of the catastrophic-overfitting check."""
     row = {"test_acc": accuracy(model, test_images, test_labels)}
     if watch:
         x = test_images[:watch].float().div(255)
         y = test_labels[:watch]
-        attack = PGD(model, norm=watch_norm, eps=watch_eps, steps=watch_steps, rel_step=2.5 / watch_steps)
-        row["watch_acc"] = accuracy(model, attack(x, y), y)
+        pgd = PGD(model, norm=watch_norm, eps=watch_eps, steps=watch_steps, rel_step=2.5 / watch_steps)
+        row["watch_acc"] = accuracy(model, pgd(x, y), y)
+        row["watch_fgsm_acc"] = accuracy(model, FGSM(model, norm=watch_norm, eps=watch_eps)(x, y), y)
     return row
 
 
-def warn_on_overfitting(rows: list[dict], row: dict) -> None:
-    """Warn when the watched PGD accuracy halves: possible catastrophic overfitting."""
-    prev = [r["watch_acc"] for r in rows if "watch_acc" in r]
-    if "watch_acc" in row and prev and row["watch_acc"] < 0.5 * max(prev) - 0.02:
-        log.warning("PGD accuracy on the watched images fell from %.1f%% to %.1f%%: possible catastrophic "
-                    "overfitting (Wong et al. 2020)", 100 * max(prev), 100 * row["watch_acc"])
+def catastrophic_overfitting(rows: list[dict], row: dict) -> bool:
+    """Catastrophic overfitting (Wong et al. 2020; Andriushchenko & Flammarion 2020) at this epoch: the
+    watched PGD accuracy has fallen below half its best so far (by more than 2 points) while the FGSM
+    accuracy on the same images has not fallen below its value at that best epoch (less 2 points): the
+    model has learnt to defeat the single step, not the attack. Logged as a warning when it happens."""
+    prev = [r for r in rows if "watch_acc" in r]
+    if "watch_acc" not in row or not prev:
+        return False
+    best = max(prev, key=lambda r: r["watch_acc"])
+    pgd_fell = row["watch_acc"] < 0.5 * best["watch_acc"] - 0.02
+    fgsm_held = row.get("watch_fgsm_acc", 0.0) >= best.get("watch_fgsm_acc", 1.0) - 0.02
+    if pgd_fell and fgsm_held:
+        log.warning("catastrophic overfitting: PGD accuracy on the watched images fell from %.1f%% (epoch %d) to "
+                    "%.1f%% while FGSM accuracy went from %.1f%% to %.1f%% (Wong et al. 2020)",
+                    100 * best["watch_acc"], best["epoch"], 100 * row["watch_acc"],
+                    100 * best.get("watch_fgsm_acc", float("nan")), 100 * row["watch_fgsm_acc"])
+    elif pgd_fell:
+        log.warning("PGD accuracy on the watched images fell from %.1f%% to %.1f%%", 100 * best["watch_acc"],
+                    100 * row["watch_acc"])
+    return pgd_fell and fgsm_held
 
 
 def log_epoch(method: str, row: dict) -> None:
     log.info("%s epoch %d: %.1f s, loss %.4f, train acc %.2f%%, test acc %.2f%%%s", method, row["epoch"],
              row["seconds"], row["train_loss"], 100 * row["train_acc"], 100 * row["test_acc"],
-             f", PGD acc {100 * row['watch_acc']:.2f}%" if "watch_acc" in row else "")
+             f", PGD acc {100 * row['watch_acc']:.2f}%, FGSM acc {100 * row['watch_fgsm_acc']:.2f}%"
+             if "watch_acc" in row else "")

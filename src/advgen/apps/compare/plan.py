@@ -132,7 +132,7 @@ def passes_per_step(cfg: TrainConfig) -> int:
 
 def entry_config(p: ComparePreset, e: Entry, seed: int, base: Path) -> tuple[TrainConfig, list[int]]:
     """The TrainConfig of one run of entry e (its largest budget) and the steps of each of its budgets."""
-    options = from_dict(METHODS[e.method].options, e.options)
+    options = from_dict(METHODS[e.method].options, e.options(p.threat))
     cfg = TrainConfig(method=e.method, options=options, model="resnet20", epochs=1_000_000, lr=p.lr,
                       schedule="constant", batch_size=p.batch_size, seed=seed, train_subset=p.train_subset,
                       test_subset=p.test_subset, init=str(base), watch_subset=p.watch_subset)

@@ -44,7 +44,10 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "clean": mean_std([r["clean"] for r in rs]),
                     "pgd": {e: mean_std([r["pgd"].get(e) for r in rs]) for e in eps_pgd},
                     "autoattack": {e: mean_std([r["autoattack"].get(e) for r in rs]) for e in eps_aa},
-                    "failed": sorted({c["name"] for r in rs for c in r["checks"] if not c["passed"]})})
+                    "failed": sorted({c["name"] for r in rs for c in r["checks"] if not c["passed"]}),
+                    # catastrophic overfitting: (seeds where it showed, seeds that watched for it)
+                    "overfit": (sum(bool(r.get("catastrophic_overfitting")) for r in rs),
+                                sum(r.get("catastrophic_overfitting") is not None for r in rs))})
     return out
 
 
@@ -147,8 +150,9 @@ def render(results: dict, plot: str = "curves.png") -> str:
     aa_eps = [str(e) for e in s["aa_eps"]]
     def fmt(v):   # one value (the base, a single seed) has no spread to show
         return "–" if v is None else f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if v["n"] > 1 else "")
-    head = ["entry", "units", "steps", "passes", "seconds", "seeds", "clean"] + [f"PGD {e}" for e in pgd_eps] + \
-           [f"AA {e}" for e in aa_eps] + ["checks"]
+    head = ["entry", "units", "steps", "passes", "seconds", "seeds", "clean"] + \
+        [f"PGD {_radius(float(e), norm)}" for e in pgd_eps] + [f"AA {_radius(float(e), norm)}" for e in aa_eps] + \
+        ["CO", "checks"]
     aa = "standard AutoAttack" if s["aa_attacks"] is None else \
         f"AutoAttack {' + '.join(s['aa_attacks'])} ({s['aa_targets']} target classes)"
     lines = [f"# advgen compare, preset `{results['preset']}`", "",
@@ -168,7 +172,8 @@ def render(results: dict, plot: str = "curves.png") -> str:
         cells = [r["name"], f"{r['budget_units']:g}", f"{r['steps']['mean']:.0f}", f"{r['passes']['mean']:.0f}",
                  f"{r['seconds']['mean']:.0f}",
                  str(r["seeds"]), fmt(r["clean"])] + [fmt(r["pgd"].get(e)) for e in pgd_eps] + \
-                [fmt(r["autoattack"].get(e)) for e in aa_eps] + ["FAILED: " + "; ".join(r["failed"]) if r["failed"] else "ok"]
+                [fmt(r["autoattack"].get(e)) for e in aa_eps] + [f"{r['overfit'][0]}/{r['overfit'][1]}" if r["overfit"][1] else "–"] + \
+                ["FAILED: " + "; ".join(r["failed"]) if r["failed"] else "ok"]
         lines.append("| " + " | ".join(cells) + " |")
     eps = pgd_eps[-1]
     lines += ["", f"Against the references at {N} {_radius(float(eps), norm)} (the research issue's target; AA where both sides ran "

@@ -32,7 +32,7 @@ from ..._version import __version__
 from ...checkpoint import RUN_FILE, load_model
 from ...data import load_subsets
 from ...errors import UserError, check
-from ...evaluation import EvalProtocol, curve_key, evaluate
+from ...evaluation import EvalProtocol, curve_key, evaluate, gap_check
 from ...recipes import RECIPES, resolve_recipe
 from ...io import git_commit, machine_description, read_json, read_tensors, write_json
 from ...training import METHODS, TrainConfig, train
@@ -55,14 +55,21 @@ def protocol_of(p: ComparePreset, autoattack: bool, seed: int) -> EvalProtocol:
 
 
 def evaluate_model(model, x, y, p: ComparePreset, autoattack: bool, seed: int = 0,
-                   progress: Path | None = None) -> dict:
+                   progress: Path | None = None, aa_done: dict | None = None) -> dict:
     """Clean accuracy, PGD (worst case over restarts), the sanity checks, and AutoAttack if asked, as the
     comparison's rows keep them ({"clean", "pgd": {eps: accuracy}, "autoattack": {...}, "checks"}); the
-    per-sample results are saved to `progress` after every chunk and resumed from."""
-    r = evaluate(model, x, y, protocol_of(p, autoattack, seed), progress_file=progress, restart_stale=True)
+    per-sample results are saved to `progress` after every chunk and resumed from. aa_done: the AutoAttack
+    accuracies of an earlier evaluation of this model under the same AutoAttack settings, reused rather
+    than computed again (AutoAttack is most of an evaluation's cost; a changed PGD setting needs only PGD)."""
+    protocol = protocol_of(p, autoattack and aa_done is None, seed)
+    r = evaluate(model, x, y, protocol, progress_file=progress, restart_stale=True)
     acc = lambda key: {e: d["accuracy"] for e, d in r.get(key, {}).items() if float(e) > 0}  # noqa: E731
-    return {"clean": r["clean"]["accuracy"], "pgd": acc(curve_key("pgd", p.norm)),
-            "autoattack": acc(curve_key("autoattack", p.norm)), "checks": r["checks"]}
+    out = {"clean": r["clean"]["accuracy"], "pgd": acc(curve_key("pgd", p.norm)),
+           "autoattack": acc(curve_key("autoattack", p.norm)), "checks": r["checks"]}
+    if autoattack and aa_done is not None:
+        out["autoattack"] = dict(aa_done)
+        out["checks"].append(gap_check(out["pgd"], out["autoattack"], len(y)))
+    return out
 
 
 def _train_base(p: ComparePreset, out: Path, train_set, test_set, device) -> Path:
@@ -76,12 +83,16 @@ def _train_base(p: ComparePreset, out: Path, train_set, test_set, device) -> Pat
 
 
 def _eval_cached(path: Path, settings: dict, compute) -> dict:
-    """The evaluation stored at path if it was made with these settings, else compute(progress) and store
-    it; progress: the file a stopped evaluation left (PATH.progress.json), removed once it is stored."""
+    """The evaluation stored at path if it was made with these settings, else compute(progress, aa_done)
+    and store it; progress: the file a stopped evaluation left (PATH.progress.json), removed once it is
+    stored; aa_done: the stored AutoAttack accuracies when only other settings changed, else None."""
     ev = _eval_stored(path, settings)
     if ev is None:
+        old = read_json(path) if path.exists() else {}
+        same_aa = settings["aa"] is not None and old.get("autoattack") and all(
+            old.get("settings", {}).get(k) == settings[k] for k in ("aa", "n", "seed"))
         progress = path.with_suffix(".progress.json")
-        ev = {**compute(progress), "settings": settings}
+        ev = {**compute(progress, old["autoattack"] if same_aa else None), "settings": settings}
         write_json(path, ev)
         progress.unlink(missing_ok=True)
     return ev
@@ -119,8 +130,8 @@ def run_task(task: Task, *, device, log_file: Path | None = None, data=None) -> 
         for units, n, last, path in _budgets(task.run_dir, e, steps):
             autoattack = last or p.aa_every_budget
             _eval_cached(task.run_dir / f"eval-step-{n}.json", _settings(p, len(y), autoattack, task.seed),
-                         lambda prog: {**evaluate_model(load_model(path, device=device), x, y, p, autoattack,
-                                                        task.seed, prog), "work": _work(task.run_dir, n, last)})
+                         lambda prog, aa: {**evaluate_model(load_model(path, device=device), x, y, p, autoattack,
+                                                            task.seed, prog, aa), "work": _work(task.run_dir, n, last)})
 
 
 def _entry_name(name: str) -> str:
@@ -199,8 +210,8 @@ def compare(preset: str, out: Path, *, data_dir=None, download=False, device="cp
 def _base_row(base: Path, x, y, p: ComparePreset, out: Path) -> dict:
     settings = _settings(p, len(y), True, 0)
     ev = _eval_cached(out / "base.eval.json", settings,
-                      lambda prog: evaluate_model(load_model(base, device=x.device), x, y, p, autoattack=True,
-                                                  progress=prog))
+                      lambda prog, aa: evaluate_model(load_model(base, device=x.device), x, y, p, autoattack=True,
+                                                      progress=prog, aa_done=aa))
     return {"name": "base", "method": "standard", "label": "base model (standard training)", "seed": p.base_seed,
             "budget_units": 0.0, "steps": 0, "passes": 0, "budget_seconds": 0.0, **_scores(ev)}
 
@@ -243,7 +254,23 @@ def _row(e: Entry, seed: int, units: float, steps: int, run_dir: Path, p: Compar
         return None
     work = ev.get("work") or _work(run_dir, steps, last)   # evaluations of older advgens lack it
     return {"name": e.name, "method": e.method, "label": e.label, "seed": seed, "budget_units": units,
-            "steps": steps, "passes": work["passes"], "budget_seconds": work["seconds"], **_scores(ev)}
+            "steps": steps, "passes": work["passes"], "budget_seconds": work["seconds"],
+            "catastrophic_overfitting": _overfit_by(run_dir, steps), **_scores(ev)}
+
+
+def _overfit_by(run_dir: Path, steps: int) -> bool | None:
+    """Whether the run's catastrophic-overfitting check (training.metrics) had fired by `steps` steps; None
+    for a run that did not watch (watch_subset 0)."""
+    rec, done = read_json(run_dir / RUN_FILE), 0
+    if not any("watch_acc" in row for row in rec["epochs"]):
+        return None
+    for row in rec["epochs"]:
+        done += row["steps"]
+        if done > steps:
+            return False
+        if row.get("catastrophic_overfitting"):
+            return True
+    return False
 
 
 def _work(run_dir: Path, steps: int, last: bool) -> dict:
