@@ -105,7 +105,7 @@ def test_generator_with_channels_last_matches_contiguous():
 
 
 @pytest.mark.parametrize("method", ["standard", "generator", "minmax"])
-def test_amp_runs_the_forward_passes_in_bf16_autocast(method):
+def test_bf16_runs_the_forward_passes_in_bf16_autocast(method):
     train_set, test_set = _data()
     seen = []
 
@@ -115,7 +115,7 @@ def test_amp_runs_the_forward_passes_in_bf16_autocast(method):
     model = build_model("resnet20")
     model[1].conv1.register_forward_hook(hook)
     options = AttackConfig(norm="l2", eps=0.5, steps=2, step_size=0.3) if method == "minmax" else None
-    cfg = TrainConfig(method=method, options=options, epochs=1, batch_size=32, lr=0.01, amp=True)
+    cfg = TrainConfig(method=method, options=options, epochs=1, batch_size=32, lr=0.01, precision="bf16")
     train(cfg, train_set, test_set, progress=False, model=model)
     train_seen = [s for s in seen if s[0]]
     assert train_seen and all(s[1] == torch.bfloat16 and s[2] == torch.bfloat16 for s in train_seen)
@@ -158,11 +158,11 @@ def test_compile_failure_is_a_user_error(monkeypatch):
 def test_cli_speed_flags_reach_the_config(tmp_path):
     from advgen.cli import build_parser, train_config_from_args
     args = build_parser().parse_args(["train", "--method", "minmax", "--out", str(tmp_path), "--channels-last",
-                                      "false", "--amp", "--fold-bn-attack", "false"])
+                                      "false", "--precision", "bf16", "--fold-bn-attack", "false"])
     cfg = train_config_from_args(args)
-    assert (cfg.channels_last, cfg.amp, cfg.compile, cfg.fold_bn_attack) == (False, True, False, False)
+    assert (cfg.channels_last, cfg.precision, cfg.compile, cfg.fold_bn_attack) == (False, "bf16", False, False)
     cfg = train_config_from_args(build_parser().parse_args(["train", "--method", "standard", "--out", str(tmp_path)]))
-    assert (cfg.channels_last, cfg.amp, cfg.compile, cfg.fold_bn_attack) == (None, False, False, True)
+    assert (cfg.channels_last, cfg.precision, cfg.compile, cfg.fold_bn_attack) == (None, "auto", False, True)
 
 
 def test_bench_runs_end_to_end_on_tiny_inputs(shared_data, tmp_path):

@@ -29,6 +29,7 @@ from .errors import ConfigError, Interrupted, UserError, WorkersFailed, check
 from .evaluate import FULL_REL_STEP
 from .models import MODELS
 from .models.generators import ASSIGNMENTS, BOUNDS
+from .precision import PRECISIONS, amp_alias
 from .training import METHODS
 from .training.control import STOP
 from .training.free import FreeOptions
@@ -219,9 +220,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     sp = p.add_argument_group("speed (benchmarks/README.md)")
     sp.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
                     help="NHWC memory layout of the classifier and batches (auto: on for the CPU)")
-    sp.add_argument("--compile", action="store_true", help="torch.compile the classifier (CPU: needs a C++ compiler)")
-    sp.add_argument("--amp", action="store_true",
-                    help="autocast of the forward passes: bf16, or fp16 with a gradient scaler on GPUs without bf16")
+    sp.add_argument("--compile", action="store_true",
+                    help="torch.compile the training forward (CPU: needs a C++ compiler)")
+    sp.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                    help="of the training forward passes (autocast; fp16 with a gradient scaler); auto is fp32 "
+                         "until the bf16 A/B decides; evaluation runs in fp32 (docs/gpu-and-precision.md)")
+    sp.add_argument("--amp", action="store_true", help="deprecated: --precision bf16 (fp16 on GPUs without bf16)")
     sp.add_argument("--sync-bn", action="store_true",
                     help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     sp.add_argument("--fold-bn-attack", type=_bool, default=d.fold_bn_attack,
@@ -330,6 +334,16 @@ def method_options(args):
                     "train it through the Python API")
 
 
+def _precision(args) -> str:
+    """--precision, or what the deprecated --amp meant on --device (bf16, fp16 on a GPU without bf16)."""
+    if not args.amp:
+        return args.precision
+    check(args.precision == "auto", "give --precision or the deprecated --amp, not both")
+    alias = amp_alias(resolve_device(args.device))
+    log.warning("--amp is deprecated: it means --precision %s here; pass --precision", alias)
+    return alias
+
+
 def train_config_from_args(args) -> TrainConfig:
     watch = args.watch_subset if args.watch_subset is not None else (256 if args.method == "fgsm" else 0)
     cfg = TrainConfig(method=args.method, options=method_options(args), model=args.model, dataset=args.dataset,
@@ -339,7 +353,7 @@ def train_config_from_args(args) -> TrainConfig:
                       watch_norm=args.watch_norm, watch_eps=args.watch_eps, init=args.init,
                       time_budget=args.time_budget, budget_clock=args.budget_clock, budget_steps=args.budget_steps,
                       channels_last={"auto": None, "true": True, "false": False}[args.channels_last],
-                      compile=args.compile, amp=args.amp, fold_bn_attack=args.fold_bn_attack,
+                      compile=args.compile, precision=_precision(args), fold_bn_attack=args.fold_bn_attack,
                       sync_bn=args.sync_bn)
     cfg.validate()
     return cfg

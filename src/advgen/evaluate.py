@@ -16,6 +16,7 @@ from tqdm import tqdm
 from torch import nn
 
 from .attacks import FGSM, PGD, make_attack
+from .precision import evaluation_note
 from .speed import inference_copy
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,11 @@ def gap_check(pgd: dict, autoattack: dict, n: int) -> dict:
     return check
 
 
+def _log_precision(images: torch.Tensor) -> None:
+    """Say what the evaluation computes in: fp32, unless its caller wrapped it in an autocast."""
+    log.info("evaluation precision: %s", evaluation_note(images.device))
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, attack: str = "pgd-l2",
              epsilons=(0.0, 0.25, 0.5), steps: int = 20, step_size: float | None = None,
              rel_step: float | None = None, restarts: int = 1, batch_size: int = 500, seed: int = 0,
@@ -154,6 +160,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, at
     "accuracy"}], "checks": [...], "seconds"}
     """
     epsilons = [float(e) for e in epsilons]
+    _log_precision(images)
     fmt = torch.channels_last if fast else torch.contiguous_format
     if fast:
         model = inference_copy(model)
@@ -270,6 +277,7 @@ def full_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     images and resumed from (FullEvalProgress); its settings name the model's and the images' sha256.
     """
     from .attacks import AutoAttack
+    _log_precision(images)
     n = int(images.shape[0])
     settings = {"n": n, "pgd_eps": [float(e) for e in pgd_eps], "aa_eps": [float(e) for e in aa_eps],
                 "pgd_steps": pgd_steps, "restarts": restarts, "seed": seed, "batch_size": batch_size,

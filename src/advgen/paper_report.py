@@ -19,6 +19,7 @@ from . import __version__
 from .checkpoint import GENERATORS_FILE, METRICS_FILE, MODEL_FILE, RUN_FILE, STATE_FILE, atomic_write, git_commit, \
     machine_description, read_json, read_tensors, write_json
 from .errors import UserError
+from .precision import training_precision
 from .report import DATA_CAVEAT, figure2, figure3
 
 # the campaign's stages (docs/campaign.md), in the order the report shows them
@@ -123,7 +124,7 @@ def table1(stages: dict[str, dict]) -> dict:
         secs = statistics.median(r["seconds"] for r in rec["epochs"])
         rows[name] = {"seconds_per_epoch": secs, "images_per_second": rec["train_images"] / secs,
                       "epochs": len(rec["epochs"]), "train_images": rec["train_images"],
-                      "bf16_autocast": bool(rec["config"].get("amp", False))}
+                      "bf16_autocast": training_precision(rec) == "bf16"}
 
     def ratio(a: str, b: str) -> float | None:
         return rows[a]["seconds_per_epoch"] / rows[b]["seconds_per_epoch"] if a in rows and b in rows else None

@@ -15,6 +15,7 @@ from pathlib import Path
 from .checkpoint import MODEL_FILE, RUN_FILE, CheckpointError, atomic_write, file_digest, read_json, read_tensors, \
     write_json
 from .errors import UserError
+from .precision import run_precision, training_precision
 
 PREFIX = "zoo:"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -89,7 +90,7 @@ def card_for(name: str, rec: dict, meta: dict, evaluation: dict, *, command: str
             "advgen_version": rec.get("version"), "train_images": rec.get("train_images"), "epochs": len(rows),
             "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
             "epoch_seconds": [r["seconds"] for r in rows], "machine": machine,
-            "bf16_autocast": bool(cfg.get("amp", False)), "data": DATA_CAVEAT,
+            "precision": run_precision(rec), "bf16_autocast": training_precision(rec) == "bf16", "data": DATA_CAVEAT,
             "eval": {k: v for k, v in evaluation.items() if k not in ("samples", "model", "model_file")}}
 
 

@@ -40,6 +40,7 @@ from ..config import TrainConfig, with_defaults
 from ..data import Batches, Dataset, data_placement, normalization_for
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
 from ..models import build_model
+from .. import precision
 from . import distributed
 from .control import STOP, Budget, StepTimer, StopFlag
 from .distributed import Dist
@@ -69,15 +70,8 @@ _NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
                            else {"broadcast_buffers": False})
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device has it (CPUs, CUDA from Ampere on), else fp16 (with a GradScaler)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.float16
-    return torch.bfloat16
-
-
 def check_speed_options(cfg: TrainConfig, device: torch.device, dist: Dist = distributed.SINGLE) -> None:
-    """ConfigError when compile, amp or sync_bn cannot work here (before any data is touched)."""
+    """ConfigError when compile, precision or sync_bn cannot work here (before any data is touched)."""
     if cfg.sync_bn and dist.active and device.type != "cuda":
         raise ConfigError("sync_bn", f"needs CUDA devices (torch's SyncBatchNorm has no {device.type} kernel)")
     if cfg.compile:
@@ -89,8 +83,7 @@ def check_speed_options(cfg: TrainConfig, device: torch.device, dist: Dist = dis
             raise ConfigError("compile", f"is unavailable here ({type(e).__name__}: {e})") from None
         if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
             raise ConfigError("compile", "on the CPU needs a C++ compiler (g++, c++ or clang++, or $CXX); none found")
-    if cfg.amp and not torch.amp.is_autocast_available(device.type):
-        raise ConfigError("amp", f"autocast is not available on {device.type}")
+    precision.check_available(precision.resolve(cfg.precision, device), device)
 
 
 def build_classifier(cfg: TrainConfig, train_set: Dataset, *, init: bool = True) -> nn.Module:
@@ -166,12 +159,14 @@ class Run:
         self.ddp_calls = self.descends = 0   # calls of the DDP-wrapped forward; classifier updates
         if self.ddp is not None:
             self.ddp.register_forward_pre_hook(lambda *_: setattr(self, "ddp_calls", self.ddp_calls + 1))
-        fp16 = cfg.amp and amp_dtype(device) == torch.float16
-        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        self.precision = precision.resolve(cfg.precision, device)
+        # fp16 only: a GradScaler, whose scale is part of the resumable state
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.scaled)
         self.setup = Setup(device=device, channels_last=channels_last, fold_bn=cfg.fold_bn_attack and not cfg.compile,
                            steps_per_epoch=spe, epochs=cfg.epochs, seed=distributed.rank_seed(cfg.seed, dist.rank),
                            in_channels=train_set.images.shape[1], train_size=len(train_set), dist=dist, train_forward=self.ddp,
-                           scaler=self.scaler if fp16 else None, descend=self.descend)
+                           scaler=self.scaler if self.precision.scaled else None, descend=self.descend,
+                           precision=self.precision.training)
         self.method: Method = build_method(cfg.method, self.model, cfg.options, self.setup)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
@@ -182,7 +177,7 @@ class Run:
         self.budget = Budget(cfg.time_budget, cfg.budget_clock)
         self.record = {"config": cfg.to_dict(), "epochs": [], "version": __version__, "git_commit": git_commit(),
                        "device": str(device), "world_size": dist.world, "train_images": len(train_set),
-                       "test_images": len(test_set)}
+                       "test_images": len(test_set), "precision": self.precision.record()}
         self.machine = machine_description(device)   # each epoch's row names it: a resumed run may have moved
         self.epoch, self.step = 1, 0   # the next step to run: batch `step` of epoch `epoch`
         self.finished = False          # every epoch done (or the time budget spent), evaluated, saved
@@ -232,7 +227,7 @@ class Run:
                 return None
             order, g = self.batches.position(self.epoch, self.step)
             state.update(optimizer=self.opt.state_dict(), schedule=self.sched.state_dict(),
-                         data={"order": order, "augment_rng": g.get_state()},
+                         data={"order": order, "augment_rng": g.get_state()}, scaler=self.scaler.state_dict(),
                          **(own if not self.dist.active else {k: [r[k] for r in ranks] for k in own}))
         return state if self.dist.main else None
 
@@ -244,6 +239,7 @@ class Run:
                                   f"exactly by {self.dist.world}: resume it with the same number of processes "
                                   f"(torchrun --nnodes x --nproc_per_node = {pos.get('world_size', 1)}), or --force "
                                   "to start over")
+        self._check_precision(state["record"])
         self.model.load_state_dict(state["model"])
         self.record = state["record"]
         self.epoch, self.step = int(pos["epoch"]), int(pos["step"])
@@ -258,11 +254,33 @@ class Run:
         self.sched.load_state_dict(state["schedule"])
         self.method.load_state_dict(own["method"])
         self.meter.load_state_dict(own["meter"])
+        self._load_scaler(state.get("scaler"))
         order, g = self.batches.position(self.epoch, self.step)
         if not (torch.equal(order, state["data"]["order"]) and torch.equal(g.get_state(), state["data"]["augment_rng"])):
             raise CheckpointError(f"this torch ({torch.__version__}) draws another data order than the run did; "
                                   "it cannot be resumed exactly (--force starts it over)")
         set_rng_state(own["rng"], self.device)
+
+    def _check_precision(self, record: dict) -> None:
+        """CheckpointError unless this run resolves to the precision the saved run trained in (auto may
+        resolve differently in another advgen version or on other hardware)."""
+        saved = (record.get("precision") or {}).get("training") or precision.legacy_training_precision(
+            record.get("config") or {}, self.device)
+        if saved != self.precision.training:
+            raise CheckpointError(f"the run trained in {saved}, but --precision {self.cfg.precision} means "
+                                  f"{self.precision.training} here ({self.precision.reason}): resume it with "
+                                  f"--precision {saved}, or --force to start over")
+
+    def _load_scaler(self, state: dict | None) -> None:
+        """The GradScaler's scale and growth tracker (fp16); a state saved without them (advgen before
+        they were saved) restarts the scaler at its initial scale, so the resume is not exact."""
+        if not self.scaler.is_enabled():
+            return
+        if state:
+            self.scaler.load_state_dict(state)
+        else:
+            log.warning("the saved state has no GradScaler state: fp16 loss scaling restarts at its initial "
+                        "scale, so this resume is not bit-identical to an uninterrupted run")
 
 
 class Saver:
@@ -388,7 +406,7 @@ def _decisions(run: Run, stop: StopFlag, check: bool) -> tuple[int | None, bool,
 
 def run_steps(run: Run, saver: Saver, every: int | None, progress: bool, stop: StopFlag) -> None:
     """The remaining steps of the current epoch."""
-    autocast = torch.autocast(run.device.type, dtype=amp_dtype(run.device), enabled=run.cfg.amp)
+    autocast = run.precision.autocast(run.device)
     run.model.train()
     per_sample = run.method.per_sample
     bar = tqdm(run.batches.epoch(run.epoch, run.step, where=per_sample), total=run.steps_per_epoch, initial=run.step, leave=False,
@@ -428,9 +446,10 @@ def end_epoch(run: Run, saver: Saver) -> None:
     if saver.saved_at != (run.epoch, run.step):
         saver.save_state()  # the epoch's steps survive a kill during the evaluation
     row = {"epoch": run.epoch, "steps": run.step, "passes": run.step * run.method.passes,
-           **run.meter.summary(run.dist), "machine": run.machine,
-           **evaluate_epoch(run.model, run.test_set.images, run.test_set.labels, watch=cfg.watch_subset,
-                            watch_norm=cfg.watch_norm, watch_eps=cfg.watch_eps, watch_steps=cfg.watch_steps)}
+           **run.meter.summary(run.dist), "machine": run.machine}
+    with precision.full_precision(run.device):   # evaluation in fp32, whatever the training ran in
+        row.update(evaluate_epoch(run.model, run.test_set.images, run.test_set.labels, watch=cfg.watch_subset,
+                                  watch_norm=cfg.watch_norm, watch_eps=cfg.watch_eps, watch_steps=cfg.watch_steps))
     warn_on_overfitting(run.record["epochs"], row)
     run.record["epochs"].append(row)
     last = run.epoch == cfg.epochs or run.out_of_time
@@ -445,11 +464,17 @@ def end_epoch(run: Run, saver: Saver) -> None:
     saver.save_state()
 
 
+def _without_precision(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("precision", "amp")}
+
+
 def _resume_state(out: Path, cfg: TrainConfig) -> tuple[dict, dict]:
     state, header = read_state(out / STATE_FILE)
-    # settings added since the state was written count as their defaults
-    changes = _config_changes(with_defaults(header.get("config") or {}, TrainConfig(method=cfg.method).to_dict()),
-                              cfg.to_dict())
+    # settings added since the state was written count as their defaults; the precision is compared
+    # as resolved (Run._check_precision): `auto` and `fp32` are the same run where auto means fp32
+    changes = _config_changes(_without_precision(with_defaults(header.get("config") or {},
+                                                               TrainConfig(method=cfg.method).to_dict())),
+                              _without_precision(cfg.to_dict()))
     if changes:
         raise CheckpointError(f"--resume: {out} was started with other settings: {'; '.join(changes[:4])}"
                               f"{' ...' if len(changes) > 4 else ''}; pass the same arguments, or --force to "
@@ -535,6 +560,9 @@ def _train(cfg, train_set, test_set, out, device, progress, model, resume, force
         saver.steplog.truncate(run.global_step)
         if dist.main:
             log.info("resuming %s at %s", out, run.where())
+    if dist.main:
+        log.info("precision: training %s (%s); evaluation %s", run.precision.training, run.precision.reason,
+                 precision.EVALUATION)
     while not run.finished:
         if run.step < run.steps_per_epoch and not run.out_of_time:
             run_steps(run, saver, checkpoint_every, progress, stop)

@@ -74,7 +74,10 @@ class Setup:
     the gradients; None: Forwards of the classifier itself); attacks and extra passes call the unwrapped
     classifier.
     scaler: the loop's torch.amp.GradScaler under fp16 autocast (None otherwise): a method's own optimizer
-    steps through scaler.step(opt) so it sees unscaled gradients.
+    steps through scaler.step(opt) so it sees unscaled gradients (Setup.step), and a loss a method
+    differentiates itself is scaled first (Setup.scale).
+    precision: what the training forward passes run in (fp32 | bf16 | fp16, precision.py); attacks wrap
+    their passes in Setup.attack_passes().
     descend: the loop's classifier update, descend(loss) = zero the gradients, backward, one optimizer
     step at the current learning rate (the schedule advances once per loop step), for methods that update
     the classifier more than once per batch (None where no loop runs).
@@ -92,13 +95,34 @@ class Setup:
     dist: Dist = SINGLE
     train_forward: Callable | None = None
     scaler: object | None = None
+    precision: str = "fp32"
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """A method's own optimizer step: through the GradScaler under fp16, else optimizer.step()."""
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss` times the GradScaler's scale under fp16 (so that its fp16 gradients do not underflow;
+        the optimizer step through Setup.step unscales them), else `loss` itself."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def step(self, optimizer: torch.optim.Optimizer, update: bool = False) -> None:
+        """A method's own optimizer step: through the GradScaler under fp16 (it unscales the gradients
+        and skips the step if any is inf or NaN), else optimizer.step(). update: also update the scale,
+        for a step the loop's step does not follow (the scaler allows one step per optimizer between
+        updates)."""
         if self.scaler is not None:
             self.scaler.step(optimizer)
+            if update:
+                self.scaler.update()
         else:
             optimizer.step()
+
+    def attack_passes(self):
+        """The context of an attack's passes (input gradients: PGD, FGSM, N-FGSM's step, TRADES' KL-PGD,
+        the generator's gradient input). Under fp16 they run in fp32, autocast off: the gradient of a
+        loss with respect to the input is small (1e-6 per pixel and below on a trained model) and fp16
+        flushes it to zero below 6e-8, where a sign step then does not move. bf16 has fp32's exponent
+        range and keeps its autocast (as fp32 does nothing)."""
+        if self.precision == "fp16":
+            return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
 
     @property
     def memory_format(self) -> torch.memory_format:
