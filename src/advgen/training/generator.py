@@ -223,9 +223,10 @@ class GeneratorMethod(Method):
         parameters frozen (as in the PGD/FGSM attacks), so no parameter gradients are computed and the
         BatchNorm running statistics are not moved by this extra pass.
         """
-        x = x.detach().requires_grad_(True)
-        with eval_mode(self.model):
-            (grad,) = torch.autograd.grad(F.cross_entropy(self.model(x), y, reduction="sum"), x)
+        with self.setup.attack_passes():   # fp32 under fp16 autocast (Setup.attack_passes)
+            x = x.detach().float().requires_grad_(True)
+            with eval_mode(self.model):
+                (grad,) = torch.autograd.grad(F.cross_entropy(self.model(x), y, reduction="sum"), x)
         rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
         return grad / rms.view(-1, 1, 1, 1)
 
@@ -295,11 +296,13 @@ class GeneratorMethod(Method):
             x_adv, ya, _ = self._generate(x, y, prev)
             loss = F.cross_entropy(self.model(x_adv), ya)
             self.opt.zero_grad(set_to_none=True)
-            grads = torch.autograd.grad(loss, list(self.bank.parameters()))
+            # through the GradScaler under fp16, as the step's own ascent: scaled so that the fp16
+            # gradients do not underflow, unscaled and skipped on inf or NaN by the scaler's step
+            grads = torch.autograd.grad(self.setup.scale(loss), list(self.bank.parameters()))
             for p, gr in zip(self.bank.parameters(), grads):
                 p.grad = gr
             self.setup.dist.average_grads(self.bank.parameters())
-            self.opt.step()
+            self.setup.step(self.opt, update=True)
         n_clean = int(round(g.clean_fraction * x.shape[0]))
         x_adv, ya, k = self._generate(x[n_clean:], y[n_clean:], None if prev is None else prev[n_clean:])
         if g.memory:   # the clean rows keep what they held

@@ -25,7 +25,9 @@ import logging
 import math
 import os
 import shutil
+import re
 import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -356,7 +358,10 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor, autocast, where=None
     run.descend(loss, update=False)
     run.method.after_step()
     run.scaler.update()
-    run.sched.step()
+    with warnings.catch_warnings():
+        if run.precision.scaled:   # the scaler skips overflowing steps on purpose; torch warns of a skipped first one
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        run.sched.step()
     run.step += 1
     return loss, logits, labels
 

@@ -117,9 +117,10 @@ class Setup:
     def attack_passes(self):
         """The context of an attack's passes (input gradients: PGD, FGSM, N-FGSM's step, TRADES' KL-PGD,
         the generator's gradient input). Under fp16 they run in fp32, autocast off: the gradient of a
-        loss with respect to the input is small (1e-6 per pixel and below on a trained model) and fp16
-        flushes it to zero below 6e-8, where a sign step then does not move. bf16 has fp32's exponent
-        range and keeps its autocast (as fp32 does nothing)."""
+        confident sample's loss with respect to its pixels is small, fp16 flushes whatever falls below
+        6e-8 to zero on the way back, and a sign step does not move a pixel whose gradient is zero. The
+        training backward instead is scaled by the GradScaler. bf16 has fp32's exponent range and keeps
+        its autocast (fp32 has none)."""
         if self.precision == "fp16":
             return torch.autocast(self.device.type, enabled=False)
         return contextlib.nullcontext()
