@@ -152,19 +152,21 @@ def _device_list(text: str) -> list[str]:
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
-    """The torch.device of a --device name; UserError (naming `flag`) where it is not on this machine."""
+    """The torch.device of a --device name, with its index (devices.indexed: "cuda" is cuda:N); UserError
+    (naming `flag`) where it is not on this machine."""
+    from .devices import indexed
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return indexed("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
+            return indexed("mps")
         return torch.device("cpu")
     check(not name.startswith("cuda") or torch.cuda.is_available(), f"{flag} {name}: no CUDA device is available")
     if name.startswith("cuda:"):
         check(int(name[5:]) < torch.cuda.device_count(),
               f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0..")
     check(name != "mps" or torch.backends.mps.is_available(), f"{flag} mps: no MPS device is available")
-    return torch.device(name)
+    return indexed(name)
 
 
 def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
@@ -386,7 +388,10 @@ def distributed_job(device_name: str):
     try:
         if not dist.main:
             logging.getLogger().setLevel(logging.ERROR)
-        yield dist, resolve_device(name)
+        device = resolve_device(name)
+        if device.type == "cuda":   # the process's GPU (torchrun: distributed.init did it): events, streams
+            torch.cuda.set_device(device)
+        yield dist, device
         clean = True
     finally:
         distributed.shutdown(clean=clean and dist.active)

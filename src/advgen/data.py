@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .checkpoint import file_digest
+from .devices import indexed
 from .errors import DataError, UserError
 from .models.normalize import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
@@ -501,7 +502,7 @@ class Batches:
                             "processes, each training on an equal share of it")
         self.ds, self.batch_size, self.seed, self.train = ds, batch_size, seed, train
         self.rank, self.world = rank, world
-        self.device = ds.images.device if device is None else torch.device(device)
+        self.device = ds.images.device if device is None else indexed(device)   # comparable with tensors' devices
         self.drop_last = train if drop_last is None else drop_last
         self.pad = crop_padding(*ds.images.shape[2:])
         if self.drop_last and len(ds) < batch_size:

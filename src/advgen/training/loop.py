@@ -42,7 +42,7 @@ from ..config import TrainConfig, with_defaults
 from ..data import Batches, Dataset, data_placement, normalization_for
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
 from ..models import build_model
-from .. import precision
+from .. import devices, precision
 from . import distributed
 from .control import STOP, Budget, StepTimer, StopFlag
 from .distributed import Dist
@@ -517,7 +517,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     default process group if there is one (torchrun), else a single process.
     """
     dist = distributed.current() if dist is None else dist
-    device = torch.device(device)
+    device = devices.indexed(device)   # "cuda" -> cuda:N, where tensors moved there report they are
     cfg.validate()
     check_speed_options(cfg, device, dist)
     check_field(checkpoint_every is None or (type(checkpoint_every) is int and checkpoint_every >= 1),
@@ -527,7 +527,8 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     check_field(cfg.batch_size % dist.world == 0, "batch_size",
                 f"{cfg.batch_size} (the global batch) must be divisible by the {dist.world} processes")
     out = Path(out_dir) if out_dir is not None else None
-    with hold_run_dir(out) if out is not None and dist.main else contextlib.nullcontext():
+    # the run's GPU is the current CUDA device while it trains (events, streams), restored after
+    with hold_run_dir(out) if out is not None and dist.main else contextlib.nullcontext(), devices.scope(device):
         return _train(cfg, train_set, test_set, out, device, progress, model, resume, force, checkpoint_every,
                       snapshots, tensorboard, stop, dist, data_on)
 
