@@ -3,14 +3,38 @@ logic runs without a GPU, and on CUDA (marked `cuda`, skipped without one; bench
 them first thing on a GPU machine)."""
 from __future__ import annotations
 
-import torch
-from synth_cifar import tiny_dataset
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
-from advgen import devices
+import pytest
+import torch
+from synth_cifar import tiny_dataset, write_cifar
+
+import advgen
+from advgen import data, devices
 from advgen.cli import distributed_job, resolve_device
 from advgen.data import Batches
+from advgen.training import distributed
 
 torch.set_num_threads(1)
+HERE = Path(__file__).parent
+SRC = Path(advgen.__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+       "ADVGEN_DIST_TIMEOUT": "60"}
+
+
+def worker(mode: str, out: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """tests/ddp_worker.py MODE OUT under torchrun: 2 processes, gloo on the CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "ddp_worker.py"), mode, str(out)]
+    return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 def fake_gpus(monkeypatch, count: int = 4, current: int = 0) -> list:
@@ -80,3 +104,114 @@ def test_step_timer_records_on_the_runs_device(monkeypatch):
     StepTimer(torch.device("cuda", 2))
     assert streams == [torch.device("cuda", 2)] and recorded == ["stream of cuda:2"]
 
+
+
+# ------------------------------------------------------------------------------- (c) one download per node
+
+def cifar_archive(path: Path) -> str:
+    """A tiny CIFAR-10 archive in the official layout (cifar-10-batches-py/ of 80 + 16 images) at `path`;
+    returns its md5."""
+    root = write_cifar(path.parent / "src", per_batch=16, n_test=16)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch):
+    """LAYOUTS["cifar10"] pointing at a local archive (file:// URL); -> the layout."""
+    md5 = cifar_archive(tmp_path / "archive" / "cifar-10-python.tar.gz")
+    layout = dataclasses.replace(data.LAYOUTS["cifar10"], url=(tmp_path / "archive" / "cifar-10-python.tar.gz").as_uri(),
+                                 md5=md5)
+    monkeypatch.setitem(data.LAYOUTS, "cifar10", layout)
+    return layout
+
+
+def test_a_download_racing_another_into_the_same_folder(tmp_path, fake_cifar, monkeypatch):
+    """Another process (a second node on a shared file system) downloads and extracts into the same
+    folder while this one is mid-download: each writes its own temporary file and extraction folder, so
+    both succeed and the data are whole (before, the other truncated and renamed away this one's .part)."""
+    root = tmp_path / "data"
+    real, nested = data.urllib.request.urlopen, []
+
+    class Racing(io.BytesIO):
+        def read(self, n=-1):
+            chunk = super().read(min(n, 4096))
+            if not nested and self.tell() > 8192:   # the other process runs to the end now
+                nested.append(1)
+                data.download(fake_cifar, root)
+            return chunk
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def urlopen(url, timeout=None):
+        with real(url) as r:
+            body, headers = r.read(), r.headers
+        resp = Racing(body)
+        resp.headers = headers
+        return resp
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    data.download(fake_cifar, root)
+    assert nested
+    train, test = data.load_cifar("cifar10", root)
+    assert (len(train), len(test)) == (80, 16)
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_extraction_is_renamed_into_place_whole(tmp_path, fake_cifar, monkeypatch):
+    """While the archive is being extracted, the data folder does not exist yet (a rank that finds it
+    reads whole files), and no temporary folder is left behind."""
+    root = tmp_path / "data"
+    real, seen = tarfile.TarFile.extractall, []
+
+    def extractall(self, path, *a, **k):
+        real(self, path, *a, **k)
+        seen.append((root / "cifar-10-batches-py").exists())
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)
+    data.download(fake_cifar, root)
+    assert seen == [False] and (root / "cifar-10-batches-py" / "data_batch_1").is_file()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_torchrun_downloads_once_per_node(tmp_path):
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "archive.md5").write_text(cifar_archive(out / "archive.tar.gz"))
+    r = worker("download", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "downloads.log").read_text() == "rank 0\n"   # local rank 0 alone; rank 1 waited
+    assert [(out / f"rank-{k}.txt").read_text() for k in (0, 1)] == ["80", "80"]
+
+
+# ------------------------------------------------------------------------------- (d) long evaluations
+
+def test_a_sharded_evaluation_may_outlast_the_collective_timeout(tmp_path):
+    """Rank 1's shard takes 8 s, the job's collective timeout is 3 s: the gather of the shards waits in
+    the patient group (before, rank 0 timed out and the evaluation failed)."""
+    r = worker("slow_eval", tmp_path, env={"ADVGEN_DIST_TIMEOUT": "3", "SLOW_EVAL_S": "8"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["n"] == 16 and result["processes"] == 2
+
+
+# ------------------------------------------------------------------------------- (f) gathers to rank 0
+
+def test_rank_0_does_not_send_its_own_part_through_the_gather(monkeypatch):
+    """gather_object pads every rank's pickle to the largest: rank 0's large part (the generator's memory
+    buffer) must not enter it, or every rank sends that many bytes at every save."""
+    sent = []
+
+    def gather_object(obj, out, dst=0, group=None):
+        sent.append(obj)
+        if out is not None:
+            out[:] = [obj, {"rank": 1}]
+    monkeypatch.setattr(distributed.tdist, "gather_object", gather_object)
+    big = {"memory": torch.zeros(1000, 3, 32, 32, dtype=torch.float16)}
+    parts = distributed.Dist(0, 2).gather(big)
+    assert sent == [None] and parts[0] is big and parts[1] == {"rank": 1}
+    sent.clear()
+    assert distributed.Dist(1, 2).gather({"rank": 1}) is None and sent == [{"rank": 1}]

@@ -361,10 +361,28 @@ def train_config_from_args(args) -> TrainConfig:
     return cfg
 
 
-def load_data(args, train: bool = True):
+def load_data(args, train: bool = True, dist=None):
+    """The data of --dataset; under torchrun (dist) the download is made once per node (fetch_once)."""
     from .data import load_subsets
+    if dist is not None and dist.active:
+        fetch_once(args, dist)
     return load_subsets(args.dataset, args.data_dir, download=args.download, test_subset=args.test_subset,
                         train_subset=args.train_subset if train else None, seed=args.seed)
+
+
+def fetch_once(args, dist) -> None:
+    """Local rank 0 of each node fetches the data if they are missing while the node's other ranks wait
+    (a patient barrier: a download outlasts the collective timeout); a failure on any rank fails all."""
+    from .data import fetch
+    error = None
+    if dist.local_rank == 0:
+        try:
+            fetch(args.dataset, args.data_dir, download=args.download)
+        except UserError as e:
+            error = e
+    dist.barrier(patient=True)
+    if dist.agree(error is not None)[0]:
+        raise error or UserError("the data could not be fetched on another node (its error says why)")
 
 
 def claim_run_dir(out: Path, force: bool, resume: bool = False) -> None:
@@ -418,7 +436,7 @@ def cmd_train(args) -> int:
             claim_run_dir(out, args.force, args.resume)
         dist.share(claim)
         seed_everything(rank_seed(cfg.seed, dist.rank))
-        train_set, test_set = load_data(args)
+        train_set, test_set = load_data(args, dist=dist)
         model, record = train(cfg, train_set, test_set, out_dir=out, device=device, resume=args.resume,
                               force=args.force, checkpoint_every=args.checkpoint_every,
                               tensorboard=args.tensorboard, dist=dist, data_on=args.data_on)
@@ -430,7 +448,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def load_eval_model(args, device: torch.device):
+def load_eval_model(args, device: torch.device, dist=None):
     """(model, test set) for `advgen eval`. An advgen checkpoint is read before the data (it names its
     own classes and normalization); a foreign file after them: it gets the data's class and channel
     counts and --normalize (default: the data's own statistics) in front of it."""
@@ -442,11 +460,11 @@ def load_eval_model(args, device: torch.device):
         check(args.normalize is None, "--normalize applies to foreign .pt/.pth/.th/.tar files only; advgen "
                                       "checkpoints carry their own normalization")
         model = load_model(args.model_path, model_name=args.model, device=device)
-        return model, load_data(args, train=False)[1]
+        return model, load_data(args, train=False, dist=dist)[1]
     path = resolve_model_file(args.model_path)
     check(args.model is not None, f"{path} is a foreign PyTorch file: name its architecture (--model)")
     state = read_foreign_state(path)                  # a bad file fails before the data are loaded
-    test_set = load_data(args, train=False)[1]
+    test_set = load_data(args, train=False, dist=dist)[1]
     stats = (parse_stats(args.normalize, test_set.channels) if args.normalize is not None
              else normalization_for(test_set))
     log.info("normalization in front of %s: mean %s, std %s", args.model_path,
@@ -487,7 +505,7 @@ def cmd_eval(args) -> int:
         check_writable(Path(args.out).parent)  # before the attack runs, not after
     with distributed_job(args.device) as (dist, device):
         seed_everything(args.seed)
-        model, test_set = load_eval_model(args, device)
+        model, test_set = load_eval_model(args, device, dist)
         if args.full:
             check(not dist.active, "--full runs in one process (it is resumable instead: run it again to continue)")
             return _full_eval(args, model, test_set, device)

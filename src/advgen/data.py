@@ -13,6 +13,9 @@ import io
 import logging
 import os
 import pickle
+import secrets
+import shutil
+import socket
 import tarfile
 import urllib.request
 from dataclasses import dataclass, replace
@@ -274,14 +277,24 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("ADVGEN_DATA") or Path.home() / ".cache" / "advgen")
 
 
+def _unique() -> str:
+    """A name part no other process picks: host, pid and a random token (nodes may share the folder)."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
 def download(layout: _Layout, root: Path) -> None:
-    """Fetch the official archive into root (progress bar), verify its md5, extract it safely."""
+    """Fetch the official archive into root (progress bar), verify its md5, extract it safely.
+
+    Safe when several processes do it at once into one folder (the nodes of a torchrun job on a shared
+    file system): each downloads into a file of its own and renames it into place (an archive that
+    verified), extracts into a folder of its own and renames that into place; the first complete copy
+    wins, and no reader ever sees a half-written archive or a half-extracted folder."""
     from tqdm import tqdm
 
     root.mkdir(parents=True, exist_ok=True)
     archive = root / layout.url.rsplit("/", 1)[1]
     if not archive.exists() or file_digest(archive, "md5") != layout.md5:
-        part = archive.with_suffix(".part")
+        part = archive.with_name(f".{archive.name}.{_unique()}.part")
         log.info("downloading %s", layout.url)
         try:
             with urllib.request.urlopen(layout.url, timeout=60) as resp, open(part, "wb") as out:
@@ -297,8 +310,32 @@ def download(layout: _Layout, root: Path) -> None:
             part.unlink(missing_ok=True)
             raise DataError(f"download of {layout.url} has the wrong md5 (expected {layout.md5})")
         os.replace(part, archive)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(root, filter="data")  # the "data" filter refuses links and paths outside root
+    _extract(archive, root / layout.folder)
+
+
+def _extract(archive: Path, folder: Path) -> None:
+    """Extract `archive` (holding folder.name/) into a temporary folder beside `folder`, then rename its
+    folder.name/ into place; if another process put a copy there first, that one is kept."""
+    tmp = folder.parent / f".extract.{_unique()}"
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")  # the "data" filter refuses links and paths outside tmp
+        if not (tmp / folder.name).is_dir():
+            raise DataError(f"{archive} does not hold {folder.name}/")
+        try:
+            os.rename(tmp / folder.name, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch(name: str, data_dir: str | Path | None = None, *, download: bool = False) -> None:
+    """Make sure CIFAR data `name` is on disk (downloading it as load_cifar would); nothing for other
+    datasets. Under torchrun one process per node calls it first while the others wait (cli.load_data)."""
+    if name in LAYOUTS:
+        _locate(name, data_dir, download)
 
 
 def _locate(name: str, data_dir: str | Path | None, allow_download: bool) -> tuple[_Layout, Path]:

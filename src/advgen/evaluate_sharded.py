@@ -22,7 +22,9 @@ def evaluate_sharded(dist, model: nn.Module, images: torch.Tensor, labels: torch
     part = shard_rows(labels.shape[0], dist.rank, dist.world)
     x, y = images[part].to(device), labels[part].to(device)
     mine = evaluate(model, x, y, seed=seed + part.start, **kwargs) if y.numel() else None
-    shards = [r for r in (dist.gather(mine) or []) if r is not None]
+    # patient: the ranks finish their shards at different times (AutoAttack's work depends on the images),
+    # which may take longer than the job's collective timeout
+    shards = [r for r in (dist.gather(mine, patient=True) or []) if r is not None]
     if not dist.main:
         return None
     n = sum(r["n"] for r in shards)
