@@ -215,3 +215,96 @@ def test_rank_0_does_not_send_its_own_part_through_the_gather(monkeypatch):
     assert sent == [None] and parts[0] is big and parts[1] == {"rank": 1}
     sent.clear()
     assert distributed.Dist(1, 2).gather({"rank": 1}) is None and sent == [{"rank": 1}]
+
+
+# ------------------------------------------------------------------------------- (e) the run-folder lock
+
+MOUNTS = ("/dev/root / ext4 rw 0 0\n"
+          "server:/export /mnt/shared nfs4 rw,vers=4.2 0 0\n"
+          "server:/x /mnt/shared/with\\040space nfs rw 0 0\n"
+          "tmpfs /mnt/shared/tmp tmpfs rw 0 0\n")
+
+
+def test_the_file_system_type_of_a_folder():
+    from advgen.training.rundir import fs_type
+    assert fs_type(Path("/mnt/shared/runs/a"), MOUNTS) == "nfs4"
+    assert fs_type(Path("/mnt/shared/tmp/a"), MOUNTS) == "tmpfs"          # the longest mount point wins
+    assert fs_type(Path("/mnt/shared/with space/a"), MOUNTS) == "nfs"
+    assert fs_type(Path("/mnt/sharedother"), MOUNTS) == "ext4"            # a prefix of a name is not a parent
+    assert fs_type(Path("/x"), "") == ""
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+    """A file system whose flock raises ENOSYS (as some FUSE and network file systems do)."""
+    import errno
+
+    from advgen.training import rundir
+
+    def flock(f, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(rundir.fcntl, "flock", flock)
+    return rundir
+
+
+def test_without_flock_the_o_excl_lock_holds_the_folder(tmp_path, no_flock):
+    rundir = no_flock
+    out = tmp_path / "run"
+    with rundir.hold_run_dir(out):   # before: OSError ENOSYS out of every advgen train
+        held = json.loads((out / rundir.EXCL_LOCK_FILE).read_text())
+        assert held["pid"] == os.getpid() and held["host"] and "since" in held["holder"]
+        with pytest.raises(advgen.errors.RunDirError, match=f"in use by another advgen process \\(pid {os.getpid()} "
+                                                            "on host .*lock file .*\\.lock\\.excl"):
+            rundir._lock(out)   # a second holder (the same pid: alive, so never stale)
+        with rundir.hold_run_dir(out):   # re-entrant in one process
+            pass
+        assert (out / rundir.EXCL_LOCK_FILE).exists()
+    assert not (out / rundir.EXCL_LOCK_FILE).exists()   # released at the end
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_stale_o_excl_lock_is_taken_over_and_a_live_one_is_not(tmp_path, no_flock, caplog, monkeypatch):
+    import socket
+    import time
+    rundir = no_flock
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / rundir.EXCL_LOCK_FILE
+    write = lambda host, pid: lock.write_text(json.dumps({"host": host, "pid": pid, "token": "t",  # noqa: E731
+                                                          "holder": f"pid {pid} on host {host} since then"}))
+    write(socket.gethostname(), _dead_pid())   # this host, a process that is gone: stale at once
+    with rundir.hold_run_dir(out):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "taking over a stale lock" in caplog.text and "on this host is gone" in caplog.text
+    write("node-7", 4242)                      # another host, refreshed just now: alive for all we know
+    with pytest.raises(advgen.errors.RunDirError, match="pid 4242 on host node-7"):
+        rundir._lock(out)
+    old = time.time() - rundir.STALE_S - 5     # ... and unrefreshed for longer than STALE_S: stale
+    os.utime(lock, (old, old))
+    with rundir.hold_run_dir(out):
+        pass
+
+
+def test_the_o_excl_lock_is_refreshed_while_held(tmp_path, no_flock, monkeypatch):
+    import time
+    rundir = no_flock
+    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
+    out = tmp_path / "run"
+    with rundir.hold_run_dir(out):
+        lock = out / rundir.EXCL_LOCK_FILE
+        os.utime(lock, (1, 1))
+        time.sleep(0.3)
+        assert time.time() - lock.stat().st_mtime < 5
+
+
+def test_a_network_file_system_gets_the_o_excl_lock(tmp_path, monkeypatch):
+    from advgen.training import rundir
+    monkeypatch.setattr(rundir, "fs_type", lambda path: "nfs4")   # flock works, but may be node-local there
+    out = tmp_path / "run"
+    with rundir.hold_run_dir(out):
+        assert (out / rundir.EXCL_LOCK_FILE).exists() and not (out / rundir.LOCK_FILE).exists()
