@@ -122,12 +122,28 @@ def test_bf16_runs_the_forward_passes_in_bf16_autocast(method):
     assert any(not s[0] and s[2] == torch.float32 for s in seen)  # the evaluation after the epoch: fp32
 
 
-def test_compile_is_wired(monkeypatch):
-    called = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: called.append(type(self).__name__))
+def test_compile_compiles_the_training_forward_only(monkeypatch):
+    """torch.compile gets the training forward (Forwards of the classifier); the classifier itself is not
+    compiled in place (attacks and evaluation run it in eval mode and at other batch sizes, each another
+    compilation), and the attacks keep the BatchNorm-folded copy."""
+    from advgen.training.method import Forwards
+    compiled, in_place, modes = [], [], []
+    monkeypatch.setattr(torch, "compile", lambda module, *a, **k: compiled.append(module) or module)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: in_place.append(self))
     train_set, test_set = _data()
-    train(TrainConfig(epochs=1, batch_size=32, compile=True), train_set, test_set, progress=False)
-    assert called == ["Sequential"]
+    base = METHODS["minmax"].cls
+
+    class Spy(base):
+        def loss(self, x, y):
+            modes.append(self.folder is not None)
+            return super().loss(x, y)
+
+    cfg = TrainConfig(method="minmax", epochs=1, batch_size=32, compile=True,
+                      options=AttackConfig(norm="l2", eps=0.5, steps=1))
+    with registered("minmax", Spy):
+        model, _ = train(cfg, train_set, test_set, progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0], Forwards) and compiled[0].model is model
+    assert in_place == [] and modes and all(modes)
 
 
 def test_compile_without_a_compiler_is_a_user_error(monkeypatch, tmp_path, capsys):
@@ -148,10 +164,24 @@ def test_compile_failure_is_a_user_error(monkeypatch):
     def boom(self, x, y):
         raise dexc.TorchDynamoException("no luck")
 
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
+    monkeypatch.setattr(torch, "compile", lambda module, *a, **k: module)
     train_set, test_set = _data()
     with registered("standard", type("Boom", (METHODS["standard"].cls,), {"loss": boom})), \
             pytest.raises(UserError, match="compile failed \\(TorchDynamoException: no luck\\)"):
+        train(TrainConfig(epochs=1, batch_size=32, compile=True), train_set, test_set, progress=False)
+
+
+def test_an_inductor_failure_is_a_user_error_too(monkeypatch):
+    """Inductor raises its own errors (a C++ or Triton compile failure) outside torch._dynamo's."""
+    inductor_error = type("CppCompileError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+
+    def boom(self, x, y):
+        raise inductor_error("g++ failed")
+
+    monkeypatch.setattr(torch, "compile", lambda module, *a, **k: module)
+    train_set, test_set = _data()
+    with registered("standard", type("Boom", (METHODS["standard"].cls,), {"loss": boom})), \
+            pytest.raises(UserError, match="compile failed \\(CppCompileError: g\\+\\+ failed\\); train without it"):
         train(TrainConfig(epochs=1, batch_size=32, compile=True), train_set, test_set, progress=False)
 
 

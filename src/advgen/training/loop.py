@@ -77,7 +77,7 @@ def check_speed_options(cfg: TrainConfig, device: torch.device, dist: Dist = dis
     if cfg.sync_bn and dist.active and device.type != "cuda":
         raise ConfigError("sync_bn", f"needs CUDA devices (torch's SyncBatchNorm has no {device.type} kernel)")
     if cfg.compile:
-        if not hasattr(torch, "compile") or not hasattr(nn.Module, "compile"):
+        if not hasattr(torch, "compile"):
             raise ConfigError("compile", f"needs torch >= 2.2 (this is {torch.__version__})")
         try:
             importlib.import_module("torch._dynamo")
@@ -111,6 +111,27 @@ def data_fingerprint(ds: Dataset) -> str:
     h.update(np.ascontiguousarray(ds.images.cpu().numpy()))
     h.update(np.ascontiguousarray(ds.labels.cpu().numpy()))
     return h.hexdigest()
+
+
+def compiled(forward: nn.Module) -> nn.Module:
+    """torch.compile of the training forward alone (Forwards of the classifier, or its DDP wrapper).
+
+    The classifier itself stays eager: attacks run it in eval mode (or a BatchNorm-folded copy of it),
+    the evaluation at its own batch sizes, and each mode and shape would be another compilation (and a
+    recompilation limit reached); the training forward sees one mode and one batch shape."""
+    return torch.compile(forward)
+
+
+class _Counted:
+    """The training forward as methods call it (Setup.train_forward), counting its calls: under torchrun
+    each classifier update's loss must come from exactly one call (DDP's rule)."""
+
+    def __init__(self, run: "Run", forward):
+        self.run, self.forward = run, forward
+
+    def __call__(self, *xs: torch.Tensor):
+        self.run.ddp_calls += 1
+        return self.forward(*xs)
 
 
 def _nonfinite(modules: dict[str, nn.Module]) -> list[str]:
@@ -152,21 +173,20 @@ class Run:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and dist.active:  # same state-dict keys
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if cfg.compile:  # compiles forward in place: the state dict keeps its keys
-            self.model.compile()
         # under torchrun the training forward goes through DDP (its backward all-reduces the gradients;
         # it starts from rank 0's weights); buffers are broadcast by the loop before each step instead
         self.ddp = (DistributedDataParallel(Forwards(self.model), device_ids=[device] if device.type == "cuda" else None,
                                             **_NO_FORWARD_BUFFER_SYNC) if dist.active else None)
-        self.ddp_calls = self.descends = 0   # calls of the DDP-wrapped forward; classifier updates
-        if self.ddp is not None:
-            self.ddp.register_forward_pre_hook(lambda *_: setattr(self, "ddp_calls", self.ddp_calls + 1))
+        self.ddp_calls = self.descends = 0   # calls of the training forward; classifier updates
+        forward = self.ddp if self.ddp is not None else Forwards(self.model)
+        self.train_forward = _Counted(self, compiled(forward) if cfg.compile else forward)
         self.precision = precision.resolve(cfg.precision, device)
         # fp16 only: a GradScaler, whose scale is part of the resumable state
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.scaled)
-        self.setup = Setup(device=device, channels_last=channels_last, fold_bn=cfg.fold_bn_attack and not cfg.compile,
+        self.setup = Setup(device=device, channels_last=channels_last, fold_bn=cfg.fold_bn_attack,
                            steps_per_epoch=spe, epochs=cfg.epochs, seed=distributed.rank_seed(cfg.seed, dist.rank),
-                           in_channels=train_set.images.shape[1], train_size=len(train_set), dist=dist, train_forward=self.ddp,
+                           in_channels=train_set.images.shape[1], train_size=len(train_set), dist=dist,
+                           train_forward=self.train_forward,
                            scaler=self.scaler if self.precision.scaled else None, descend=self.descend,
                            precision=self.precision.training)
         self.method: Method = build_method(cfg.method, self.model, cfg.options, self.setup)
@@ -431,7 +451,7 @@ def run_steps(run: Run, saver: Saver, every: int | None, progress: bool, stop: S
             if _between_steps(run, saver, timer, every, stop, loss):
                 break
     except Exception as e:
-        if run.cfg.compile and type(e).__module__.startswith("torch._dynamo"):
+        if run.cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise ConfigError("compile", f"failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                                          "train without it") from None
         raise

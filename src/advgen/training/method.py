@@ -64,14 +64,15 @@ class Setup:
     """What the loop decided before building the method.
 
     device: where the classifier lives; channels_last: the classifier and its batches are NHWC;
-    fold_bn: attacks may run on a BatchNorm-folded copy (off under torch.compile); steps_per_epoch
+    fold_bn: attacks may run on a BatchNorm-folded copy; steps_per_epoch
     and epochs: the schedule; seed: the run's seed (methods derive their own RNGs from it);
     in_channels: channels of the images; train_size: training images (for per-sample state).
     dist: this process's place in a data-parallel run (training/distributed.py; world 1 without torchrun):
     seed is already this rank's, modules a method trains beside the classifier average their gradients
     with dist.average_grads before their optimizer step. train_forward: the classifier's forward for the
     training loss (under torchrun the DDP-wrapped Forwards of the classifier, whose backward all-reduces
-    the gradients; None: Forwards of the classifier itself); attacks and extra passes call the unwrapped
+    the gradients; None: Forwards of the classifier itself; the loop's is compiled under
+    TrainConfig.compile, the classifier itself is not); attacks and extra passes call the unwrapped
     classifier.
     scaler: the loop's torch.amp.GradScaler under fp16 autocast (None otherwise): a method's own optimizer
     steps through scaler.step(opt) so it sees unscaled gradients (Setup.step), and a loss a method
