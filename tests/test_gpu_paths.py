@@ -308,3 +308,122 @@ def test_a_network_file_system_gets_the_o_excl_lock(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with rundir.hold_run_dir(out):
         assert (out / rundir.EXCL_LOCK_FILE).exists() and not (out / rundir.LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------------------- (g) CUDA RNG per rank
+
+def fake_cuda_rng(monkeypatch) -> list:
+    """torch.cuda's RNG functions over fake per-device states (a state names its device); returns the
+    list of (state, device index) restores."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([torch.device(device).index]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(
+        (int(state[0]), torch.device(device).index)))
+
+    def every_gpu(*a):
+        raise AssertionError("every visible GPU's RNG: the other GPUs are other ranks'")
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_gpu)
+    return restored
+
+
+def test_the_state_saves_and_restores_this_ranks_gpu_only(monkeypatch):
+    """1 node x 8 GPUs resumed as 2 x 4: rank 5 saved cuda:5's RNG and restores it onto its cuda:1 (before:
+    every visible GPU's were saved, and restoring 8 onto a node of 4 raised IndexError, reported as a
+    damaged state)."""
+    from advgen.training.state import rng_state, set_rng_state
+    restored = fake_cuda_rng(monkeypatch)
+    state = rng_state(torch.device("cuda", 5))
+    assert int(state["cuda_device"][0]) == 5 and "cuda" not in state
+    set_rng_state(state, torch.device("cuda", 1))
+    assert restored == [(5, 1)]
+    # a state written before: every visible GPU's RNG; the entry of this device's index, if any
+    restored.clear()
+    old = {k: v for k, v in state.items() if k != "cuda_device"}
+    set_rng_state({**old, "cuda": [torch.tensor([k]) for k in range(8)]}, torch.device("cuda", 1))
+    set_rng_state({**old, "cuda": [torch.tensor([k]) for k in range(2)]}, torch.device("cuda", 3))
+    assert restored == [(1, 1)]
+
+
+# ------------------------------------------------------------------------------- (j) host syncs
+
+def test_an_epochs_augmentation_reaches_the_device_in_one_copy(monkeypatch):
+    """The epoch's order and augmentation draws are copied once per epoch (not once per batch), and they
+    are the very draws the batch-by-batch stream gives (the same batches on every device)."""
+    from advgen.data import _augment_draws, _augment_with, shard_rows
+    copies = []
+    real = data.to_device
+    monkeypatch.setattr(data, "to_device", lambda t, device: copies.append(tuple(t.shape)) or real(t, device))
+    ds = tiny_dataset(80, 1)
+    for rank, world, start in ((0, 1, 0), (1, 2, 2)):
+        copies.clear()
+        b = Batches(ds, 16, seed=3, rank=rank, world=world)
+        got = list(b.epoch(2, start, where=True))
+        assert len(got) == 5 - start and len(copies) == 2   # the order, then the packed draws
+        order, g = b.position(2, start)                     # the reference: drawn batch by batch
+        for i, (x, y, w) in zip(range(start, 5), got):
+            idx = order[i * 16:(i + 1) * 16]
+            offs, flip = _augment_draws(16, g, b.pad)
+            part = shard_rows(16, rank, world)
+            want = _augment_with(ds.images[idx[part]], offs[:, part], flip[part], b.pad).float().div(255)
+            assert torch.equal(x, want) and torch.equal(w.offs, offs[:, part]) and torch.equal(w.flip, flip[part])
+
+
+def test_attack_noise_is_drawn_on_the_gpu(monkeypatch):
+    """Random starts and noise come from a generator on the GPU the batch is on (no host-to-device copy
+    per batch); on the CPU from the CPU generator, as always."""
+    from advgen.attacks import pgd
+    made = []
+
+    class Gen:
+        def __init__(self, device="cpu"):
+            made.append(torch.device(device))
+
+        def manual_seed(self, seed):
+            return self
+    monkeypatch.setattr(pgd.torch, "Generator", Gen)
+    pgd.generator(3, torch.device("cuda", 1))
+    pgd.generator(3, torch.device("cpu"))
+    pgd.generator(3, torch.device("mps", 0))   # MPS: the CPU's (then copied), as before
+    assert made == [torch.device("cuda", 1), torch.device("cpu"), torch.device("cpu")]
+
+
+def test_the_one_draw_l2_start_is_uniform_in_the_ball():
+    """The GPU's L2 random start (one (b, d + 2) draw instead of b per-row draws): uniform in the ball,
+    (r / eps)^d ~ U(0, 1) and isotropic, as the per-row CPU one (tests/test_attacks.py)."""
+    from advgen.attacks.pgd import L2
+    for shape, eps, n in (((3,), 0.7, 20000), ((3, 2, 2), 0.5, 4000)):
+        d = torch.Size(shape).numel()
+        delta = L2.one_draw_start((n, *shape), eps, torch.Generator().manual_seed(0)).double()
+        assert delta.shape == (n, *shape)
+        r = delta.flatten(1).norm(dim=1)
+        assert (r <= eps * (1 + 1e-6)).all()
+        u = (r / eps) ** d
+        ks = (torch.sort(u).values - (torch.arange(n, dtype=torch.double) + 0.5) / n).abs().max()
+        assert abs(u.mean().item() - 0.5) < 0.02 and ks < 1.63 / n ** 0.5 * 1.5
+        v = delta.flatten(1) / r[:, None]
+        assert v.mean(0).abs().max() < 0.04
+        torch.testing.assert_close(v.T @ v / n, torch.eye(d, dtype=torch.double) / d, atol=0.02, rtol=0)
+    # the CPU keeps its per-row stream: row 0 does not depend on the batch size
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    torch.testing.assert_close(L2.random_start((1, 3, 8, 8), 1.0, g())[0], L2.random_start((5, 3, 8, 8), 1.0, g())[0])
+
+
+def test_buffers_are_broadcast_in_one_call_per_dtype(monkeypatch):
+    """Before every step under torchrun rank 0's BatchNorm buffers reach every rank: one broadcast per
+    dtype (float statistics, int64 batch counters), not one per tensor."""
+    from conftest import make_tiny
+    calls = []
+
+    def broadcast(t, src=0):
+        calls.append((t.dtype, t.numel()))
+        t.fill_(7)   # what rank 0 sent
+    monkeypatch.setattr(distributed.tdist, "broadcast", broadcast)
+    model = make_tiny()
+    distributed.Dist(1, 2).broadcast_module(model, buffers_only=True)
+    buffers = list(model.buffers())
+    assert len(buffers) == 8 and len(calls) == 2 and {c[0] for c in calls} == {torch.float32, torch.int64}
+    assert all(bool((b == 7).all()) for b in buffers)
+    calls.clear()
+    distributed.Dist(1, 2).broadcast_module(model)   # parameters too
+    assert len(calls) == 2 and sum(n for _, n in calls) == sum(t.numel() for t in [*model.parameters(), *buffers])

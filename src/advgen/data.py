@@ -568,21 +568,42 @@ class Batches:
 
     def epoch(self, epoch: int, start: int = 0, where: bool = False):
         """Yield (x float (B, C, H, W) in [0, 1], y int64 (B,)) for batches start, start+1, ...;
-        with where=True, (x, y, Where): the rows' dataset indices and augmentation."""
+        with where=True, (x, y, Where): the rows' dataset indices and augmentation.
+
+        The order and the augmentation of the epoch's batches are drawn on the host when the epoch
+        starts (the same stream, in the same order, as batch by batch) and reach the device in one copy
+        each (to_device): no host-to-device copy, so no host sync, per batch."""
         order, g = self.position(epoch, start)
-        order = order.to(self.ds.images.device)
+        order = to_device(order, self.ds.images.device)
+        draws = self._epoch_draws(g, start) if self.train else None
         rows = (self._rows(order, i) for i in range(start, len(self)))
         if self.ds.images.device != self.device:
             rows = _copied_ahead(rows, self.device)
-        for n, idx, x, y in rows:
+        for i, (n, idx, x, y) in enumerate(rows):
             offs = flip = None
-            if self.train:   # the whole batch's draws, this rank's share of them
-                offs, flip = _augment_draws(n, g, self.pad)
-                part = shard_rows(n, self.rank, self.world)
-                offs, flip = offs[:, part], flip[part]
+            if self.train:   # this rank's share of the whole batch's draws
+                offs, flip = draws[i]
                 x = _augment_with(x, offs, flip, self.pad)
             batch = (x.float().div_(255), y)
             yield (*batch, Where(idx, offs, flip, self.pad)) if where else batch
+
+    def _epoch_draws(self, g: torch.Generator, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's (offsets (2, b), flips (b,)) of batches start, start+1, ... on self.device, drawn
+        from `g` as epoch() drew them batch by batch, moved in one copy."""
+        n = len(self.ds)
+        sizes = [min(self.batch_size, n - i * self.batch_size) for i in range(start, len(self))]
+        parts = []
+        for size in sizes:   # the whole batch's draws (the stream), this rank's share of them
+            offs, flip = _augment_draws(size, g, self.pad)
+            part = shard_rows(size, self.rank, self.world)
+            parts.append(torch.cat([offs[:, part], flip[part].long()[None]]))
+        packed = to_device(torch.cat(parts, dim=1), self.device) if parts else None   # (3, rows of the epoch)
+        out, i = [], 0
+        for p in parts:
+            b = p.shape[1]
+            out.append((packed[:2, i:i + b], packed[2, i:i + b] == 1))
+            i += b
+        return out
 
     def _rows(self, order: torch.Tensor, i: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows of the whole batch i, then this rank's dataset indices, uint8 images and labels of it,
@@ -597,6 +618,15 @@ class Batches:
         order, _ = self.position(epoch)
         rows = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
         return torch.cat([r[shard_rows(r.numel(), self.rank, self.world)] for r in rows])
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without a host sync: from the CPU to a GPU through pinned memory, non-blocking (the
+    caching host allocator keeps the pinned buffer until the copy has run); elsewhere t.to(device).
+    A plain .to("cuda") of pageable memory makes the host wait for the device."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _copied_ahead(batches, device: torch.device):

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.pgd import NORMS, eval_mode
-from ..data import Where
+from ..data import Where, to_device
 from ..errors import UserError, check_field
 from ..models.generators import BankConfig, GeneratorBank
 from .method import Method, register
@@ -266,7 +266,10 @@ class GeneratorMethod(Method):
             x_cur, k = (x + prev).clamp(0, 1), torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         else:
             # one assignment of samples to generators for every recursion
-            perm = torch.randperm(x.shape[0], generator=self.assign_rng) if bank.assign == "random" else None
+            # drawn on the host (the stream every device shares, resumed with the method's state) and
+            # moved without a host sync
+            perm = (to_device(torch.randperm(x.shape[0], generator=self.assign_rng), x.device)
+                    if bank.assign == "random" else None)
             x_cur = x
             for _ in range(g.recursions):
                 grad = self._input_grad(x_cur, y) if bank.grad_input else None
