@@ -28,7 +28,7 @@ HERE = Path(__file__).parent
 SRC = Path(advgen.__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
        "ADVGEN_DIST_TIMEOUT": "60"}
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda = pytest.mark.cuda   # skipped without a CUDA device (conftest.py)
 
 
 def torchrun(*args, n: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -427,3 +427,129 @@ def test_buffers_are_broadcast_in_one_call_per_dtype(monkeypatch):
     calls.clear()
     distributed.Dist(1, 2).broadcast_module(model)   # parameters too
     assert len(calls) == 2 and sum(n for _, n in calls) == sum(t.numel() for t in [*model.parameters(), *buffers])
+
+
+# ------------------------------------------------------------------------------- on a CUDA GPU
+
+def _cfg(method: str = "standard", **kw):
+    from advgen.config import AttackConfig, TrainConfig
+    from advgen.models.generators import BankConfig
+    from advgen.training.free import FreeOptions
+    from advgen.training.generator import GeneratorOptions
+    from advgen.training.nfgsm import NFGSMOptions
+    from advgen.training.trades import TradesOptions
+    options = {"standard": None, "minmax": AttackConfig(norm="l2", eps=0.5, steps=3),
+               "fgsm": AttackConfig(norm="linf", eps=8 / 255), "nfgsm": NFGSMOptions(norm="l2", eps=0.5),
+               "trades": TradesOptions(norm="l2", eps=0.5, steps=2), "free": FreeOptions(norm="l2", eps=0.5, replays=2),
+               "generator": GeneratorOptions(bank=BankConfig(n=4, width=4, depth=2, assign="random", bound="l2",
+                                                             size=0.5, grad_input=True), memory=True,
+                                             step_after=True, steps=2)}[method]
+    return TrainConfig(**{"method": method, "options": options, "epochs": 1, "batch_size": 16, "lr": 0.01, **kw})
+
+
+@pytest.mark.cuda
+def test_index_less_cuda_keeps_the_data_on_the_gpu(monkeypatch):
+    """--device cuda: the data go to the GPU and are used there; before, cuda:0 != cuda sent them down
+    the host path, whose pin_memory() raised on a CUDA tensor."""
+    from advgen.training import train
+    pinned = []
+    real = torch.Tensor.pin_memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(t.device) or real(t, *a))
+    _, rec = train(_cfg(), tiny_dataset(48, 1), tiny_dataset(16, 2), device="cuda", progress=False, data_on="device")
+    assert rec["device"].startswith("cuda:") and all(d.type == "cpu" for d in pinned)
+
+
+@pytest.mark.cuda
+def test_one_process_on_the_last_gpu_runs_there():
+    from advgen.training import METHODS, registered, train
+    n = torch.cuda.device_count() - 1
+    seen = []
+    base = METHODS["standard"].cls
+
+    class Spy(base):
+        def loss(self, x, y):
+            seen.append((torch.cuda.current_device(), x.device.index))
+            return super().loss(x, y)
+    before = torch.cuda.current_device()
+    with registered("standard", Spy):
+        train(_cfg(), tiny_dataset(48, 1), tiny_dataset(16, 2), device=f"cuda:{n}", progress=False)
+    assert set(seen) == {(n, n)} and torch.cuda.current_device() == before   # scoped, restored after
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["standard", "minmax", "fgsm", "nfgsm", "trades", "free", "generator"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_steps_make_no_host_sync(method, precision):
+    """A few training steps of each method under torch.cuda.set_sync_debug_mode("error"): any host sync
+    (a .item(), a copy from pageable memory, a nonzero) raises. fp16 is left out: GradScaler.step reads
+    its inf check on the host (one sync per step, torch's own)."""
+    from advgen.training.loop import Run, _train_step
+    if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this GPU has no native bf16")
+    from conftest import make_tiny
+    dev = devices.indexed("cuda")
+    train_set, test_set = tiny_dataset(64, 1), tiny_dataset(16, 2)
+    run = Run(_cfg(method, precision=precision), make_tiny(), train_set, test_set, dev)
+    autocast = run.precision.autocast(dev)
+    run.model.train()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y, *where in run.batches.epoch(1, where=run.method.per_sample):
+            loss, logits, labels = _train_step(run, x, y, autocast, *where)
+            run.meter.update(loss, logits, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert run.step == 4 and bool(torch.isfinite(run.meter.loss_sum))
+
+
+@pytest.mark.cuda
+def test_kill_and_resume_on_cuda(tmp_path):
+    """A run killed part-way resumes on the GPU and finishes; the state holds this GPU's RNG. Bit-identity
+    is not asserted: cuDNN may pick non-deterministic kernels (docs/gpu-and-precision.md); the weights
+    must agree closely, and whether they agree exactly is printed for the record."""
+    from safetensors.torch import load_file
+    from advgen.training import METHODS, registered, train
+    from advgen.training.state import read_state
+    cfg = lambda: _cfg("minmax", epochs=2)  # noqa: E731
+    torch.manual_seed(0)
+    train(cfg(), tiny_dataset(48, 1), tiny_dataset(16, 2), out_dir=tmp_path / "whole", device="cuda", progress=False)
+    base, calls = METHODS["minmax"].cls, {"n": 0}
+
+    def loss(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return base.loss(self, x, y)
+    torch.manual_seed(0)
+    with registered("minmax", type("Crashing", (base,), {"loss": loss})), pytest.raises(KeyboardInterrupt):
+        train(cfg(), tiny_dataset(48, 1), tiny_dataset(16, 2), out_dir=tmp_path / "run", device="cuda",
+              progress=False, checkpoint_every=1)
+    state, _ = read_state(tmp_path / "run" / "state.safetensors")
+    assert "cuda_device" in state["rng"]
+    train(cfg(), tiny_dataset(48, 1), tiny_dataset(16, 2), out_dir=tmp_path / "run", device="cuda", progress=False,
+          resume=True)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    print("CUDA resume bit-identical:", all(torch.equal(a[k], b[k]) for k in a))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3, msg=k)
+
+
+@pytest.mark.cuda
+def test_compile_on_cuda():
+    """--compile on a GPU (a tiny classifier, so that it compiles in seconds; gpu_check.sh also trains a
+    ResNet-20 with --compile from the command line)."""
+    from conftest import make_tiny
+    from advgen.training import train
+    model, rec = train(_cfg("minmax", compile=True), tiny_dataset(48, 1), tiny_dataset(16, 2), device="cuda",
+                       progress=False, model=make_tiny())
+    assert rec["finished"] and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.cuda
+def test_attack_noise_on_cuda_stays_in_the_ball():
+    from advgen.attacks.pgd import L2, generator
+    g = generator(0, torch.device("cuda", torch.cuda.current_device()))
+    assert g.device.type == "cuda"
+    delta = L2.random_start((256, 3, 32, 32), 0.5, g)
+    assert delta.is_cuda and bool((delta.flatten(1).norm(dim=1) <= 0.5 + 1e-5).all())

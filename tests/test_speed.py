@@ -231,3 +231,22 @@ def test_bf16_precision_measures_the_rounding_of_small_perturbations():
     tiny, large = mod.relative_error(x, 0.01), mod.relative_error(x, 8.0)
     assert tiny.shape == (8,) and tiny.median() > 0.5      # far below bf16's step: mostly rounded away
     assert large.median() < 0.02                           # well above it: rounding is a small error
+
+
+def test_gpu_bench_runs_on_the_cpu(tmp_path, capsys):
+    """benchmarks/gpu_bench.py (the timed part of gpu_check.sh) end to end on tiny inputs on the CPU."""
+    from synth_cifar import write_cifar
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=16)
+    out = tmp_path / "bench.json"
+    assert mod.main(["--data-dir", str(data), "--device", "cpu", "--train-subset", "64", "--test-subset", "16",
+                     "--batch-size", "32", "--epochs", "1", "--methods", "standard,fgsm",
+                     "--precisions", "fp32,fp8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["precision"]) for r in rows] == [("standard", "fp32"), ("fgsm", "fp32"),
+                                                             ("standard", "fp8"), ("fgsm", "fp8")]
+    assert all(r["images_per_second"] > 0 and r["trained_in"] == "fp32" for r in rows[:2])
+    assert all("precision must be one of" in r["error"] for r in rows[2:])   # recorded, the others went on
+    assert "images/s" in capsys.readouterr().out
