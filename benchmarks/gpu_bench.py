@@ -57,7 +57,8 @@ def run_one(name: str, precision: str, train_set, test_set, device, epochs: int,
     last = rec["epochs"][-1]
     images = last["steps"] * batch_size
     return {"method": name, "precision": precision, "trained_in": rec["precision"]["training"],
-            "images_per_second": images / last["seconds"], "passes_per_second": last["passes"] * batch_size / last["seconds"],
+            "images_per_second": images / last["seconds"],
+            "passes_per_second": last["passes"] * batch_size / last["seconds"],
             "seconds_last_epoch": last["seconds"], "epoch_seconds": [r["seconds"] for r in rec["epochs"]],
             "wall_seconds": time.perf_counter() - t0}
 

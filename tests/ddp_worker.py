@@ -6,8 +6,9 @@ MODE: run (train the generator CONFIG to the end), kill:K (both ranks SIGKILL th
 global step K), resume (continue OUT), raise:K (rank 1 raises inside step K), standard (the BN-free
 standard CONFIG, to compare with one process), trades (TRADES: two training forwards in one DDP
 call), download (both ranks load CIFAR with --download: one download per node), slow_eval (a sharded
-evaluation whose rank 1 outlasts the collective timeout). With a third argument `memory`, the generator MEMORY config instead of CONFIG. Every rank
-writes its classifier and method modules (and the buffer of previous perturbations, as "memory") to
+evaluation whose rank 1 outlasts the collective timeout; tests/test_gpu_paths.py). With a third
+argument `memory`, the generator MEMORY config instead of CONFIG. Every training rank writes its
+classifier and method modules (and the buffer of previous perturbations, as "memory") to
 OUT/rank-R.safetensors at the end.
 """
 from __future__ import annotations
