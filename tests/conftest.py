@@ -35,6 +35,16 @@ def make_tiny(num_classes: int = 10, batchnorm: bool = True) -> nn.Sequential:
     return nn.Sequential(advgen.models.Normalize(), net)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder that holds the offline cifar-10-batches-py/ (next to the repository root)."""

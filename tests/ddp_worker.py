@@ -5,8 +5,10 @@
 MODE: run (train the generator CONFIG to the end), kill:K (both ranks SIGKILL themselves inside
 global step K), resume (continue OUT), raise:K (rank 1 raises inside step K), standard (the BN-free
 standard CONFIG, to compare with one process), trades (TRADES: two training forwards in one DDP
-call). With a third argument `memory`, the generator MEMORY config instead of CONFIG. Every rank
-writes its classifier and method modules (and the buffer of previous perturbations, as "memory") to
+call), download (both ranks load CIFAR with --download: one download per node), slow_eval (a sharded
+evaluation whose rank 1 outlasts the collective timeout; tests/test_gpu_paths.py). With a third
+argument `memory`, the generator MEMORY config instead of CONFIG. Every training rank writes its
+classifier and method modules (and the buffer of previous perturbations, as "memory") to
 OUT/rank-R.safetensors at the end.
 """
 from __future__ import annotations
@@ -71,8 +73,57 @@ def fail() -> None:
     raise RuntimeError("rank 1 fails on purpose")
 
 
+def download(out: Path, dist) -> None:
+    """Both ranks load CIFAR-10 with --download into an empty folder, from a file:// URL (tests/
+    test_gpu_paths.py made the archive: OUT/archive.tar.gz, its md5 in OUT/archive.md5); every download
+    is logged to OUT/downloads.log, and each rank writes how many training images it loaded."""
+    import dataclasses
+    import urllib.request
+
+    from advgen import data
+    from advgen.cli import build_parser, load_data
+    data.LAYOUTS["cifar10"] = dataclasses.replace(data.LAYOUTS["cifar10"], url=(out / "archive.tar.gz").as_uri(),
+                                                  md5=(out / "archive.md5").read_text().strip())
+    real = urllib.request.urlopen
+
+    def logged(url, *a, **k):
+        with open(out / "downloads.log", "a") as f:
+            f.write(f"rank {dist.rank}\n")
+        return real(url, *a, **k)
+    data.urllib.request.urlopen = logged
+    args = build_parser().parse_args(["train", "--method", "standard", "--download", "--data-dir",
+                                      str(out / "data"), "--out", str(out / "run")])
+    train_set, _ = load_data(args, dist=dist)
+    (out / f"rank-{dist.rank}.txt").write_text(str(len(train_set)))
+
+
+def slow_eval(out: Path, dist) -> None:
+    """evaluate_sharded where rank 1's shard takes longer than the job's collective timeout
+    (ADVGEN_DIST_TIMEOUT, set short by the test); rank 0 writes the combined result to OUT/eval.json."""
+    import json
+    import time
+
+    from advgen import evaluate_sharded as sharded
+    real = sharded.evaluate
+
+    def slow(*a, **k):
+        if dist.rank == 1:
+            time.sleep(float(os.environ["SLOW_EVAL_S"]))
+        return real(*a, **k)
+    sharded.evaluate = slow
+    test = tiny_dataset(16, 2)
+    result = sharded.evaluate_sharded(dist, make_tiny().eval(), test.images, test.labels, torch.device("cpu"),
+                                      epsilons=[0.0], steps=1, checks=False)
+    if dist.main:
+        (out / "eval.json").write_text(json.dumps(result))
+
+
 def main(mode: str, out: Path, which: str = "") -> None:
     dist, _ = distributed.init("cpu")
+    if mode in ("download", "slow_eval"):
+        {"download": download, "slow_eval": slow_eval}[mode](out, dist)
+        distributed.shutdown(clean=True)
+        return
     chosen = {"standard": STANDARD, "trades": TRADES}.get(mode, MEMORY if which == "memory" else CONFIG)
     cfg = TrainConfig.from_dict(chosen.to_dict())
     seed_everything(distributed.rank_seed(cfg.seed, dist.rank))

@@ -28,7 +28,7 @@ HERE = Path(__file__).parent
 SRC = Path(advgen.__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
        "ADVGEN_DIST_TIMEOUT": "60"}
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda = pytest.mark.cuda   # skipped without a CUDA device (conftest.py)
 
 
 def torchrun(*args, n: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -265,13 +265,15 @@ def test_a_live_run_folder_is_locked_and_a_dead_lock_is_not(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ CUDA
 
 @cuda
-def test_cuda_amp_step_and_timing(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_precision_step_and_timing(tmp_path, precision):
     from conftest import make_tiny
-    from advgen.training.loop import amp_dtype
-    cfg = TrainConfig(method="standard", epochs=1, batch_size=16, amp=True)
+    if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this GPU has no native bf16")
+    cfg = TrainConfig(method="standard", epochs=1, batch_size=16, precision=precision)
     model, rec = train(cfg, tiny_dataset(48, 1), tiny_dataset(16, 2), device="cuda", progress=False,
                        model=make_tiny())
-    assert amp_dtype(torch.device("cuda")) in (torch.bfloat16, torch.float16)
+    assert rec["precision"]["training"] == precision
     assert rec["epochs"][0]["seconds"] > 0 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -321,6 +323,6 @@ def test_cuda_resume_restores_cuda_rng(tmp_path):
 def test_ddp_over_nccl(tmp_path):
     data = write_cifar(tmp_path / "data", per_batch=16, n_test=16)
     r = torchrun("-m", "advgen", "train", "--method", "generator", "--device", "cuda", "--epochs", "1",
-                 "--batch-size", "16", "--data-dir", data, "--out", tmp_path / "run", "--amp")
+                 "--batch-size", "16", "--data-dir", data, "--out", tmp_path / "run", "--precision", "fp16")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["world_size"] == 2

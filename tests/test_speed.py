@@ -106,7 +106,7 @@ def test_generator_with_channels_last_matches_contiguous():
 
 
 @pytest.mark.parametrize("method", ["standard", "generator", "minmax"])
-def test_amp_runs_the_forward_passes_in_bf16_autocast(method):
+def test_bf16_runs_the_forward_passes_in_bf16_autocast(method):
     train_set, test_set = _data()
     seen = []
 
@@ -116,19 +116,35 @@ def test_amp_runs_the_forward_passes_in_bf16_autocast(method):
     model = build_model("resnet20")
     model[1].conv1.register_forward_hook(hook)
     options = AttackConfig(norm="l2", eps=0.5, steps=2, step_size=0.3) if method == "minmax" else None
-    cfg = TrainConfig(method=method, options=options, epochs=1, batch_size=32, lr=0.01, amp=True)
+    cfg = TrainConfig(method=method, options=options, epochs=1, batch_size=32, lr=0.01, precision="bf16")
     train(cfg, train_set, test_set, progress=False, model=model)
     train_seen = [s for s in seen if s[0]]
     assert train_seen and all(s[1] == torch.bfloat16 and s[2] == torch.bfloat16 for s in train_seen)
     assert any(not s[0] and s[2] == torch.float32 for s in seen)  # the evaluation after the epoch: fp32
 
 
-def test_compile_is_wired(monkeypatch):
-    called = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: called.append(type(self).__name__))
+def test_compile_compiles_the_training_forward_only(monkeypatch):
+    """torch.compile gets the training forward (Forwards of the classifier); the classifier itself is not
+    compiled in place (attacks and evaluation run it in eval mode and at other batch sizes, each another
+    compilation), and the attacks keep the BatchNorm-folded copy."""
+    from advgen.training.method import Forwards
+    compiled, in_place, modes = [], [], []
+    monkeypatch.setattr(torch, "compile", lambda module, *a, **k: compiled.append(module) or module)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: in_place.append(self))
     train_set, test_set = _data()
-    train(TrainConfig(epochs=1, batch_size=32, compile=True), train_set, test_set, progress=False)
-    assert called == ["Sequential"]
+    base = METHODS["minmax"].cls
+
+    class Spy(base):
+        def loss(self, x, y):
+            modes.append(self.folder is not None)
+            return super().loss(x, y)
+
+    cfg = TrainConfig(method="minmax", epochs=1, batch_size=32, compile=True,
+                      options=AttackConfig(norm="l2", eps=0.5, steps=1))
+    with registered("minmax", Spy):
+        model, _ = train(cfg, train_set, test_set, progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0], Forwards) and compiled[0].model is model
+    assert in_place == [] and modes and all(modes)
 
 
 def test_compile_without_a_compiler_is_a_user_error(monkeypatch, tmp_path, capsys):
@@ -149,10 +165,24 @@ def test_compile_failure_is_a_user_error(monkeypatch):
     def boom(self, x, y):
         raise dexc.TorchDynamoException("no luck")
 
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
+    monkeypatch.setattr(torch, "compile", lambda module, *a, **k: module)
     train_set, test_set = _data()
     with registered("standard", type("Boom", (METHODS["standard"].cls,), {"loss": boom})), \
             pytest.raises(UserError, match="compile failed \\(TorchDynamoException: no luck\\)"):
+        train(TrainConfig(epochs=1, batch_size=32, compile=True), train_set, test_set, progress=False)
+
+
+def test_an_inductor_failure_is_a_user_error_too(monkeypatch):
+    """Inductor raises its own errors (a C++ or Triton compile failure) outside torch._dynamo's."""
+    inductor_error = type("CppCompileError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+
+    def boom(self, x, y):
+        raise inductor_error("g++ failed")
+
+    monkeypatch.setattr(torch, "compile", lambda module, *a, **k: module)
+    train_set, test_set = _data()
+    with registered("standard", type("Boom", (METHODS["standard"].cls,), {"loss": boom})), \
+            pytest.raises(UserError, match="compile failed \\(CppCompileError: g\\+\\+ failed\\); train without it"):
         train(TrainConfig(epochs=1, batch_size=32, compile=True), train_set, test_set, progress=False)
 
 
@@ -160,11 +190,11 @@ def test_cli_speed_flags_reach_the_config(tmp_path):
     from advgen.cli import build_parser
     from advgen.cli.train import train_config_from_args
     args = build_parser().parse_args(["train", "--method", "minmax", "--out", str(tmp_path), "--channels-last",
-                                      "false", "--amp", "--fold-bn-attack", "false"])
+                                      "false", "--precision", "bf16", "--fold-bn-attack", "false"])
     cfg = train_config_from_args(args)
-    assert (cfg.channels_last, cfg.amp, cfg.compile, cfg.fold_bn_attack) == (False, True, False, False)
+    assert (cfg.channels_last, cfg.precision, cfg.compile, cfg.fold_bn_attack) == (False, "bf16", False, False)
     cfg = train_config_from_args(build_parser().parse_args(["train", "--method", "standard", "--out", str(tmp_path)]))
-    assert (cfg.channels_last, cfg.amp, cfg.compile, cfg.fold_bn_attack) == (None, False, False, True)
+    assert (cfg.channels_last, cfg.precision, cfg.compile, cfg.fold_bn_attack) == (None, "auto", False, True)
 
 
 def test_bench_runs_end_to_end_on_tiny_inputs(shared_data, tmp_path):
@@ -203,3 +233,22 @@ def test_bf16_precision_measures_the_rounding_of_small_perturbations():
     tiny, large = mod.relative_error(x, 0.01), mod.relative_error(x, 8.0)
     assert tiny.shape == (8,) and tiny.median() > 0.5      # far below bf16's step: mostly rounded away
     assert large.median() < 0.02                           # well above it: rounding is a small error
+
+
+def test_gpu_bench_runs_on_the_cpu(tmp_path, capsys):
+    """benchmarks/gpu_bench.py (the timed part of gpu_check.sh) end to end on tiny inputs on the CPU."""
+    from synth_cifar import write_cifar
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=16)
+    out = tmp_path / "bench.json"
+    assert mod.main(["--data-dir", str(data), "--device", "cpu", "--train-subset", "64", "--test-subset", "16",
+                     "--batch-size", "32", "--epochs", "1", "--methods", "standard,fgsm",
+                     "--precisions", "fp32,fp8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["precision"]) for r in rows] == [("standard", "fp32"), ("fgsm", "fp32"),
+                                                             ("standard", "fp8"), ("fgsm", "fp8")]
+    assert all(r["images_per_second"] > 0 and r["trained_in"] == "fp32" for r in rows[:2])
+    assert all("precision must be one of" in r["error"] for r in rows[2:])   # recorded, the others went on
+    assert "images/s" in capsys.readouterr().out

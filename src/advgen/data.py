@@ -13,6 +13,9 @@ import io
 import logging
 import os
 import pickle
+import secrets
+import shutil
+import socket
 import tarfile
 import urllib.request
 from dataclasses import dataclass, replace
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from .io import file_digest
+from .devices import indexed
 from .errors import DataError, UserError
 from .models.normalize import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
@@ -273,14 +277,24 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("ADVGEN_DATA") or Path.home() / ".cache" / "advgen")
 
 
+def _unique() -> str:
+    """A name part no other process picks: host, pid and a random token (nodes may share the folder)."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
 def download(layout: _Layout, root: Path) -> None:
-    """Fetch the official archive into root (progress bar), verify its md5, extract it safely."""
+    """Fetch the official archive into root (progress bar), verify its md5, extract it safely.
+
+    Safe when several processes do it at once into one folder (the nodes of a torchrun job on a shared
+    file system): each downloads into a file of its own and renames it into place (an archive that
+    verified), extracts into a folder of its own and renames that into place; the first complete copy
+    wins, and no reader ever sees a half-written archive or a half-extracted folder."""
     from tqdm import tqdm
 
     root.mkdir(parents=True, exist_ok=True)
     archive = root / layout.url.rsplit("/", 1)[1]
     if not archive.exists() or file_digest(archive, "md5") != layout.md5:
-        part = archive.with_suffix(".part")
+        part = archive.with_name(f".{archive.name}.{_unique()}.part")
         log.info("downloading %s", layout.url)
         try:
             with urllib.request.urlopen(layout.url, timeout=60) as resp, open(part, "wb") as out:
@@ -296,8 +310,32 @@ def download(layout: _Layout, root: Path) -> None:
             part.unlink(missing_ok=True)
             raise DataError(f"download of {layout.url} has the wrong md5 (expected {layout.md5})")
         os.replace(part, archive)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(root, filter="data")  # the "data" filter refuses links and paths outside root
+    _extract(archive, root / layout.folder)
+
+
+def _extract(archive: Path, folder: Path) -> None:
+    """Extract `archive` (holding folder.name/) into a temporary folder beside `folder`, then rename its
+    folder.name/ into place; if another process put a copy there first, that one is kept."""
+    tmp = folder.parent / f".extract.{_unique()}"
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")  # the "data" filter refuses links and paths outside tmp
+        if not (tmp / folder.name).is_dir():
+            raise DataError(f"{archive} does not hold {folder.name}/")
+        try:
+            os.rename(tmp / folder.name, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch(name: str, data_dir: str | Path | None = None, *, download: bool = False) -> None:
+    """Make sure CIFAR data `name` is on disk (downloading it as load_cifar would); nothing for other
+    datasets. Under torchrun one process per node calls it first while the others wait (cli.load_data)."""
+    if name in LAYOUTS:
+        _locate(name, data_dir, download)
 
 
 def _locate(name: str, data_dir: str | Path | None, allow_download: bool) -> tuple[_Layout, Path]:
@@ -501,7 +539,7 @@ class Batches:
                             "processes, each training on an equal share of it")
         self.ds, self.batch_size, self.seed, self.train = ds, batch_size, seed, train
         self.rank, self.world = rank, world
-        self.device = ds.images.device if device is None else torch.device(device)
+        self.device = ds.images.device if device is None else indexed(device)   # comparable with tensors' devices
         self.drop_last = train if drop_last is None else drop_last
         self.pad = crop_padding(*ds.images.shape[2:])
         if self.drop_last and len(ds) < batch_size:
@@ -530,21 +568,42 @@ class Batches:
 
     def epoch(self, epoch: int, start: int = 0, where: bool = False):
         """Yield (x float (B, C, H, W) in [0, 1], y int64 (B,)) for batches start, start+1, ...;
-        with where=True, (x, y, Where): the rows' dataset indices and augmentation."""
+        with where=True, (x, y, Where): the rows' dataset indices and augmentation.
+
+        The order and the augmentation of the epoch's batches are drawn on the host when the epoch
+        starts (the same stream, in the same order, as batch by batch) and reach the device in one copy
+        each (to_device): no host-to-device copy, so no host sync, per batch."""
         order, g = self.position(epoch, start)
-        order = order.to(self.ds.images.device)
+        order = to_device(order, self.ds.images.device)
+        draws = self._epoch_draws(g, start) if self.train else None
         rows = (self._rows(order, i) for i in range(start, len(self)))
         if self.ds.images.device != self.device:
             rows = _copied_ahead(rows, self.device)
-        for n, idx, x, y in rows:
+        for i, (n, idx, x, y) in enumerate(rows):
             offs = flip = None
-            if self.train:   # the whole batch's draws, this rank's share of them
-                offs, flip = _augment_draws(n, g, self.pad)
-                part = shard_rows(n, self.rank, self.world)
-                offs, flip = offs[:, part], flip[part]
+            if self.train:   # this rank's share of the whole batch's draws
+                offs, flip = draws[i]
                 x = _augment_with(x, offs, flip, self.pad)
             batch = (x.float().div_(255), y)
             yield (*batch, Where(idx, offs, flip, self.pad)) if where else batch
+
+    def _epoch_draws(self, g: torch.Generator, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's (offsets (2, b), flips (b,)) of batches start, start+1, ... on self.device, drawn
+        from `g` as epoch() drew them batch by batch, moved in one copy."""
+        n = len(self.ds)
+        sizes = [min(self.batch_size, n - i * self.batch_size) for i in range(start, len(self))]
+        parts = []
+        for size in sizes:   # the whole batch's draws (the stream), this rank's share of them
+            offs, flip = _augment_draws(size, g, self.pad)
+            part = shard_rows(size, self.rank, self.world)
+            parts.append(torch.cat([offs[:, part], flip[part].long()[None]]))
+        packed = to_device(torch.cat(parts, dim=1), self.device) if parts else None   # (3, rows of the epoch)
+        out, i = [], 0
+        for p in parts:
+            b = p.shape[1]
+            out.append((packed[:2, i:i + b], packed[2, i:i + b] == 1))
+            i += b
+        return out
 
     def _rows(self, order: torch.Tensor, i: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows of the whole batch i, then this rank's dataset indices, uint8 images and labels of it,
@@ -559,6 +618,15 @@ class Batches:
         order, _ = self.position(epoch)
         rows = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
         return torch.cat([r[shard_rows(r.numel(), self.rank, self.world)] for r in rows])
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without a host sync: from the CPU to a GPU through pinned memory, non-blocking (the
+    caching host allocator keeps the pinned buffer until the copy has run); elsewhere t.to(device).
+    A plain .to("cuda") of pageable memory makes the host wait for the device."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _copied_ahead(batches, device: torch.device):

@@ -19,6 +19,7 @@ from ..checkpoint import GENERATORS_FILE, METRICS_FILE, MODEL_FILE, RUN_FILE, ST
 from ..errors import UserError
 from ..evaluation import gap_check, mcnemar, with_interval
 from ..evaluation.progress import unbits
+from ..precision import training_precision
 from ..recipes import RECIPES
 from ..io import atomic_write, fingerprint, git_commit, machine_description, read_json, read_tensors, write_json
 from . import DATA_CAVEAT
@@ -126,7 +127,7 @@ def table1(stages: dict[str, dict]) -> dict:
         secs = statistics.median(r["seconds"] for r in rec["epochs"])
         rows[name] = {"seconds_per_epoch": secs, "images_per_second": rec["train_images"] / secs,
                       "epochs": len(rec["epochs"]), "train_images": rec["train_images"],
-                      "bf16_autocast": bool(rec["config"].get("amp", False))}
+                      "bf16_autocast": training_precision(rec) == "bf16"}
 
     def ratio(a: str, b: str) -> float | None:
         return rows[a]["seconds_per_epoch"] / rows[b]["seconds_per_epoch"] if a in rows and b in rows else None

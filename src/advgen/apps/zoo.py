@@ -14,6 +14,7 @@ from pathlib import Path
 from ..checkpoint import MODEL_FILE, RUN_FILE, ZOO_NAME, zoo_dir
 from ..errors import UserError
 from ..evaluation import GAP_CHECK, gap_check
+from ..precision import run_precision, training_precision
 from ..recipes import resolve_recipe
 from ..io import atomic_write, file_digest, fingerprint, read_json, read_tensors, write_json
 from . import DATA_CAVEAT
@@ -56,7 +57,7 @@ def card_for(name: str, rec: dict, meta: dict, evaluation: dict, *, command: str
             "advgen_version": rec.get("version"), "train_images": rec.get("train_images"), "epochs": len(rows),
             "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
             "epoch_seconds": [r["seconds"] for r in rows], "machine": machine,
-            "precision": rec.get("precision") or ("bf16" if cfg.get("amp") else "fp32"), "data": DATA_CAVEAT,
+            "precision": run_precision(rec), "bf16_autocast": training_precision(rec) == "bf16", "data": DATA_CAVEAT,
             "eval": {k: v for k, v in evaluation.items() if k not in ("samples", "model", "model_file")}}
 
 

@@ -19,6 +19,14 @@ from torch import nn
 from ..errors import check
 
 
+def generator(seed: int, device: torch.device) -> torch.Generator:
+    """A torch.Generator seeded with `seed` on the device the random numbers are for, where it is a GPU
+    (CUDA draws need no host work and no host-to-device copy, which would make the host wait for the
+    GPU at every batch), else on the CPU (the draws are then moved with .to(x)). The CPU streams are
+    those advgen always drew; on CUDA a seed gives other (equally distributed) draws than on the CPU."""
+    return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+
+
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm of (B, ...) as (B, 1, 1, 1)-broadcastable."""
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
@@ -27,7 +35,8 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
 class Linf:
     @staticmethod
     def random_start(shape, eps: float, g: torch.Generator) -> torch.Tensor:
-        return (torch.rand(shape, generator=g) * 2 - 1) * eps
+        """Uniform in the cube [-eps, eps]^d, on g's device."""
+        return (torch.rand(shape, generator=g, device=g.device) * 2 - 1) * eps
 
     @staticmethod
     def direction(grad: torch.Tensor) -> torch.Tensor:
@@ -41,13 +50,34 @@ class Linf:
 class L2:
     @staticmethod
     def random_start(shape, eps: float, g: torch.Generator) -> torch.Tensor:
-        # Uniform in the d-ball: the first d of d+2 i.i.d. normals, divided by the norm of all d+2
-        # (Voelker et al. 2017), so each row is drawn from its own slice of the stream.
-        b, d = shape[0], math.prod(shape[1:])
-        # one draw per row: torch's CPU normal kernel fills tensors of >= 16 values in blocks of 16 and
-        # redraws a ragged tail, so row 0 of one (b, d + 2) draw would differ from a (1, d + 2) draw
-        z = torch.stack([torch.randn(d + 2, generator=g) for _ in range(b)])
+        """Uniform in the L2 ball of radius eps (per row of `shape`), on g's device: on the CPU one draw
+        per row (row i does not depend on the batch size), on a GPU one draw for the batch."""
+        if g.device.type == "cpu":
+            return L2.per_row_start(shape, eps, g)
+        return L2.one_draw_start(shape, eps, g)
+
+    @staticmethod
+    def _in_ball(z: torch.Tensor, eps: float, shape) -> torch.Tensor:
+        # uniform in the d-ball: the first d of d+2 i.i.d. normals, divided by the norm of all d+2
+        # (Voelker et al. 2017)
+        d = math.prod(shape[1:])
         return (eps * z[:, :d] / z.norm(dim=1, keepdim=True)).view(shape)
+
+    @staticmethod
+    def per_row_start(shape, eps: float, g: torch.Generator) -> torch.Tensor:
+        """The CPU stream advgen always drew: each row from its own slice of the stream (torch's CPU
+        normal kernel fills tensors of >= 16 values in blocks of 16 and redraws a ragged tail, so row 0
+        of one (b, d + 2) draw would differ from a (1, d + 2) draw). b small draws: a Python loop, about
+        1% of a CPU step (benchmarks/README.md), but b kernel launches on a GPU."""
+        b, d = shape[0], math.prod(shape[1:])
+        z = torch.stack([torch.randn(d + 2, generator=g, device=g.device) for _ in range(b)])
+        return L2._in_ball(z, eps, shape)
+
+    @staticmethod
+    def one_draw_start(shape, eps: float, g: torch.Generator) -> torch.Tensor:
+        """The same distribution in one (b, d + 2) draw on g's device (the GPU path)."""
+        b, d = shape[0], math.prod(shape[1:])
+        return L2._in_ball(torch.randn((b, d + 2), generator=g, device=g.device), eps, shape)
 
     @staticmethod
     def direction(grad: torch.Tensor) -> torch.Tensor:
@@ -192,12 +222,12 @@ class PGD:
         improve at most steps, and the where is ~1.5x cheaper than gather + scatter of them
         (benchmarks/README.md)."""
         sign = -1.0 if self.targeted else 1.0
-        if self.random_start:
-            g = torch.Generator().manual_seed(self.seed * 7919 + restart)
+        if self.random_start:   # drawn on the GPU where x is on one (generator())
+            g = generator(self.seed * 7919 + restart, x.device)
             if self.start_std is None:
                 delta = ops.random_start(x.shape, self.eps, g).to(x)
             else:
-                delta = (self.start_std * torch.randn(x.shape, generator=g)).to(x)
+                delta = (self.start_std * torch.randn(x.shape, generator=g, device=g.device)).to(x)
             delta = (x + delta).clamp(0, 1) - x
         else:
             delta = torch.zeros_like(x)

@@ -36,14 +36,20 @@ class StepTimer:
     """Seconds of training steps: CUDA events on CUDA (device time, no host sync to start), else perf_counter."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         self.start()
+
+    def _event(self):
+        """A timing event recorded on `device`'s current stream (not the current device's)."""
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def start(self) -> None:
         self.host_t0 = time.perf_counter()
         if self.cuda:
-            self.t0 = torch.cuda.Event(enable_timing=True)
-            self.t0.record()
+            self.t0 = self._event()
         else:
             self.t0 = time.perf_counter()
 
@@ -54,8 +60,7 @@ class StepTimer:
     def elapsed(self) -> float:
         """Seconds since start(); on CUDA it waits for the recorded work to finish."""
         if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
+            end = self._event()
             end.synchronize()
             return self.t0.elapsed_time(end) / 1000
         return time.perf_counter() - self.t0

@@ -32,6 +32,10 @@ SEED_STRIDE = 1_000_003
 # a collective that waits longer than this raises (a hung or lost peer); a rank that exits ends the job
 # at once through torchrun, this is the backstop. ADVGEN_DIST_TIMEOUT overrides it (seconds).
 DEFAULT_TIMEOUT_S = 300.0
+# waits that are long by nature (a node downloading CIFAR while the others wait, the ranks of a sharded
+# evaluation finishing at different times) go through a second (gloo) group with this timeout;
+# ADVGEN_DIST_PATIENT_TIMEOUT overrides it (seconds)
+DEFAULT_PATIENT_TIMEOUT_S = 6 * 3600.0
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -49,10 +53,12 @@ def launched() -> bool:
 class Dist:
     """This process's place in a data-parallel job (rank, world size) and the collectives the loop uses.
 
-    With world == 1 every method returns at once without touching torch.distributed."""
+    With world == 1 every method returns at once without touching torch.distributed. patient: a process
+    group of every rank with the long timeout (DEFAULT_PATIENT_TIMEOUT_S), for the collectives that wait
+    by nature (`patient=True`); None: the default group serves those too."""
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
-        self.rank, self.world, self.local_rank = rank, world, local_rank
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, patient=None):
+        self.rank, self.world, self.local_rank, self.patient = rank, world, local_rank, patient
 
     @property
     def main(self) -> bool:
@@ -98,13 +104,25 @@ class Dist:
         return out
 
     def broadcast_module(self, module: nn.Module, buffers_only: bool = False) -> None:
-        """Copy rank 0's parameters (unless buffers_only) and buffers into every rank's module."""
+        """Copy rank 0's parameters (unless buffers_only) and buffers into every rank's module: one
+        broadcast per dtype (the BatchNorm buffers of a ResNet-20 are 57 tensors, broadcast before every
+        step), not one per tensor."""
         if not self.active:
             return
         tensors = list(module.buffers()) if buffers_only else [*module.parameters(), *module.buffers()]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
         with torch.no_grad():
-            for t in tensors:
-                tdist.broadcast(t.data, src=0)
+            for group in by_dtype.values():
+                flat = torch.cat([t.reshape(-1) for t in group])
+                tdist.broadcast(flat, src=0)
+                if self.main:   # the source: its tensors are what was sent
+                    continue
+                i = 0
+                for t in group:
+                    t.copy_(flat[i:i + t.numel()].view(t.shape))
+                    i += t.numel()
 
     def agree(self, *values: float) -> list[float]:
         """The maximum of each value over the ranks (stop flags: one rank's request stops them all)."""
@@ -115,12 +133,19 @@ class Dist:
         return t.tolist()
 
     # ---------------------------------------------------------------------------------- objects
-    def gather(self, obj):
-        """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere (tensors moved to the CPU)."""
+    def gather(self, obj, patient: bool = False):
+        """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere (the other ranks' tensors moved to
+        the CPU; rank 0's own object as it is). patient: through the long-timeout group.
+
+        Rank 0 does not send its own object through the collective: gather_object pads every rank's
+        pickle to the largest one, so a large object of rank 0's (the generator's memory buffer, ~300 MB
+        for CIFAR-10) would otherwise cross the network from every rank at every save."""
         if not self.active:
             return [obj]
         out = [None] * self.world if self.main else None
-        tdist.gather_object(_to_cpu(obj), out, dst=0)
+        tdist.gather_object(None if self.main else _to_cpu(obj), out, dst=0, group=self._group(patient))
+        if self.main:
+            out[0] = obj
         return out
 
     def share(self, fn, *args, **kwargs):
@@ -145,9 +170,13 @@ class Dist:
             raise cls(field, problem) if field is not None and problem is not None else cls(message)
         return value
 
-    def barrier(self) -> None:
+    def barrier(self, patient: bool = False) -> None:
+        """Wait for every rank; patient: through the long-timeout group (a download on one rank)."""
         if self.active:
-            tdist.barrier()
+            tdist.barrier(group=self._group(patient))
+
+    def _group(self, patient: bool):
+        return self.patient if patient else None
 
     def _device(self) -> torch.device:
         if tdist.get_backend() == "nccl":
@@ -205,7 +234,10 @@ def init(device: str) -> tuple[Dist, str]:
     if not tdist.is_initialized():
         kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
         tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
-    return Dist(rank, world, local), device
+    patient = float(os.environ.get("ADVGEN_DIST_PATIENT_TIMEOUT", DEFAULT_PATIENT_TIMEOUT_S))
+    # gloo whatever the default backend: its collectives carry CPU objects and barriers only
+    group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=patient))
+    return Dist(rank, world, local, group), device
 
 
 def shutdown(clean: bool = False) -> None:

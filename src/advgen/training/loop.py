@@ -25,7 +25,9 @@ import logging
 import math
 import os
 import shutil
+import re
 import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ from ..config import with_defaults
 from ..data import Batches, Dataset, balanced_subset, data_placement, first_n, normalization_for
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
 from ..models import VARIANTS, build_model, saved_model_name
+from .. import devices, precision
 from . import distributed
 from ..io import git_commit, machine_description
 from .config import TrainConfig
@@ -71,19 +74,12 @@ _NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
                            else {"broadcast_buffers": False})
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device has it (CPUs, CUDA from Ampere on), else fp16 (with a GradScaler)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.float16
-    return torch.bfloat16
-
-
 def check_speed_options(cfg: TrainConfig, device: torch.device, dist: Dist = distributed.SINGLE) -> None:
-    """ConfigError when compile, amp or sync_bn cannot work here (before any data is touched)."""
+    """ConfigError when compile, precision or sync_bn cannot work here (before any data is touched)."""
     if cfg.sync_bn and dist.active and device.type != "cuda":
         raise ConfigError("sync_bn", f"needs CUDA devices (torch's SyncBatchNorm has no {device.type} kernel)")
     if cfg.compile:
-        if not hasattr(torch, "compile") or not hasattr(nn.Module, "compile"):
+        if not hasattr(torch, "compile"):
             raise ConfigError("compile", f"needs torch >= 2.2 (this is {torch.__version__})")
         try:
             importlib.import_module("torch._dynamo")
@@ -91,8 +87,7 @@ def check_speed_options(cfg: TrainConfig, device: torch.device, dist: Dist = dis
             raise ConfigError("compile", f"is unavailable here ({type(e).__name__}: {e})") from None
         if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
             raise ConfigError("compile", "on the CPU needs a C++ compiler (g++, c++ or clang++, or $CXX); none found")
-    if cfg.amp and not torch.amp.is_autocast_available(device.type):
-        raise ConfigError("amp", f"autocast is not available on {device.type}")
+    precision.check_available(precision.resolve(cfg.precision, device), device)
 
 
 def build_classifier(cfg: TrainConfig, train_set: Dataset, *, init: bool = True) -> nn.Module:
@@ -121,6 +116,27 @@ def data_fingerprint(ds: Dataset) -> str:
     h.update(np.ascontiguousarray(ds.images.cpu().numpy()))
     h.update(np.ascontiguousarray(ds.labels.cpu().numpy()))
     return h.hexdigest()
+
+
+def compiled(forward: nn.Module) -> nn.Module:
+    """torch.compile of the training forward alone (Forwards of the classifier, or its DDP wrapper).
+
+    The classifier itself stays eager: attacks run it in eval mode (or a BatchNorm-folded copy of it),
+    the evaluation at its own batch sizes, and each mode and shape would be another compilation (and a
+    recompilation limit reached); the training forward sees one mode and one batch shape."""
+    return torch.compile(forward)
+
+
+class _Counted:
+    """The training forward as methods call it (Setup.train_forward), counting its calls: under torchrun
+    each classifier update's loss must come from exactly one call (DDP's rule)."""
+
+    def __init__(self, run: "Run", forward):
+        self.run, self.forward = run, forward
+
+    def __call__(self, *xs: torch.Tensor):
+        self.run.ddp_calls += 1
+        return self.forward(*xs)
 
 
 def _nonfinite(modules: dict[str, nn.Module]) -> list[str]:
@@ -162,21 +178,22 @@ class Run:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and dist.active:  # same state-dict keys
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if cfg.compile:  # compiles forward in place: the state dict keeps its keys
-            self.model.compile()
         # under torchrun the training forward goes through DDP (its backward all-reduces the gradients;
         # it starts from rank 0's weights); buffers are broadcast by the loop before each step instead
         self.ddp = (DistributedDataParallel(Forwards(self.model), device_ids=[device] if device.type == "cuda" else None,
                                             **_NO_FORWARD_BUFFER_SYNC) if dist.active else None)
-        self.ddp_calls = self.descends = 0   # calls of the DDP-wrapped forward; classifier updates
-        if self.ddp is not None:
-            self.ddp.register_forward_pre_hook(lambda *_: setattr(self, "ddp_calls", self.ddp_calls + 1))
-        fp16 = cfg.amp and amp_dtype(device) == torch.float16
-        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-        self.setup = Setup(device=device, channels_last=channels_last, fold_bn=cfg.fold_bn_attack and not cfg.compile,
+        self.ddp_calls = self.descends = 0   # calls of the training forward; classifier updates
+        forward = self.ddp if self.ddp is not None else Forwards(self.model)
+        self.train_forward = _Counted(self, compiled(forward) if cfg.compile else forward)
+        self.precision = precision.resolve(cfg.precision, device)
+        # fp16 only: a GradScaler, whose scale is part of the resumable state
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.scaled)
+        self.setup = Setup(device=device, channels_last=channels_last, fold_bn=cfg.fold_bn_attack,
                            steps_per_epoch=spe, epochs=cfg.epochs, seed=distributed.rank_seed(cfg.seed, dist.rank),
-                           in_channels=train_set.images.shape[1], train_size=len(train_set), dist=dist, train_forward=self.ddp,
-                           scaler=self.scaler if fp16 else None, descend=self.descend)
+                           in_channels=train_set.images.shape[1], train_size=len(train_set), dist=dist,
+                           train_forward=self.train_forward,
+                           scaler=self.scaler if self.precision.scaled else None, descend=self.descend,
+                           precision=self.precision.training)
         self.method: Method = build_method(cfg.method, self.model, cfg.options, self.setup)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
@@ -187,7 +204,7 @@ class Run:
         self.budget = Budget(cfg.time_budget, cfg.budget_clock)
         self.record = {"config": cfg.to_dict(), "epochs": [], "version": __version__, "git_commit": git_commit(),
                        "device": str(device), "world_size": dist.world, "train_images": len(train_set),
-                       "test_images": len(test_set)}
+                       "test_images": len(test_set), "precision": self.precision.record()}
         self.machine = machine_description(device)   # each epoch's row names it: a resumed run may have moved
         self.epoch, self.step = 1, 0   # the next step to run: batch `step` of epoch `epoch`
         self.finished = False          # every epoch done (or the time budget spent), evaluated, saved
@@ -237,7 +254,7 @@ class Run:
                 return None
             order, g = self.batches.position(self.epoch, self.step)
             state.update(optimizer=self.opt.state_dict(), schedule=self.sched.state_dict(),
-                         data={"order": order, "augment_rng": g.get_state()},
+                         data={"order": order, "augment_rng": g.get_state()}, scaler=self.scaler.state_dict(),
                          **(own if not self.dist.active else {k: [r[k] for r in ranks] for k in own}))
         return state if self.dist.main else None
 
@@ -249,6 +266,7 @@ class Run:
                                   f"exactly by {self.dist.world}: resume it with the same number of processes "
                                   f"(torchrun --nnodes x --nproc_per_node = {pos.get('world_size', 1)}), or --force "
                                   "to start over")
+        self._check_precision(state["record"])
         self.model.load_state_dict(state["model"])
         self.record = state["record"]
         self.epoch, self.step = int(pos["epoch"]), int(pos["step"])
@@ -263,11 +281,33 @@ class Run:
         self.sched.load_state_dict(state["schedule"])
         self.method.load_state_dict(own["method"])
         self.meter.load_state_dict(own["meter"])
+        self._load_scaler(state.get("scaler"))
         order, g = self.batches.position(self.epoch, self.step)
         if not (torch.equal(order, state["data"]["order"]) and torch.equal(g.get_state(), state["data"]["augment_rng"])):
             raise CheckpointError(f"this torch ({torch.__version__}) draws another data order than the run did; "
                                   "it cannot be resumed exactly (--force starts it over)")
         set_rng_state(own["rng"], self.device)
+
+    def _check_precision(self, record: dict) -> None:
+        """CheckpointError unless this run resolves to the precision the saved run trained in (auto may
+        resolve differently in another advgen version or on other hardware)."""
+        saved = (record.get("precision") or {}).get("training") or precision.legacy_training_precision(
+            record.get("config") or {}, self.device)
+        if saved != self.precision.training:
+            raise CheckpointError(f"the run trained in {saved}, but --precision {self.cfg.precision} means "
+                                  f"{self.precision.training} here ({self.precision.reason}): resume it with "
+                                  f"--precision {saved}, or --force to start over")
+
+    def _load_scaler(self, state: dict | None) -> None:
+        """The GradScaler's scale and growth tracker (fp16); a state saved without them (advgen before
+        they were saved) restarts the scaler at its initial scale, so the resume is not exact."""
+        if not self.scaler.is_enabled():
+            return
+        if state:
+            self.scaler.load_state_dict(state)
+        else:
+            log.warning("the saved state has no GradScaler state: fp16 loss scaling restarts at its initial "
+                        "scale, so this resume is not bit-identical to an uninterrupted run")
 
 
 class Saver:
@@ -343,7 +383,10 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor, autocast, where=None
     run.descend(loss, update=False)
     run.method.after_step()
     run.scaler.update()
-    run.sched.step()
+    with warnings.catch_warnings():
+        if run.precision.scaled:   # the scaler skips overflowing steps on purpose; torch warns of a skipped first one
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        run.sched.step()
     run.step += 1
     return loss, logits, labels
 
@@ -393,7 +436,7 @@ def _decisions(run: Run, stop: StopFlag, check: bool) -> tuple[int | None, bool,
 
 def run_steps(run: Run, saver: Saver, every: int | None, progress: bool, stop: StopFlag) -> None:
     """The remaining steps of the current epoch."""
-    autocast = torch.autocast(run.device.type, dtype=amp_dtype(run.device), enabled=run.cfg.amp)
+    autocast = run.precision.autocast(run.device)
     run.model.train()
     per_sample = run.method.per_sample
     bar = tqdm(run.batches.epoch(run.epoch, run.step, where=per_sample), total=run.steps_per_epoch, initial=run.step, leave=False,
@@ -413,7 +456,7 @@ def run_steps(run: Run, saver: Saver, every: int | None, progress: bool, stop: S
             if _between_steps(run, saver, timer, every, stop, loss):
                 break
     except Exception as e:
-        if run.cfg.compile and type(e).__module__.startswith("torch._dynamo"):
+        if run.cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise ConfigError("compile", f"failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                                          "train without it") from None
         raise
@@ -433,9 +476,10 @@ def end_epoch(run: Run, saver: Saver) -> None:
     if saver.saved_at != (run.epoch, run.step):
         saver.save_state()  # the epoch's steps survive a kill during the evaluation
     row = {"epoch": run.epoch, "steps": run.step, "passes": run.step * run.method.passes,
-           **run.meter.summary(run.dist), "machine": run.machine,
-           **evaluate_epoch(run.model, run.test_set.images, run.test_set.labels, watch=cfg.watch_subset,
-                            watch_norm=cfg.watch_norm, watch_eps=cfg.watch_eps, watch_steps=cfg.watch_steps)}
+           **run.meter.summary(run.dist), "machine": run.machine}
+    with precision.full_precision(run.device):   # evaluation in fp32, whatever the training ran in
+        row.update(evaluate_epoch(run.model, run.test_set.images, run.test_set.labels, watch=cfg.watch_subset,
+                                  watch_norm=cfg.watch_norm, watch_eps=cfg.watch_eps, watch_steps=cfg.watch_steps))
     if catastrophic_overfitting(run.record["epochs"], row):
         row["catastrophic_overfitting"] = True
         run.record.setdefault("catastrophic_overfitting", row["epoch"])   # the first epoch it showed
@@ -452,13 +496,19 @@ def end_epoch(run: Run, saver: Saver) -> None:
     saver.save_state()
 
 
+def _without_precision(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("precision", "amp")}
+
+
 def _resume_state(out: Path, cfg: TrainConfig) -> tuple[dict, dict]:
     state, header = read_state(out / STATE_FILE)
     saved = dict(header.get("config") or {})
     if isinstance(saved.get("model"), str):   # a state without "variant" predates them (models.saved_model_name)
         saved["model"] = saved_model_name(saved["model"], header.get("variant"))
-    # settings added since the state was written count as their defaults
-    changes = _config_changes(with_defaults(saved, TrainConfig(method=cfg.method).to_dict()), cfg.to_dict())
+    # settings added since the state was written count as their defaults; the precision is compared
+    # as resolved (Run._check_precision): `auto` and `fp32` are the same run where auto means fp32
+    changes = _config_changes(_without_precision(with_defaults(saved, TrainConfig(method=cfg.method).to_dict())),
+                              _without_precision(cfg.to_dict()))
     if changes:
         raise CheckpointError(f"--resume: {out} was started with other settings: {'; '.join(changes[:4])}"
                               f"{' ...' if len(changes) > 4 else ''}; pass the same arguments, or --force to "
@@ -496,7 +546,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     default process group if there is one (torchrun), else a single process.
     """
     dist = distributed.current() if dist is None else dist
-    device = torch.device(device)
+    device = devices.indexed(device)   # "cuda" -> cuda:N, where tensors moved there report they are
     cfg.validate()
     check_speed_options(cfg, device, dist)
     train_set, test_set = subsets(cfg, train_set, test_set)
@@ -507,7 +557,8 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     check_field(cfg.batch_size % dist.world == 0, "batch_size",
                 f"{cfg.batch_size} (the global batch) must be divisible by the {dist.world} processes")
     out = Path(out_dir) if out_dir is not None else None
-    with hold_run_dir(out) if out is not None and dist.main else contextlib.nullcontext():
+    # the run's GPU is the current CUDA device while it trains (events, streams), restored after
+    with hold_run_dir(out) if out is not None and dist.main else contextlib.nullcontext(), devices.scope(device):
         return _train(cfg, train_set, test_set, out, device, progress, model, resume, force, checkpoint_every,
                       snapshots, tensorboard, stop, dist, data_on)
 
@@ -560,6 +611,9 @@ def _train(cfg, train_set, test_set, out, device, progress, model, resume, force
         saver.steplog.truncate(run.global_step)
         if dist.main:
             log.info("resuming %s at %s", out, run.where())
+    if dist.main:
+        log.info("precision: training %s (%s); evaluation %s", run.precision.training, run.precision.reason,
+                 precision.EVALUATION)
     while not run.finished:
         if run.step < run.steps_per_epoch and not run.out_of_time:
             run_steps(run, saver, checkpoint_every, progress, stop)

@@ -64,17 +64,21 @@ class Setup:
     """What the loop decided before building the method.
 
     device: where the classifier lives; channels_last: the classifier and its batches are NHWC;
-    fold_bn: attacks may run on a BatchNorm-folded copy (off under torch.compile); steps_per_epoch
+    fold_bn: attacks may run on a BatchNorm-folded copy; steps_per_epoch
     and epochs: the schedule; seed: the run's seed (methods derive their own RNGs from it);
     in_channels: channels of the images; train_size: training images (for per-sample state).
     dist: this process's place in a data-parallel run (training/distributed.py; world 1 without torchrun):
     seed is already this rank's, modules a method trains beside the classifier average their gradients
     with dist.average_grads before their optimizer step. train_forward: the classifier's forward for the
     training loss (under torchrun the DDP-wrapped Forwards of the classifier, whose backward all-reduces
-    the gradients; None: Forwards of the classifier itself); attacks and extra passes call the unwrapped
+    the gradients; None: Forwards of the classifier itself; the loop's is compiled under
+    TrainConfig.compile, the classifier itself is not); attacks and extra passes call the unwrapped
     classifier.
     scaler: the loop's torch.amp.GradScaler under fp16 autocast (None otherwise): a method's own optimizer
-    steps through scaler.step(opt) so it sees unscaled gradients.
+    steps through scaler.step(opt) so it sees unscaled gradients (Setup.step), and a loss a method
+    differentiates itself is scaled first (Setup.scale).
+    precision: what the training forward passes run in (fp32 | bf16 | fp16, precision.py); attacks wrap
+    their passes in Setup.attack_passes().
     descend: the loop's classifier update, descend(loss) = zero the gradients, backward, one optimizer
     step at the current learning rate (the schedule advances once per loop step), for methods that update
     the classifier more than once per batch (None where no loop runs).
@@ -92,13 +96,35 @@ class Setup:
     dist: Dist = SINGLE
     train_forward: Callable | None = None
     scaler: object | None = None
+    precision: str = "fp32"
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """A method's own optimizer step: through the GradScaler under fp16, else optimizer.step()."""
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss` times the GradScaler's scale under fp16 (so that its fp16 gradients do not underflow;
+        the optimizer step through Setup.step unscales them), else `loss` itself."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def step(self, optimizer: torch.optim.Optimizer, update: bool = False) -> None:
+        """A method's own optimizer step: through the GradScaler under fp16 (it unscales the gradients
+        and skips the step if any is inf or NaN), else optimizer.step(). update: also update the scale,
+        for a step the loop's step does not follow (the scaler allows one step per optimizer between
+        updates)."""
         if self.scaler is not None:
             self.scaler.step(optimizer)
+            if update:
+                self.scaler.update()
         else:
             optimizer.step()
+
+    def attack_passes(self):
+        """The context of an attack's passes (input gradients: PGD, FGSM, N-FGSM's step, TRADES' KL-PGD,
+        the generator's gradient input). Under fp16 they run in fp32, autocast off: the gradient of a
+        confident sample's loss with respect to its pixels is small, fp16 flushes whatever falls below
+        6e-8 to zero on the way back, and a sign step does not move a pixel whose gradient is zero. The
+        training backward instead is scaled by the GradScaler. bf16 has fp32's exponent range and keeps
+        its autocast (fp32 has none)."""
+        if self.precision == "fp16":
+            return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
 
     @property
     def memory_format(self) -> torch.memory_format:

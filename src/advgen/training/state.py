@@ -54,25 +54,41 @@ def unpack(skeleton, tensors: dict[str, torch.Tensor]):
 
 
 def rng_state(device: torch.device) -> dict:
-    """Every global RNG a run draws from: torch (CPU and CUDA), numpy, python."""
+    """Every global RNG a run draws from: torch (CPU, and the CUDA generator of this process's device
+    alone: the other GPUs belong to other ranks), numpy, python."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {"torch": torch.get_rng_state(),
              "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
              "python": [py_state[0], list(py_state[1]), py_state[2]]}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore rng_state's RNGs; the CUDA one onto this process's device, whichever index it has now (a
+    job of 1 node x 8 GPUs may resume as 2 x 4: rank 5 was on cuda:5, is on cuda:1)."""
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     p = state["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda":
+        cuda = _cuda_state(state, device)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
     torch.set_rng_state(state["torch"])
+
+
+def _cuda_state(state: dict, device: torch.device) -> torch.Tensor | None:
+    """This device's saved CUDA RNG state. States written before advgen saved one device's hold every
+    visible GPU's ("cuda", a list): the entry of this device's index where there is one (exact when the
+    rank runs on the GPU index it had), else none restored (the CUDA RNG then goes on from its seed)."""
+    if "cuda_device" in state:
+        return state["cuda_device"]
+    old = state.get("cuda") or []
+    index = device.index or 0
+    return old[index] if index < len(old) else None
 
 
 def write_state(path: Path, state: dict, header: dict) -> None:

@@ -74,10 +74,18 @@ class FreeAT(Method):
 
     @torch.no_grad()
     def _ascend(self) -> None:
-        """δ ← Π_eps(δ + α·dir(∇δ L)) from the .grad the last backward left on self.leaf."""
+        """δ ← Π_eps(δ + α·dir(∇δ L)) from the .grad the last backward left on self.leaf; δ stays as it
+        was where that gradient holds an inf or NaN.
+
+        Under fp16 the backward is the loss scaled by the GradScaler (a sign or a normalized step does
+        not depend on the scale), and its first steps overflow on purpose (the scaler starts high and
+        halves until they do not): the classifier's step is then skipped by the scaler, and δ's must be
+        too, or one NaN would stay in δ (carried from batch to batch) for the rest of the run. The check
+        is a device tensor (torch.where), not a host sync."""
         leaf, o = self.leaf, self.options
-        step = leaf + o.step * self.ops.direction(leaf.grad)
-        self.delta[:leaf.shape[0]] = self.ops.project(step, o.radius)
+        finite = torch.isfinite(leaf.grad).all()
+        step = self.ops.project(leaf + o.step * self.ops.direction(leaf.grad), o.radius)
+        self.delta[:leaf.shape[0]] = torch.where(finite, step, leaf)
         self.leaf = None
 
     def loss(self, x, y):

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from ...attacks.pgd import NORMS, eval_mode
-from ...data import Where
+from ...data import Where, to_device
 from ...errors import UserError, check_field
 from ...flags import option
 from ...models.generators import BankConfig, GeneratorBank
@@ -224,9 +224,10 @@ class GeneratorMethod(Method):
         parameters frozen (as in the PGD/FGSM attacks), so no parameter gradients are computed and the
         BatchNorm running statistics are not moved by this extra pass.
         """
-        x = x.detach().requires_grad_(True)
-        with eval_mode(self.model):
-            (grad,) = torch.autograd.grad(F.cross_entropy(self.model(x), y, reduction="sum"), x)
+        with self.setup.attack_passes():   # fp32 under fp16 autocast (Setup.attack_passes)
+            x = x.detach().float().requires_grad_(True)
+            with eval_mode(self.model):
+                (grad,) = torch.autograd.grad(F.cross_entropy(self.model(x), y, reduction="sum"), x)
         rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
         return grad / rms.view(-1, 1, 1, 1)
 
@@ -266,7 +267,10 @@ class GeneratorMethod(Method):
             x_cur, k = (x + prev).clamp(0, 1), torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         else:
             # one assignment of samples to generators for every recursion
-            perm = torch.randperm(x.shape[0], generator=self.assign_rng) if bank.assign == "random" else None
+            # drawn on the host (the stream every device shares, resumed with the method's state) and
+            # moved without a host sync
+            perm = (to_device(torch.randperm(x.shape[0], generator=self.assign_rng), x.device)
+                    if bank.assign == "random" else None)
             x_cur = x
             for _ in range(g.recursions):
                 grad = self._input_grad(x_cur, y) if bank.grad_input else None
@@ -296,11 +300,13 @@ class GeneratorMethod(Method):
             x_adv, ya, _ = self._generate(x, y, prev)
             loss = F.cross_entropy(self.model(x_adv), ya)
             self.opt.zero_grad(set_to_none=True)
-            grads = torch.autograd.grad(loss, list(self.bank.parameters()))
+            # through the GradScaler under fp16, as the step's own ascent: scaled so that the fp16
+            # gradients do not underflow, unscaled and skipped on inf or NaN by the scaler's step
+            grads = torch.autograd.grad(self.setup.scale(loss), list(self.bank.parameters()))
             for p, gr in zip(self.bank.parameters(), grads):
                 p.grad = gr
             self.setup.dist.average_grads(self.bank.parameters())
-            self.opt.step()
+            self.setup.step(self.opt, update=True)
         n_clean = int(round(g.clean_fraction * x.shape[0]))
         x_adv, ya, k = self._generate(x[n_clean:], y[n_clean:], None if prev is None else prev[n_clean:])
         if g.memory:   # the clean rows keep what they held

@@ -34,7 +34,8 @@ class AttackMethod(Method):
         self.attack.seed += 1
         if self.folder is not None:
             self.attack.model = self.folder.refresh()
-        return self.attack(x, y)
+        with self.setup.attack_passes():   # fp32 under fp16 autocast (Setup.attack_passes)
+            return self.attack(x, y)
 
     def loss(self, x, y):
         logits = self.train_model(self.adversarial(x, y))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...attacks.pgd import NORMS, eval_mode
+from ...attacks.pgd import NORMS, eval_mode, generator
 from ...config import SignedStepThreatModel
 from ...errors import check_field
 from ...flags import option
@@ -63,7 +63,7 @@ class NoisyFGSM:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ops = NORMS[self.norm]
-        g = torch.Generator().manual_seed(self.seed)
+        g = generator(self.seed, x.device)   # on the GPU where x is on one: no host-to-device copy
         eta = ops.random_start(x.shape, self.k * self.eps, g).to(x) if self.k > 0 else torch.zeros_like(x)
         eta = ((x + eta).clamp(0, 1) - x).requires_grad_(True)
         with eval_mode(self.model), torch.enable_grad():

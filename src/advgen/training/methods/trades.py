@@ -81,9 +81,10 @@ class Trades(AttackMethod):
         self.attack.seed += 1
         if self.folder is not None:
             self.attack.model = self.folder.refresh()
-        with eval_mode(self.attack.model), torch.no_grad():
-            p = F.softmax(self.attack.model(x), dim=1)
-        return self.attack(x, p)
+        with self.setup.attack_passes():   # fp32 under fp16 autocast (Setup.attack_passes)
+            with eval_mode(self.attack.model), torch.no_grad():
+                p = F.softmax(self.attack.model(x), dim=1)
+            return self.attack(x, p)
 
     def loss(self, x, y):
         x_adv = self.adversarial(x, y)
