@@ -23,15 +23,16 @@ from pathlib import Path
 
 import torch
 
-from advgen.checkpoint import machine_description
-from advgen.config import AttackConfig, TrainConfig
+from advgen.io import machine_description
+from advgen.config import AttackConfig
+from advgen.training import TrainConfig
 from advgen.data import balanced_subset, first_n, load_cifar
 from advgen.devices import indexed
 from advgen.training import train
-from advgen.training.free import FreeOptions
-from advgen.training.generator import generator_preset
-from advgen.training.nfgsm import NFGSMOptions
-from advgen.training.trades import TradesOptions
+from advgen.training.methods.free import FreeOptions
+from advgen.training.methods.generator import generator_preset
+from advgen.training.methods.nfgsm import NFGSMOptions
+from advgen.training.methods.trades import TradesOptions
 
 METHODS = {   # name -> (TrainConfig.method, options): the settings of the README's comparisons
     "standard": ("standard", lambda: None),

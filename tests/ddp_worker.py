@@ -81,7 +81,8 @@ def download(out: Path, dist) -> None:
     import urllib.request
 
     from advgen import data
-    from advgen.cli import build_parser, load_data
+    from advgen.cli import build_parser
+    from advgen.cli.args import load_data
     data.LAYOUTS["cifar10"] = dataclasses.replace(data.LAYOUTS["cifar10"], url=(out / "archive.tar.gz").as_uri(),
                                                   md5=(out / "archive.md5").read_text().strip())
     real = urllib.request.urlopen
@@ -103,17 +104,18 @@ def slow_eval(out: Path, dist) -> None:
     import json
     import time
 
-    from advgen import evaluate_sharded as sharded
-    real = sharded.evaluate
+    from advgen import EvalProtocol
+    from advgen.evaluation import sharded
+    real = sharded.collect
 
     def slow(*a, **k):
         if dist.rank == 1:
             time.sleep(float(os.environ["SLOW_EVAL_S"]))
         return real(*a, **k)
-    sharded.evaluate = slow
+    sharded.collect = slow
     test = tiny_dataset(16, 2)
     result = sharded.evaluate_sharded(dist, make_tiny().eval(), test.images, test.labels, torch.device("cpu"),
-                                      epsilons=[0.0], steps=1, checks=False)
+                                      EvalProtocol(eps=(0.0,), steps=1, checks=False))
     if dist.main:
         (out / "eval.json").write_text(json.dumps(result))
 

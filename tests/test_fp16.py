@@ -14,15 +14,16 @@ from synth_cifar import tiny_dataset
 from torch import nn
 
 from advgen.checkpoint import STATE_FILE
-from advgen.config import AttackConfig, TrainConfig
+from advgen.config import AttackConfig
+from advgen.training import TrainConfig
 from advgen.models.generators import BankConfig
 from advgen.training import METHODS, Setup, registered, train
-from advgen.training.free import FreeAT, FreeOptions
-from advgen.training.generator import GeneratorOptions
-from advgen.training.minmax import MinMax
-from advgen.training.nfgsm import NFGSMOptions
+from advgen.training.methods.free import FreeAT, FreeOptions
+from advgen.training.methods.generator import GeneratorOptions
+from advgen.training.methods.minmax import MinMax
+from advgen.training.methods.nfgsm import NFGSMOptions
 from advgen.training.state import read_state
-from advgen.training.trades import TradesOptions
+from advgen.training.methods.trades import TradesOptions
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

@@ -19,7 +19,8 @@ from synth_cifar import tiny_dataset, write_cifar
 
 import advgen
 from advgen import data, devices
-from advgen.cli import distributed_job, resolve_device
+from advgen.cli.args import resolve_device
+from advgen.cli.train import distributed_job
 from advgen.data import Batches
 from advgen.training import distributed
 
@@ -432,12 +433,13 @@ def test_buffers_are_broadcast_in_one_call_per_dtype(monkeypatch):
 # ------------------------------------------------------------------------------- on a CUDA GPU
 
 def _cfg(method: str = "standard", **kw):
-    from advgen.config import AttackConfig, TrainConfig
+    from advgen.config import AttackConfig
+    from advgen.training import TrainConfig
     from advgen.models.generators import BankConfig
-    from advgen.training.free import FreeOptions
-    from advgen.training.generator import GeneratorOptions
-    from advgen.training.nfgsm import NFGSMOptions
-    from advgen.training.trades import TradesOptions
+    from advgen.training.methods.free import FreeOptions
+    from advgen.training.methods.generator import GeneratorOptions
+    from advgen.training.methods.nfgsm import NFGSMOptions
+    from advgen.training.methods.trades import TradesOptions
     options = {"standard": None, "minmax": AttackConfig(norm="l2", eps=0.5, steps=3),
                "fgsm": AttackConfig(norm="linf", eps=8 / 255), "nfgsm": NFGSMOptions(norm="l2", eps=0.5),
                "trades": TradesOptions(norm="l2", eps=0.5, steps=2), "free": FreeOptions(norm="l2", eps=0.5, replays=2),

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "advgen"
 # bottom to top; a module may import modules of its own layer or of a lower one, never of a higher one
 LAYERS = [
     ("errors", "_version", "flags"),
-    ("io",),
+    ("io", "devices", "precision"),
     ("models", "attacks"),
     ("data",),
     ("config",),

@@ -7,14 +7,18 @@ import logging
 
 import pytest
 import torch
+
+import advgen
 from synth_cifar import tiny_dataset, write_cifar
 
-from advgen import precision, zoo
+from advgen import precision
+from advgen.apps import zoo
 from advgen.checkpoint import STATE_FILE
-from advgen.cli import build_parser, main, train_config_from_args
-from advgen.config import TrainConfig
+from advgen.cli import build_parser, main
+from advgen.cli.train import train_config_from_args
+from advgen.training import TrainConfig
 from advgen.errors import CheckpointError, ConfigError
-from advgen.evaluate import GAP_CHECK, evaluate
+from advgen.evaluation import GAP_CHECK, evaluate
 from advgen.training import METHODS, registered, train
 from advgen.training.state import read_state, write_state
 
@@ -116,20 +120,16 @@ def test_run_json_records_the_resolved_precision_and_evaluation_says_fp32(tmp_pa
 
 
 def test_evaluation_runs_in_fp32_and_says_so(trained_tiny, caplog):
-    seen = []
-    hook = trained_tiny.model[1][0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    try:
-        with caplog.at_level(logging.INFO, logger="advgen.evaluate"):
-            evaluate(trained_tiny.model, trained_tiny.x_test[:20], trained_tiny.y_test[:20], epsilons=[0, 0.5],
-                     steps=2, checks=False, fast=False)
-        assert "evaluation precision: fp32" in caplog.text and set(seen) == {torch.float32}
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="advgen.evaluate"), torch.autocast("cpu", dtype=torch.bfloat16):
-            evaluate(trained_tiny.model, trained_tiny.x_test[:4], trained_tiny.y_test[:4], epsilons=[0],
-                     checks=False, fast=False)
-        assert "evaluation precision: bfloat16 (the caller's autocast)" in caplog.text
-    finally:
-        hook.remove()
+    x, y = trained_tiny.x_test[:20], trained_tiny.y_test[:20]
+    p = advgen.EvalProtocol(eps=(0.0, 0.5), steps=2, checks=False)
+    with caplog.at_level(logging.INFO, logger="advgen.evaluation.protocol"):
+        r = evaluate(trained_tiny.model, x, y, p)
+    assert "evaluation precision: fp32" in caplog.text
+    assert r["clean"]["accuracy"] == pytest.approx(advgen.accuracy(trained_tiny.model, x, y))   # the fp32 computation
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="advgen.evaluation.protocol"), torch.autocast("cpu", dtype=torch.bfloat16):
+        evaluate(trained_tiny.model, x[:4], y[:4], advgen.EvalProtocol(eps=(0.0,), checks=False))
+    assert "evaluation precision: bfloat16 (the caller's autocast)" in caplog.text
 
 
 def test_the_epoch_evaluation_runs_in_fp32_under_bf16_training():

@@ -15,7 +15,8 @@ import typing
 import numpy as np
 import torch
 
-from ..errors import ConfigError, check
+from ..devices import indexed
+from ..errors import ConfigError, UserError, check
 from ..flags import flagged_fields
 from ..training import METHODS
 
@@ -134,19 +135,20 @@ def device_list(text: str) -> list[str]:
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
-    """The torch.device of a --device name; UserError (naming `flag`) where it is not on this machine."""
+    """The torch.device of a --device name, with its index (devices.indexed: "cuda" is cuda:N); UserError
+    (naming `flag`) where it is not on this machine."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return indexed("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
+            return indexed("mps")
         return torch.device("cpu")
     check(not name.startswith("cuda") or torch.cuda.is_available(), f"{flag} {name}: no CUDA device is available")
     if name.startswith("cuda:"):
         check(int(name[5:]) < torch.cuda.device_count(),
               f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0..")
     check(name != "mps" or torch.backends.mps.is_available(), f"{flag} mps: no MPS device is available")
-    return torch.device(name)
+    return indexed(name)
 
 
 def _setting(text) -> bool:
@@ -268,9 +270,27 @@ def add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
                    help="cuda under torchrun: each process takes cuda:LOCAL_RANK")
 
 
-def load_data(args, train: bool = True):
-    """(train set, test set) as the data flags say; the training subset is drawn with --seed."""
+def load_data(args, train: bool = True, dist=None):
+    """(train set, test set) as the data flags say; the training subset is drawn with --seed. Under
+    torchrun (dist) the download is made once per node (fetch_once)."""
     from ..data import load_subsets
+    if dist is not None and dist.active:
+        fetch_once(args, dist)
     return load_subsets(args.dataset, args.data_dir, download=args.download, test_subset=args.test_subset,
                         train_subset=getattr(args, "train_subset", None) if train else None,
                         seed=getattr(args, "seed", None) or 0)
+
+
+def fetch_once(args, dist) -> None:
+    """Local rank 0 of each node fetches the data if they are missing while the node's other ranks wait
+    (a patient barrier: a download outlasts the collective timeout); a failure on any rank fails all."""
+    from ..data import fetch
+    error = None
+    if dist.local_rank == 0:
+        try:
+            fetch(args.dataset, args.data_dir, download=args.download)
+        except UserError as e:
+            error = e
+    dist.barrier(patient=True)
+    if dist.agree(error is not None)[0]:
+        raise error or UserError("the data could not be fetched on another node (its error says why)")

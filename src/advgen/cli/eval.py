@@ -118,7 +118,7 @@ def check_out(path: Path, force: bool) -> None:
               f"--out {path} exists and is not an advgen evaluation: give another file, or --force to replace it")
 
 
-def load_eval_model(args, device: torch.device):
+def load_eval_model(args, device: torch.device, dist=None):
     """(model, test set) for `advgen eval`. An advgen checkpoint is read before the data (it names its
     own classes and normalization); a foreign file after them: it gets the data's class and channel
     counts and the normalization it carries or --normalize states (checkpoint.choose_normalization)."""
@@ -126,12 +126,12 @@ def load_eval_model(args, device: torch.device):
         check(args.normalize is None, "--normalize applies to foreign .pt/.pth/.th/.tar files only; advgen "
                                       "checkpoints carry their own normalization")
         model = load_model(args.model_path, model_name=args.model, device=device)
-        return model, load_data(args, train=False)[1]
+        return model, load_data(args, train=False, dist=dist)[1]
     path = resolve_model_file(args.model_path)
     check(args.model is not None, f"{path} is a foreign PyTorch file: name its architecture (--model)")
     state = read_foreign_state(path)                  # a bad file fails before the data are loaded
     require_normalization(state, path, args.normalize)   # neither carried nor stated: refused before the data load
-    test_set = load_data(args, train=False)[1]
+    test_set = load_data(args, train=False, dist=dist)[1]
     model = model_from_foreign_state(state, path, args.model, test_set.num_classes, test_set.channels, args.normalize)
     return model.to(device), test_set
 
@@ -145,7 +145,7 @@ def cmd_eval(args) -> int:
         check_model_info_request(args, protocol)
     with distributed_job(args.device) as (dist, device):
         seed_everything(args.seed)
-        model, test_set = load_eval_model(args, device)
+        model, test_set = load_eval_model(args, device, dist)
         x, y = test_set.images.to(device), test_set.labels.to(device)
         if dist.active:
             check(not args.full, "--full runs in one process (it is resumable instead: run it again to continue)")

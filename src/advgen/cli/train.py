@@ -8,13 +8,16 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import torch
+
 from ..attacks import STANDARD_EPS
 from ..errors import UserError, check
 from ..models import MODELS
 from ..recipes import RECIPES, resolve_recipe
+from ..precision import PRECISIONS, amp_alias
 from ..training import METHODS, SCHEDULES, TrainConfig
-from .args import (add_bool, add_data_args, add_option_flags, number, options_from_args, parse_bool, resolve_device,
-                   seed_everything)
+from .args import (add_bool, add_data_args, add_option_flags, fetch_once, number, options_from_args, parse_bool,
+                   resolve_device, seed_everything)
 
 log = logging.getLogger("advgen")
 
@@ -22,7 +25,7 @@ log = logging.getLogger("advgen")
 # flag's default is "not given", so the recipe's value, or the config's default, holds
 CONFIG_FLAGS = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "init", "init_normalize",
                 "train_subset", "test_subset", "watch_subset", "watch_eps", "watch_norm", "time_budget",
-                "budget_steps", "budget_clock", "channels_last", "compile", "amp", "fold_bn_attack", "sync_bn")
+                "budget_steps", "budget_clock", "channels_last", "compile", "precision", "fold_bn_attack", "sync_bn")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -73,9 +76,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     sp = p.add_argument_group("speed (docs/performance.md)")
     sp.add_argument("--channels-last", choices=["auto", "true", "false"],
                     help="NHWC memory layout of the classifier and batches (default auto: on for the CPU)")
-    add_bool(sp, "--compile", help="torch.compile the classifier (CPU: needs a C++ compiler)")
-    add_bool(sp, "--amp", help="autocast of the forward passes: bf16, or fp16 with a gradient scaler on GPUs "
-                               "without bf16 (default: false)")
+    add_bool(sp, "--compile", help="torch.compile the training forward (CPU: needs a C++ compiler)")
+    sp.add_argument("--precision", choices=PRECISIONS,
+                    help="of the training forward passes (autocast; fp16 with a gradient scaler); auto is fp32 "
+                         "until the bf16 A/B decides; evaluation runs in fp32 (docs/gpu-and-precision.md) "
+                         "(default: auto)")
+    sp.add_argument("--amp", action="store_true", help="deprecated: --precision bf16 (fp16 on GPUs without bf16)")
     add_bool(sp, "--sync-bn", help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     add_bool(sp, "--fold-bn-attack", help="attack methods: attack a BatchNorm-folded copy of the classifier (the same "
                                           "function) (default: true)")
@@ -111,6 +117,10 @@ def train_config_from_args(args) -> TrainConfig:
         base = TrainConfig(method=args.method, options=options)
     changes = {name: _given(args, name) for name in CONFIG_FLAGS
                if getattr(args, name) is not None}
+    if args.amp:
+        check(args.precision is None, "give --precision or the deprecated --amp, not both")
+        changes["precision"] = amp_alias(resolve_device(args.device))
+        log.warning("--amp is deprecated: it means --precision %s here; pass --precision", changes["precision"])
     cfg = dataclasses.replace(base, options=options_from_args(base.method, args, base.options), **changes)
     cfg.options.validate()   # before the watch settings are derived from its radius
     if args.watch_subset is None:   # the catastrophic-overfitting watch is on by default for FGSM training
@@ -144,7 +154,10 @@ def distributed_job(device_name: str):
     try:
         if not dist.main:
             logging.getLogger().setLevel(logging.ERROR)
-        yield dist, resolve_device(name)
+        device = resolve_device(name)
+        if device.type == "cuda":   # the process's GPU (torchrun: distributed.init did it): events, streams
+            torch.cuda.set_device(device)
+        yield dist, device
         clean = True
     finally:
         distributed.shutdown(clean=clean and dist.active)
@@ -172,6 +185,8 @@ def cmd_train(args) -> int:
             claim_run_dir(out, args.force, args.resume)
         dist.share(claim)
         seed_everything(rank_seed(cfg.seed, dist.rank))
+        if dist.active:
+            fetch_once(args, dist)
         train_set, test_set = load_dataset(args.dataset, args.data_dir, download=args.download)  # train() subsets
         model, record = train(cfg, train_set, test_set, out_dir=out, device=device, resume=args.resume,
                               force=args.force, checkpoint_every=args.checkpoint_every,

@@ -29,6 +29,7 @@ from ..attacks import FGSM, PGD, STANDARD_EPS, AutoAttack
 from ..errors import UserError, check, check_field
 from ..io import fingerprint
 from ..models.folding import inference_copy
+from ..precision import evaluation_note
 from .checks import LARGE_EPS, LARGE_EPS_IMAGES, gap_check, sanity_checks
 from .core import predict, robust_flags
 from .progress import EvalProgress, unbits
@@ -265,6 +266,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, proto
         log.warning("%s; starting it over", err)
         Path(progress_file).unlink()
         progress = EvalProgress(progress_file, settings)
+    log.info("evaluation precision: %s", evaluation_note(images.device))
     fast = inference_copy(model)
     flags = collect(p, fast, images, labels, progress)
     return {"protocol": dataclasses.asdict(p), "settings": settings, "attacks": _attacks_run(p),

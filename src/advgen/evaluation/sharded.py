@@ -26,7 +26,9 @@ def evaluate_sharded(dist, model: nn.Module, images: torch.Tensor, labels: torch
     progress = EvalProgress(None, {})
     mine = ({k: bits(v) for k, v in collect(protocol, inference_copy(model), x, y, progress,
                                              offset=part.start).items()} if y.numel() else None)
-    shards = [s for s in (dist.gather((mine, progress.seconds)) or []) if s[0] is not None]
+    # patient: the ranks finish their shards at different times (AutoAttack's work depends on the images),
+    # which may take longer than the job's collective timeout
+    shards = [s for s in (dist.gather((mine, progress.seconds), patient=True) or []) if s[0] is not None]
     if not dist.main:
         return None
     flags = {k: unbits("".join(s[0][k] for s in shards)) for k in shards[0][0]}

@@ -13,6 +13,7 @@ from typing import Any
 from ..config import NORMS, from_dict
 from ..errors import ConfigError, check_field
 from ..models import MODELS, is_import_path
+from ..precision import PRECISIONS
 from .method import METHODS
 
 SCHEDULES = ("cosine", "constant")
@@ -54,8 +55,10 @@ class TrainConfig:
     budget_steps: int | None = None
     # speed settings (benchmarks/README.md): the same training up to float rounding, except amp
     channels_last: bool | None = None  # NHWC layout of the classifier and its batches; None: on for the CPU only
-    compile: bool = False              # torch.compile the classifier (on the CPU it needs a C++ compiler)
-    amp: bool = False                  # autocast of the forward passes: bf16, or fp16 + GradScaler on GPUs without bf16
+    compile: bool = False              # torch.compile the training forward (on the CPU it needs a C++ compiler)
+    # auto | fp32 | bf16 | fp16: autocast of the training forward passes (precision.py; fp16 with a
+    # GradScaler); auto is fp32 on every device until the bf16 A/B decides. Evaluation runs in fp32.
+    precision: str = "auto"
     fold_bn_attack: bool = True        # attack methods: attack a BatchNorm-folded copy of the classifier
     sync_bn: bool = False              # under torchrun: BatchNorm statistics over the global batch (CUDA only)
 
@@ -96,7 +99,9 @@ class TrainConfig:
                     f"must be >= 1, got {self.budget_steps}")
         check_field(self.budget_clock in ("wall", "process"), "budget_clock",
                     f"must be wall or process, got {self.budget_clock!r}")
-        for name in ("compile", "amp", "fold_bn_attack"):
+        check_field(self.precision in PRECISIONS, "precision",
+                    f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("compile", "fold_bn_attack"):
             check_field(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         check_field(self.channels_last in (None, True, False), "channels_last",
                     f"must be true, false or None (auto), got {self.channels_last!r}")
@@ -108,8 +113,13 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """The inverse of to_dict; also reads the configs of advgen 0.1 run folders (`attack` and
-        `generator` beside the common fields)."""
+        `generator` beside the common fields) and of runs made before `precision` (`amp`: false reads
+        as precision auto, which is fp32; true as bf16, what --amp meant everywhere but on CUDA GPUs
+        without bf16, where it meant fp16)."""
         d = dict(d)
+        amp = d.pop("amp", None)
+        if "precision" not in d:
+            d["precision"] = "bf16" if amp else "auto"
         method = d.get("method", "standard")
         legacy = {"attack": d.pop("attack", None), "generator": d.pop("generator", None)}
         options = d.pop("options", None)
