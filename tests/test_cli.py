@@ -51,6 +51,7 @@ def test_train_generator_from_init_then_eval(tmp_path, capsys):
     assert {c["name"] for c in res["checks"]} >= {"accuracy non-increasing in eps", "attack at least as strong as FGSM"}
 
 
+@pytest.mark.slow
 @needs_data
 def test_reproduce_smoke_writes_report_and_skips_done_stages(tmp_path, capsys):
     out = tmp_path / "repro"
@@ -69,6 +70,7 @@ def test_reproduce_smoke_writes_report_and_skips_done_stages(tmp_path, capsys):
     assert code == 0 and (out / "minmax" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 @needs_data
 def test_reproduce_seeds_reports_mean_and_std_of_the_seeds(tmp_path, monkeypatch, capsys):
     import dataclasses
@@ -131,6 +133,7 @@ def test_console_script_runs():
     assert res.returncode == 0 and "advgen" in res.stdout
 
 
+@pytest.mark.slow
 @needs_data
 def test_compare_smoke_writes_curves_with_seeds(tmp_path, capsys, monkeypatch):
     out = tmp_path / "cmp"

@@ -32,6 +32,8 @@ BROKEN = dataclasses.replace(TINY, seeds=[0], entries=[FGSM, Entry("raises", met
                                                        Entry("dies", method_name="dies")])
 ROW_KEYS = ("name", "seed", "budget_units", "steps", "passes", "clean", "pgd", "autoattack")
 
+pytestmark = pytest.mark.multiprocess   # every test here starts worker processes or torchrun
+
 
 class Raises(Method):
     """A method whose first step raises. Module-level, so that a spawned worker can unpickle it."""

@@ -30,6 +30,8 @@ ENV = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPAT
        "ADVGEN_DIST_TIMEOUT": "60"}
 cuda = pytest.mark.cuda   # skipped without a CUDA device (conftest.py)
 
+pytestmark = pytest.mark.multiprocess   # every test here starts worker processes or torchrun
+
 
 def torchrun(*args, n: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *map(str, args)]

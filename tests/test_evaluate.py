@@ -414,6 +414,7 @@ def test_full_evaluation_pgd_takes_the_objectives_in_turn(trained_tiny, fake_aa,
     assert out["settings"]["pgd_objectives"] == ["margin"]
 
 
+@pytest.mark.slow
 def test_full_evaluation_with_the_real_standard_autoattack(tiny_model):
     """The pyautoattack package's standard version through the adapter (an untrained model: few
     points to attack, seconds): AutoAttack never does better than clean, the worst case never better

@@ -178,6 +178,7 @@ def test_extraction_is_renamed_into_place_whole(tmp_path, fake_cifar, monkeypatc
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.multiprocess
 def test_torchrun_downloads_once_per_node(tmp_path):
     out = tmp_path / "job"
     out.mkdir()
@@ -190,6 +191,7 @@ def test_torchrun_downloads_once_per_node(tmp_path):
 
 # ------------------------------------------------------------------------------- (d) long evaluations
 
+@pytest.mark.multiprocess
 def test_a_sharded_evaluation_may_outlast_the_collective_timeout(tmp_path):
     """Rank 1's shard takes 8 s, the job's collective timeout is 3 s: the gather of the shards waits in
     the patient group (before, rank 0 timed out and the evaluation failed)."""

@@ -268,6 +268,7 @@ def cli_runs(tmp_path_factory):
     return root, data
 
 
+@pytest.mark.multiprocess
 def test_sigkill_at_any_moment_then_resume_is_bit_identical(cli_runs):
     root, data = cli_runs
     ref, victim = root / "ref", root / "victim"
@@ -375,6 +376,7 @@ def test_time_budget_ends_early_and_resumes_as_finished(tmp_path):
     assert again["epochs"] == rec["epochs"] and (out / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_reproduce_resumes_a_stopped_stage(tmp_path, monkeypatch, caplog, capsys):
     from advgen.apps import reproduce as report
     smoke = report.PRESETS["smoke"]   # the smoke preset with a 2-step inner PGD: seconds, not half a minute

@@ -105,6 +105,7 @@ def test_generator_with_channels_last_matches_contiguous():
         assert torch.allclose(v.float(), out[True].state_dict()[k].float(), atol=1e-4), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["standard", "generator", "minmax"])
 def test_bf16_runs_the_forward_passes_in_bf16_autocast(method):
     train_set, test_set = _data()
@@ -197,6 +198,7 @@ def test_cli_speed_flags_reach_the_config(tmp_path):
     assert (cfg.channels_last, cfg.precision, cfg.compile, cfg.fold_bn_attack) == (None, "auto", False, True)
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end_on_tiny_inputs(shared_data, tmp_path):
     spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
     bench = importlib.util.module_from_spec(spec)

@@ -224,6 +224,7 @@ def test_the_shipped_zoo_is_consistent():
         assert logits.shape == (2, 10) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_each_zoo_model_reproduces_its_cards_clean_accuracy(shared_data):
     """The weights, the normalization inside the model and the data pipeline together give the card's
     clean count on the first 1,000 test images of the offline copy (measured exact here; 2 images of
