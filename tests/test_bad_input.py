@@ -342,3 +342,18 @@ def test_unwritable_out_folder(data, tmp_path, capsys):
         code, err = _cli(["train", "--method", "standard", "--device", "cpu", "--data-dir", tmp_path / "nodata",
                           "--out", out], capsys)
         assert code == 2 and needle in _one_error_line(err), err   # refused before the data are read
+
+
+def test_a_failed_train_leaves_no_folder_behind(tmp_path, capsys):
+    """A run that fails before its first save (here: more training images asked for than the data have)
+    removes the folder it made, lock file and all; a folder that existed before is left as it was."""
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=16)
+    out = tmp_path / "new" / "run"
+    assert main(["train", "--method", "standard", "--train-subset", "1000", "--data-dir", str(data),
+                 "--device", "cpu", "--out", str(out)]) == 2
+    assert not out.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert main(["train", "--method", "standard", "--train-subset", "1000", "--data-dir", str(data),
+                 "--device", "cpu", "--out", str(mine)]) == 2
+    assert mine.is_dir()

@@ -66,8 +66,15 @@ def test_reproduce_smoke_writes_report_and_skips_done_stages(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "Table 1" in report and "JPEG-derived" in report
     stamp = (out / "minmax" / "model.safetensors").stat().st_mtime_ns
+    # the finished stages' records name the machine and version that trained them: re-rendering keeps them
+    base = out / "base" / "run.json"
+    rec = json.loads(base.read_text())
+    rec["epochs"][-1]["machine"], rec["version"] = "the machine that trained it, torch 1.0", "0.0.1"
+    base.write_text(json.dumps(rec))
     code, _, _ = run(["reproduce", "--preset", "smoke", "--data-dir", DATA, "--device", "cpu", "--out", out], capsys)
     assert code == 0 and (out / "minmax" / "model.safetensors").stat().st_mtime_ns == stamp
+    report = (out / "report.md").read_text()
+    assert "advgen 0.0.1" in report and "the machine that trained it, torch 1.0" in report
 
 
 @pytest.mark.slow

@@ -403,3 +403,17 @@ def test_reproduce_resumes_a_stopped_stage(tmp_path, monkeypatch, caplog, capsys
         assert main(argv) == 0
     assert any("resuming" in r.message and "generator" in r.message for r in caplog.records)
     assert (out / "report.md").exists() and (out / "minmax" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_reproduce_names_its_own_way_out_of_a_stage_it_cannot_continue(tmp_path, capsys):
+    """A stage folder holding another run: reproduce says to use another --out or remove the folder, not
+    train's --resume / --force, which reproduce does not have."""
+    from advgen.cli import main
+    from synth_cifar import write_cifar
+    data = write_cifar(tmp_path / "data", per_batch=32, n_test=32)
+    out = tmp_path / "repro"
+    assert main(["train", "--method", "standard", "--epochs", "1", "--batch-size", "16", "--data-dir", str(data),
+                 "--device", "cpu", "--out", str(out / "base")]) == 0        # not what reproduce's base is
+    assert main(["reproduce", "--preset", "smoke", "--data-dir", str(data), "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "give reproduce another --out, or remove" in err and "--force" not in err and err.count("\n") == 1

@@ -3,6 +3,7 @@ library errors to flags, and the defects fixed with the redesign."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import pytest
@@ -247,3 +248,30 @@ def test_step_log_truncates_to_the_saved_step_and_drops_a_cut_row(tmp_path):
     StepLog(path).truncate(2)
     assert path.read_text().splitlines() == ["step,epoch,loss,accuracy,lr,seconds", "1,1,2.3,0.1,0.1,0.5",
                                              "2,1,2.2,0.2,0.1,1.0"]
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda: TrainConfig(method="minmax", options=AttackConfig(eps="abc")), "options.eps must be a number, got 'abc'"),
+    (lambda: TrainConfig(method="minmax", options=AttackConfig(steps=2.5)), "options.steps must be an integer"),
+    (lambda: TrainConfig(lr="0.1"), "lr must be a number, got '0.1'"),
+    (lambda: TrainConfig(epochs=True), "epochs must be an integer, got True"),
+    (lambda: TrainConfig(method="generator", options=advgen.GeneratorOptions(bank=advgen.BankConfig(n="4"))),
+     "options.bank.n must be an integer"),
+])
+def test_a_value_of_the_wrong_type_is_a_config_error_naming_its_field(make, needle):
+    """Values typed in Python or read from a file are checked against the field's type before its range:
+    a ConfigError naming the field, never a bare TypeError from a comparison."""
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        make().validate()
+    with pytest.raises(ConfigError, match="options.eps must be a number"):
+        AttackConfig(eps="abc").validate()
+
+
+def test_a_dropped_partial_batch_is_said(caplog):
+    """A training set that is not a multiple of the batch loses its last partial batch each epoch: said in
+    the log, with the count, rather than silently."""
+    data = tiny_dataset(40, 0)
+    cfg = TrainConfig(method="standard", epochs=1, batch_size=16)
+    with caplog.at_level(logging.INFO, logger="advgen.training.loop"):
+        train(cfg, data, data, progress=False)
+    assert "40 training images, 2 steps of 16 an epoch: 8 images" in caplog.text

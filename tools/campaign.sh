@@ -20,10 +20,6 @@ COMMON=(--data-dir "$DATA" --device cpu --checkpoint-every 50)
 FT=(--init "$OUT/base" --epochs 8)
 L2=(--attack-norm l2 --attack-eps 0.5)
 GEN_GRAD=(--method generator --gen-preset gradient --gen-bound 0.5)   # advgen's gradient generators at L2 0.5
-# the Linf 8/255 zoo (issue: Linf): the same fine-tuning at the field's threat model, with the
-# catastrophic-overfitting watch on 256 test images; the recipes nfgsm-linf, fgsm-rs-linf, gen-sdi-linf and
-# pgd10-linf say the same (the stages name the flags, as the pinned commit that runs them has no recipes)
-LINF=(--attack-norm linf --attack-eps 8/255 --watch-subset 256 --watch-norm linf --watch-eps 8/255)
 
 stage() {  # stage NAME ARGS...: train into OUT/NAME, resuming whatever is there
   local name=$1; shift
@@ -43,11 +39,6 @@ run() {
     gen_sdi)       stage gen_sdi "${GEN_GRAD[@]}" --gen-step-after true "${FT[@]}" --lr 0.01 ;;
     minmax_paper)  stage minmax_paper --method minmax --attack-norm l2 --attack-eps 0.05 --attack-steps 40 \
                      --attack-step-size 0.005 "${FT[@]}" --lr 0.005 ;;
-    nfgsm_linf)    stage nfgsm_linf --method nfgsm "${LINF[@]}" "${FT[@]}" --lr 0.01 ;;
-    fgsm_rs_linf)  stage fgsm_rs_linf --method fgsm "${LINF[@]}" "${FT[@]}" --lr 0.01 ;;
-    gen_sdi_linf)  stage gen_sdi_linf --method generator --gen-preset gradient --gen-bound-type linf --gen-bound 8/255 \
-                     --gen-step-after true "${LINF[@]}" "${FT[@]}" --lr 0.01 ;;
-    pgd10_linf)    stage pgd10_linf --method minmax --attack-steps 10 --attack-step-size 2/255 "${LINF[@]}" "${FT[@]}" --lr 0.01 ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac
 }

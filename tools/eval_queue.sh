@@ -12,6 +12,7 @@ RUNS=${2:?usage: eval_queue.sh DATA_DIR RUNS_DIR EVALS_DIR STAGE...}
 EVALS=${3:?usage: eval_queue.sh DATA_DIR RUNS_DIR EVALS_DIR STAGE...}
 shift 3
 ADVGEN=${ADVGEN:-advgen}
+NORM=${NORM:-l2}   # NORM=linf: the Linf zoo's evaluation (PGD at 0, 2, 4, 8, 16/255, AutoAttack at 8/255)
 mkdir -p "$EVALS"
 
 finished() {  # finished STAGE: its run.json exists and says finished
@@ -22,7 +23,7 @@ finished() {  # finished STAGE: its run.json exists and says finished
 for s in "$@"; do
   until finished "$s"; do sleep 300; done
   echo "== $(date -Is) eval $s"
-  "$ADVGEN" eval "$RUNS/$s" --full --data-dir "$DATA" --test-subset 1000 --batch-size 100 --device cpu \
-    --out "$EVALS/$s.json"
+  "$ADVGEN" eval "$RUNS/$s" --full --norm "$NORM" --data-dir "$DATA" --test-subset 1000 --batch-size 100 \
+    --device cpu --out "$EVALS/$s.json"
 done
 echo "== $(date -Is) evaluations done"

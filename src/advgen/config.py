@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .attacks import STANDARD_EPS
 from .errors import UserError, check_field
-from .flags import option
+from .flags import check_types, option
 
 NORMS = ("l2", "linf")
 
@@ -41,6 +41,7 @@ class ThreatModel:
         return STANDARD_EPS[self.norm] if self.eps is None else self.eps
 
     def validate(self) -> None:
+        check_types(self, "options.")
         check_field(self.norm in NORMS, "options.norm", f"must be l2 or linf, got {self.norm!r}")
         check_field(self.eps is None or (math.isfinite(self.eps) and self.eps > 0), "options.eps",
                     f"must be > 0, got {self.eps}")

@@ -35,3 +35,32 @@ def flagged_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.F
         elif f.metadata.get("flag"):
             out.append((prefix + f.name, f, t))
     return out
+
+
+def check_types(obj, prefix: str = "") -> None:
+    """ConfigError naming the field (`prefix` + its path) when a field of dataclass `obj` does not hold its
+    annotated type: int, float (an int is a float here), str, bool, a nested dataclass, or None where the
+    annotation allows it. Values read from a file or typed in Python are checked before their ranges."""
+    import typing
+    from .errors import ConfigError
+    names = {int: "an integer", float: "a number", str: "a text", bool: "true or false"}
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, t = getattr(obj, f.name), hints[f.name]
+        args = typing.get_args(t)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), t) if args else t
+        if value is None and optional:
+            continue
+        if dataclasses.is_dataclass(base):
+            if not isinstance(value, base):
+                raise ConfigError(prefix + f.name, f"must be a {base.__name__}, got {type(value).__name__}")
+            check_types(value, f"{prefix}{f.name}.")
+            continue
+        if base not in names:
+            continue
+        ok = (isinstance(value, bool) if base is bool else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
+              isinstance(value, int) and not isinstance(value, bool) if base is int else isinstance(value, str))
+        if not ok:
+            raise ConfigError(prefix + f.name, f"must be {names[base]}, got {value!r}")

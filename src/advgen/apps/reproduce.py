@@ -18,7 +18,7 @@ from .._version import __version__
 from ..checkpoint import GENERATORS_FILE, RUN_FILE, load_model
 from ..config import with_defaults
 from ..data import load_subsets
-from ..errors import UserError
+from ..errors import CheckpointError, RunDirError, UserError
 from ..evaluation import EvalProtocol, evaluate, mean_std
 from ..io import atomic_write, git_commit, machine_description, read_json, write_json
 from ..recipes import recipe_config
@@ -110,7 +110,12 @@ def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, 
             log.info("stage %s: training", name)
             torch.manual_seed(p.seed)
             # resume=True: a stage stopped part-way continues from its state (a fresh folder starts afresh)
-            train(cfgs[name], train_set, test_set, out_dir=run_dir, device=device, resume=True)
+            try:
+                train(cfgs[name], train_set, test_set, out_dir=run_dir, device=device, resume=True)
+            except (CheckpointError, RunDirError) as e:   # its advice names train's flags, not reproduce's
+                why = str(e).split("; pass", 1)[0].removeprefix("--resume: ")
+                raise UserError(f"{why}; reproduce cannot continue it: give reproduce another --out, or remove "
+                                f"{run_dir}") from None
         runs[name] = read_json(run_dir / RUN_FILE)
         eval_path = run_dir / "eval.json"
         model = load_model(run_dir, device=device)
@@ -124,9 +129,14 @@ def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, 
 
     figure2(out / "generator" / GENERATORS_FILE, test_set, out / "figure2.png")
     figure3(curves, out / "figure3.png")
-    results = {"preset": preset, "settings": dataclasses.asdict(p), "machine": machine_description(device),
-               "version": __version__, "git_commit": git_commit(), "table1": table1(runs),
-               "runs": runs, "curves": curves}
+    # the report names what trained the runs (their records), not what re-rendered it: a preset run again
+    # over finished stages must not restate them under today's torch or advgen
+    trained = runs["base"]
+    results = {"preset": preset, "settings": dataclasses.asdict(p),
+               "machine": (trained["epochs"][-1].get("machine") if trained.get("epochs") else None)
+               or machine_description(device),
+               "version": trained.get("version", __version__), "git_commit": trained.get("git_commit", git_commit()),
+               "table1": table1(runs), "runs": runs, "curves": curves}
     write_json(out / "results.json", results)
     path = out / "report.md"
     atomic_write(path, render_report(preset, p, results).encode())

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import NORMS, from_dict
 from ..errors import ConfigError, check_field
+from ..flags import check_types
 from ..models import MODELS, is_import_path
 from ..precision import PRECISIONS
 from .method import METHODS
@@ -72,6 +73,9 @@ class TrainConfig:
         spec = _method_spec(self.method)
         check_field(isinstance(self.options, spec.options), "options",
                     f"of method {self.method} must be {spec.options.__name__}, got {type(self.options).__name__}")
+        check_types(self)   # the options are a dataclass field of no fixed type: checked below, by their own
+        if dataclasses.is_dataclass(self.options):
+            check_types(self.options, "options.")
         check_field(self.model in MODELS or is_import_path(self.model), "model",
                     f"unknown: {self.model!r}; choose from {', '.join(sorted(MODELS))} or package.module:factory")
         check_field(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")

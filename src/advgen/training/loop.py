@@ -172,6 +172,11 @@ class Run:
         self.batches = Batches(self.train_set, cfg.batch_size, seed=cfg.seed, train=True, rank=dist.rank,
                                world=dist.world, device=device)
         self.steps_per_epoch = spe = len(self.batches)
+        left = len(self.train_set) - spe * cfg.batch_size if self.batches.drop_last else 0
+        if left > 0 and dist.main:   # said, not silent: a subset not a multiple of the batch loses its tail
+            log.info("%d training images, %d steps of %d an epoch: %d images of each epoch's shuffled order are "
+                     "left out (a partial last batch is not trained on)", len(self.train_set), spe, cfg.batch_size,
+                     left)
         channels_last = use_channels_last(cfg, device)
         self.model = model.to(device)
         if channels_last:  # parameters keep this layout through load_state_dict (copy_)

@@ -116,6 +116,7 @@ def hold_run_dir(out: str | Path):
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         key = out.resolve()
@@ -131,6 +132,19 @@ def hold_run_dir(out: str | Path):
         _HELD[key][1] -= 1
         if not _HELD[key][1]:
             _HELD.pop(key)[0].release()
+            if created:
+                _remove_if_unused(out)
+
+
+def _remove_if_unused(out: Path) -> None:
+    """A folder this process made for a run that wrote nothing (it failed before its first save) goes
+    again, rather than stay behind holding only its lock file."""
+    try:
+        if {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            out.rmdir()
+    except OSError:
+        pass   # another process's file appeared meanwhile, or the folder is not ours to remove: keep it
 
 
 def _holder_line() -> str:
