@@ -1,6 +1,7 @@
 """CIFAR loading (format, safety, validation), subsets, augmentation and batching."""
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -421,3 +422,40 @@ def test_real_cifar10(shared_data):
     assert test.labels[:4].tolist() == [3, 8, 8, 0]
     means = train.images.sum(dim=(0, 2, 3), dtype=torch.int64).double() / (50000 * 1024 * 255)
     assert torch.allclose(means, torch.tensor([0.4913, 0.4821, 0.4465], dtype=torch.double), atol=1e-3), means
+
+
+def test_augment_chooses_crop_flip_both_or_none():
+    """--augment: none gives the images as they are; flip only mirrors, never shifts; crop only shifts,
+    never mirrors; crop,flip (the default) draws the same stream as before the option existed."""
+    from synth_cifar import tiny_dataset
+    ds = tiny_dataset(32, 3)
+    raw = ds.images.float() / 255
+
+    def batch(augment):
+        b = Batches(ds, 32, seed=1, augment=augment)
+        order, _ = b.position(1)
+        x, _ = next(iter(b.epoch(1)))
+        return x, raw[order[:32]]
+
+    x, ref = batch(())
+    assert torch.equal(x, ref)
+    x, ref = batch(("flip",))
+    same, mirrored = [(x == ref).flatten(1).all(1), (x == ref.flip(3)).flatten(1).all(1)]
+    assert (same | mirrored).all() and mirrored.any() and same.any()
+    x, ref = batch(("crop",))
+    assert not (x == ref.flip(3)).flatten(1).all(1)[~(x == ref).flatten(1).all(1)].any()
+    assert not (x == ref).flatten(1).all(1).all()                  # some rows shifted
+    assert torch.equal(batch(("crop", "flip"))[0], next(iter(Batches(ds, 32, seed=1).epoch(1)))[0])
+    with pytest.raises(UserError, match="unknown augmentation rotate"):
+        Batches(ds, 32, augment=("rotate",))
+
+
+def test_augment_flag_is_recorded_and_checked(tmp_path, capsys):
+    from advgen.cli import main
+    from synth_cifar import write_cifar
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=16)
+    assert main(["train", "--method", "standard", "--augment", "none", "--epochs", "1", "--batch-size", "16",
+                 "--data-dir", str(data), "--device", "cpu", "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["augment"] == "none"
+    assert main(["train", "--method", "standard", "--augment", "crop,rotate", "--out", str(tmp_path / "x")]) == 2
+    assert "--augment must be none or a comma list of crop, flip" in capsys.readouterr().err

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from synth_cifar import tiny_dataset, write_cifar
 from torch import nn
 
-import advgen.checkpoint
 from advgen.attacks import PGD
 from advgen.cli import main
 from advgen.training import TrainConfig

@@ -430,6 +430,9 @@ def crop_padding(height: int, width: int) -> int:
     return max(1, int(min(height, width) / 8 + 0.5))
 
 
+AUGMENTATIONS = ("crop", "flip")   # a random crop of the zero-padded image, a horizontal flip
+
+
 def _augment_draws(b: int, generator: torch.Generator | None, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """The random numbers of augmenting b images: offsets (2, b) in [0, 2*pad] and flip coins (b,).
 
@@ -531,13 +534,18 @@ class Batches:
     """
 
     def __init__(self, ds: Dataset, batch_size: int, *, seed: int = 0, train: bool = True,
-                 drop_last: bool | None = None, rank: int = 0, world: int = 1, device=None):
+                 drop_last: bool | None = None, rank: int = 0, world: int = 1, device=None,
+                 augment: tuple[str, ...] = AUGMENTATIONS):
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         if batch_size % world:
             raise UserError(f"batch size {batch_size} (the global batch) must be divisible by the {world} "
                             "processes, each training on an equal share of it")
         self.ds, self.batch_size, self.seed, self.train = ds, batch_size, seed, train
+        unknown = set(augment) - set(AUGMENTATIONS)
+        if unknown:
+            raise UserError(f"unknown augmentation {', '.join(sorted(unknown))}; choose from {', '.join(AUGMENTATIONS)}")
+        self.augment = tuple(augment)
         self.rank, self.world = rank, world
         self.device = ds.images.device if device is None else indexed(device)   # comparable with tensors' devices
         self.drop_last = train if drop_last is None else drop_last
@@ -595,6 +603,12 @@ class Batches:
         parts = []
         for size in sizes:   # the whole batch's draws (the stream), this rank's share of them
             offs, flip = _augment_draws(size, g, self.pad)
+            # an augmentation left out is drawn all the same (the stream stays that of crop,flip) and undone:
+            # offset `pad` is the uncropped frame, no flip the unflipped one
+            if "crop" not in self.augment:
+                offs = torch.full_like(offs, self.pad)
+            if "flip" not in self.augment:
+                flip = torch.zeros_like(flip)
             part = shard_rows(size, self.rank, self.world)
             parts.append(torch.cat([offs[:, part], flip[part].long()[None]]))
         packed = to_device(torch.cat(parts, dim=1), self.device) if parts else None   # (3, rows of the epoch)

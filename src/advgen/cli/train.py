@@ -24,6 +24,7 @@ log = logging.getLogger("advgen")
 # TrainConfig fields the train command sets from a flag of the same name (dashes for underscores); each
 # flag's default is "not given", so the recipe's value, or the config's default, holds
 CONFIG_FLAGS = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "init", "init_normalize",
+                "augment",
                 "train_subset", "test_subset", "watch_subset", "watch_eps", "watch_norm", "time_budget",
                 "budget_steps", "budget_clock", "channels_last", "compile", "precision", "fold_bn_attack", "sync_bn")
 
@@ -53,6 +54,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", dest="init_normalize", metavar="cifar10|cifar100|imagenet|none|MEAN/STD",
                    help="the normalization of a foreign --init file (.pt/.pth/.th/.tar) that does not carry its "
                         "own; required for such a file (never assumed)")
+    p.add_argument("--augment", metavar="none|crop|flip|crop,flip",
+                   help="training augmentation: a random crop of the 4-pixel zero-padded image and a horizontal flip "
+                        "(default: crop,flip, for every dataset; give none or crop for data whose label depends on "
+                        "left and right, such as digits or text)")
     p.add_argument("--watch-subset", type=int,
                    help="PGD accuracy on the first N test images after each epoch, the catastrophic-overfitting "
                         "check (default: 256 for fgsm, else 0)")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import NORMS, from_dict
+from ..data import AUGMENTATIONS
 from ..errors import ConfigError, check_field
 from ..flags import check_types
 from ..models import MODELS, is_import_path
@@ -42,6 +43,9 @@ class TrainConfig:
     watch_eps: float = 0.5
     watch_steps: int = 10
     init: str | None = None
+    # the training augmentation: a comma list of crop and flip, or none (for data whose label depends on
+    # left and right, flip changes it); crop,flip for every dataset unless told
+    augment: str = "crop,flip"
     # the normalization of a foreign `init` file that does not carry its own (checkpoint.load_model's
     # normalize: "cifar10", "cifar100", "imagenet", "none" or "M1,M2,M3/S1,S2,S3"); never assumed
     init_normalize: str | None = None
@@ -93,6 +97,10 @@ class TrainConfig:
         check_field(self.init_normalize is None or (isinstance(self.init_normalize, str) and self.init is not None),
                     "init_normalize", f"states the normalization of a foreign init checkpoint: a text such as "
                                       f"cifar10, and only with init (got {self.init_normalize!r}, init {self.init!r})")
+        parts = [a for a in self.augment.split(",") if a] if isinstance(self.augment, str) else None
+        check_field(parts is not None and (parts == ["none"] or (parts and set(parts) <= set(AUGMENTATIONS)
+                                                                 and len(set(parts)) == len(parts))),
+                    "augment", f"must be none or a comma list of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         check_field(self.watch_subset >= 0, "watch_subset", f"must be >= 0, got {self.watch_subset}")
         check_field(self.watch_norm in NORMS, "watch_norm", f"must be l2 or linf, got {self.watch_norm!r}")
         check_field(math.isfinite(self.watch_eps) and self.watch_eps > 0, "watch_eps", f"must be > 0, got {self.watch_eps}")
@@ -110,6 +118,11 @@ class TrainConfig:
         check_field(self.channels_last in (None, True, False), "channels_last",
                     f"must be true, false or None (auto), got {self.channels_last!r}")
         self.options.validate()
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        """augment as the batches take it: ("crop", "flip"), ("flip",), () for none."""
+        return () if self.augment == "none" else tuple(a for a in self.augment.split(",") if a)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

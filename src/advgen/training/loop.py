@@ -170,7 +170,7 @@ class Run:
         self.train_set = train_set.to(device if self.data_on == "device" else "cpu")
         self.test_set = test_set.to(device)
         self.batches = Batches(self.train_set, cfg.batch_size, seed=cfg.seed, train=True, rank=dist.rank,
-                               world=dist.world, device=device)
+                               world=dist.world, device=device, augment=cfg.augmentations)
         self.steps_per_epoch = spe = len(self.batches)
         left = len(self.train_set) - spe * cfg.batch_size if self.batches.drop_last else 0
         if left > 0 and dist.main:   # said, not silent: a subset not a multiple of the batch loses its tail
