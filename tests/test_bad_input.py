@@ -1,6 +1,7 @@
 """Bad input gets one clear line and exit code 2, never a traceback; nothing in a file is ever run."""
 from __future__ import annotations
 
+import json
 import errno
 import os
 import pickle
@@ -357,3 +358,32 @@ def test_a_failed_train_leaves_no_folder_behind(tmp_path, capsys):
     assert main(["train", "--method", "standard", "--train-subset", "1000", "--data-dir", str(data),
                  "--device", "cpu", "--out", str(mine)]) == 2
     assert mine.is_dir()
+
+
+def test_eval_out_never_overwrites_what_is_not_its_own(tmp_path, capsys):
+    """advgen eval --out: a run's own files, a folder, or an existing file that is no advgen evaluation are
+    refused before any attack runs (exit 2, nothing touched); --force replaces such a file; the same
+    evaluation resumes from its own file."""
+    data = write_cifar(tmp_path / "data", per_batch=16, n_test=8)
+    run = tmp_path / "run"
+    assert main(["train", "--method", "standard", "--epochs", "1", "--batch-size", "16", "--data-dir", str(data),
+                 "--device", "cpu", "--out", str(run)]) == 0
+    record = (run / "run.json").read_bytes()
+    ev = ["eval", str(run), "--data-dir", str(data), "--device", "cpu", "--eps", "0,0.25", "--steps", "2"]
+    assert main(ev + ["--out", str(run / "run.json")]) == 2
+    assert "a run's own file" in capsys.readouterr().err and (run / "run.json").read_bytes() == record
+    assert main(ev + ["--out", str(tmp_path)]) == 2 and "is a folder" in capsys.readouterr().err
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": true}')
+    assert main(ev + ["--out", str(mine)]) == 2
+    assert "not an advgen evaluation" in capsys.readouterr().err and mine.read_text() == '{"mine": true}'
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    assert main(ev + ["--out", str(blocked / "e.json")]) == 2       # an unwritable place: refused up front
+    capsys.readouterr()
+    assert main(ev + ["--out", str(mine), "--force"]) == 0
+    assert "pgd_l2" in json.loads(mine.read_text())
+    assert main(ev + ["--out", str(mine)]) == 0                      # its own evaluation: resumed, all done
+    other = ["eval", str(run), "--data-dir", str(data), "--device", "cpu", "--eps", "0,0.5", "--steps", "2"]
+    assert main(other + ["--out", str(mine)]) == 2                   # another evaluation's file: refused
+    assert "other settings" in capsys.readouterr().err
