@@ -1,8 +1,8 @@
 """Bad input gets one clear line and exit code 2, never a traceback; nothing in a file is ever run."""
 from __future__ import annotations
 
-import json
 import errno
+import json
 import os
 import pickle
 from pathlib import Path
