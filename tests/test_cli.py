@@ -288,3 +288,37 @@ def test_tensorboard_logs_the_steps_and_epochs(tmp_path):
     csv_loss = [float(r.split(",")[2]) for r in (out / "metrics.csv").read_text().splitlines()[1:]]
     assert [e.value for e in loss] == pytest.approx(csv_loss, rel=1e-5)
     assert [e.step for e in events.Scalars("eval/test_acc")] == [5, 10]
+
+
+# a non-default value for every TrainConfig field, as a flag gives it and as the config then holds it
+FIELD_FLAGS = {
+    "model": (["--model", "resnet32"], "resnet32"), "dataset": (["--dataset", "cifar100"], "cifar100"),
+    "epochs": (["--epochs", "3"], 3), "batch_size": (["--batch-size", "64"], 64), "lr": (["--lr", "0.02"], 0.02),
+    "momentum": (["--momentum", "0.8"], 0.8), "weight_decay": (["--weight-decay", "1e-4"], 1e-4),
+    "schedule": (["--schedule", "constant"], "constant"), "seed": (["--seed", "7"], 7),
+    "train_subset": (["--train-subset", "500"], 500), "test_subset": (["--test-subset", "50"], 50),
+    "watch_subset": (["--watch-subset", "20"], 20), "watch_norm": (["--watch-norm", "linf"], "linf"),
+    "watch_eps": (["--watch-eps", "4/255"], 4 / 255), "watch_steps": (["--watch-steps", "5"], 5),
+    "init": (["--init", "zoo:resnet20-base"], "zoo:resnet20-base"),
+    "init_normalize": (["--init", "x.pt", "--normalize", "none"], "none"), "augment": (["--augment", "flip"], "flip"),
+    "time_budget": (["--time-budget", "60"], 60.0), "budget_clock": (["--budget-clock", "process"], "process"),
+    "budget_steps": (["--budget-steps", "9"], 9), "channels_last": (["--channels-last", "false"], False),
+    "compile": (["--compile"], True), "precision": (["--precision", "fp32"], "fp32"),
+    "fold_bn_attack": (["--fold-bn-attack", "false"], False), "sync_bn": (["--sync-bn"], True),
+    "method": (["--method", "nfgsm"], "nfgsm"),
+}
+
+
+def test_every_train_config_field_has_its_flag():
+    """Every TrainConfig field is set by a flag of advgen train (options by the methods' own, tested in
+    test_extending.py): a field added without one fails here, so the CLI and the API never drift apart."""
+    import dataclasses
+    from advgen.cli import build_parser
+    from advgen.cli.train import train_config_from_args
+    from advgen.training import TrainConfig
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"options"}
+    assert fields == set(FIELD_FLAGS), f"fields without a flag here: {sorted(fields - set(FIELD_FLAGS))}"
+    for name, (argv, value) in FIELD_FLAGS.items():
+        base = [] if name == "method" else ["--method", "standard"]
+        cfg = train_config_from_args(build_parser().parse_args(["train", *base, *argv, "--out", "x"]))
+        assert getattr(cfg, name) == pytest.approx(value) if isinstance(value, float) else getattr(cfg, name) == value, name

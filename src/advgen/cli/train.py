@@ -23,9 +23,9 @@ log = logging.getLogger("advgen")
 
 # TrainConfig fields the train command sets from a flag of the same name (dashes for underscores); each
 # flag's default is "not given", so the recipe's value, or the config's default, holds
-CONFIG_FLAGS = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "init", "init_normalize",
+CONFIG_FLAGS = ("model", "dataset", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "init", "init_normalize",
                 "augment",
-                "train_subset", "test_subset", "watch_subset", "watch_eps", "watch_norm", "time_budget",
+                "train_subset", "test_subset", "watch_subset", "watch_eps", "watch_norm", "watch_steps", "time_budget",
                 "budget_steps", "budget_clock", "channels_last", "compile", "precision", "fold_bn_attack", "sync_bn")
 
 
@@ -63,6 +63,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "check (default: 256 for fgsm, else 0)")
     p.add_argument("--watch-eps", type=number, help="(default: the norm's standard radius)")
     p.add_argument("--watch-norm", choices=["l2", "linf"], help="(default: the method's norm, else l2)")
+    p.add_argument("--watch-steps", type=int, help=f"PGD steps of the watch (default: {d.watch_steps})")
     p.add_argument("--time-budget", type=float, help="stop after this many seconds of training steps")
     p.add_argument("--budget-steps", type=int,
                    help="stop after this many training steps in all (a budget that reproduces on any machine)")
