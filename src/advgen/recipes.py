@@ -84,7 +84,7 @@ def _threat(norm: str, **more) -> dict:
 
 
 # the generator bank advgen recommends: the input gradient as an input and its step as the starting point
-# (grad skip), bounded in the norm's ball at its standard radius; Adam 1e-3 (README, the 3-seed comparison)
+# (grad skip), bounded in the norm's ball at its standard radius; Adam 1e-3 (docs/results.md, the 3-seed comparison)
 def _gradient_bank(norm: str, **more) -> dict:
     return {"bank": {"n": 32, "bound": norm, "size": STANDARD_EPS[norm], "grad_input": True, "grad_skip": True},
             "optimizer": "adam", "lr": 1e-3, **more}

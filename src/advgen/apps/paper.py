@@ -261,7 +261,7 @@ def _what_to_train(rows: list, like, eps: str) -> str:
     basis = "like-for-like benchmark" if fair else "the campaign's own seconds per epoch"
     return (f"What to train: {', '.join(s for s, _, _ in level)} sit inside the 95% interval of the most "
             f"robust ({best[0]}, {_pct(best[1])} at L2 {eps}); the cheapest of them is **{pick[0]}** ({basis}). "
-            "One training seed each: the ranking between seeds is the 3-seed comparison's (README).")
+            "One training seed each: the ranking between seeds is the 3-seed comparison's (docs/results.md).")
 
 
 def _paired(stages: dict, a: str, b: str, eps: str) -> str:

@@ -4,7 +4,7 @@ every helper a no-op, so the step loop reads the same with or without torchrun.
 
     torchrun --nproc_per_node=N -m advgen train ...     # one run over N processes
 
-Rules (README, "Many processes, GPUs and nodes"):
+Rules (docs/running.md, "Many processes, GPUs and nodes (torchrun)"):
 - the batch size is the GLOBAL batch: each of the W ranks trains on batch_size / W rows of every batch
   (rank r takes rows [r*b, (r+1)*b) of global batch i of the epoch's seeded permutation), so a run has
   the same steps per epoch, learning-rate schedule and data as a one-process run with the same

@@ -20,7 +20,8 @@ torch optimizers do:
                                            rows' dataset indices and augmentation)
 
 A new method is one module: a class derived from Method, decorated with @register(name, Options),
-where Options is a dataclass with validate(); then one import line in training/__init__.py.
+where Options is a dataclass with validate(), in a file of training/methods/ (imported with the package)
+or in a module named in $ADVGEN_PLUGINS; its fields declare their flags with flags.option.
 Methods get the unwrapped classifier and a Setup of decisions already made, never the raw config. The
 forward of the training loss goes through `self.train_model` (the DDP-wrapped classifier under
 torchrun, the classifier itself otherwise), exactly once per step; a loss of two training forwards

@@ -80,7 +80,7 @@ class ComparePreset:
     pgd_steps: int = 50
     pgd_restarts: int = 2
     # what the restarts ascend, in turn: the margin restart finds what the cross-entropy's saturated
-    # gradient misses (an N-FGSM model: CE x2 38.5%, CE + margin 34.5%, AutoAttack 33.5%; README)
+    # gradient misses (an N-FGSM model: CE x2 38.5%, CE + margin 34.5%, AutoAttack 33.5%; docs/evaluation.md)
     pgd_objectives: list[str] = field(default_factory=lambda: ["ce", "margin"])
     aa_eps: list[float] = field(default_factory=lambda: [0.5])
     aa_attacks: list[str] | None = None   # None: the standard AutoAttack

@@ -147,7 +147,7 @@ GENERATOR_PRESETS = ("paper", "gradient")
 
 def generator_preset(name: str) -> GeneratorOptions:
     """Named generator settings. "paper": Jung 2024 as published (32 generators, box bound s = 0.2, SGD
-    0.005). "gradient": advgen's recommendation from its equal-time comparison (README): the generators
+    0.005). "gradient": advgen's recommendation from its equal-time comparison (docs/results.md): the generators
     also see the input gradient and start as the FGSM-L2 step they learn to correct (grad_skip), with
     the L2 bound at the evaluation's eps (0.5) and Adam 1e-3; one more forward and backward per step."""
     if name == "paper":
