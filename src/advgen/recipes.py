@@ -1,9 +1,9 @@
 """Recipes: one name per way of training a model, the only names used by `advgen train --recipe`, compare,
 the benchmark, the zoo's cards and the docs.
 
-A recipe is a training method with its options, learning rate, schedule and epochs, and where it starts
+A recipe is a training method with its options, learning rate, schedule and epochs, where it starts
 (`init`: the shipped 40-epoch base for the fine-tuning recipes, which is how the zoo's models were made;
-None: from scratch). `recipe_config(name, **changes)` is its TrainConfig; a command-line flag or a
+None: from scratch) and any other TrainConfig field it sets (`settings`: the speedrun's batch size). `recipe_config(name, **changes)` is its TrainConfig; a command-line flag or a
 keyword changes one setting and leaves the rest as the recipe has them. The names of advgen 0.1 (gen_sdi,
 pgd10, minmax_paper, ...) are accepted as aliases, with a deprecation line.
 
@@ -29,7 +29,8 @@ BASE = "zoo:resnet20-base"   # the shipped ResNet-20, 40 epochs of standard trai
 @dataclass(frozen=True)
 class Recipe:
     """A named training: method and options (a dict of the method's options fields), optimizer schedule,
-    epochs, the model it starts from, what it is, and the names it had before."""
+    epochs, the model it starts from, what it is, the names it had before, and `settings`: further
+    TrainConfig fields it fixes (those it leaves out keep TrainConfig's defaults)."""
 
     name: str
     method: str
@@ -40,6 +41,7 @@ class Recipe:
     schedule: str = "cosine"
     init: str | None = BASE
     aliases: tuple[str, ...] = ()
+    settings: dict = field(default_factory=dict)
 
     def options_object(self):
         """The method's typed options with this recipe's values."""
@@ -74,7 +76,7 @@ def recipe_config(name: str, **changes) -> TrainConfig:
     """The TrainConfig of recipe `name`, with `changes` (TrainConfig fields) applied on top."""
     r = resolve_recipe(name)
     values = dict(method=r.method, options=r.options_object(), lr=r.lr, epochs=r.epochs, schedule=r.schedule,
-                  init=r.init)
+                  init=r.init, **r.settings)
     values.update(changes)
     return TrainConfig(**values)
 
@@ -130,3 +132,9 @@ for _norm in ("l2", "linf"):
                            {**_gradient_bank(_norm, memory=True, step_after=True, start="memory"),
                             "bank": {"n": 32, "bound": _norm, "size": _eps, "grad_input": False, "grad_skip": False}},
                            aliases=("mem_step",) if _old else ()))
+
+# From scratch on all of CIFAR-10 in 20 minutes of two CPU cores (docs/speedrun.md): N-FGSM at L2 0.5 with
+# Wong et al. 2020's one-cycle learning rate (peak 0.2), as many epochs as fit the time on this project's
+# machine in fp32 (about 195 s an epoch on two threads, without bf16)
+register_recipe(Recipe("speedrun-l2", "nfgsm", "from scratch in 20 minutes of 2 CPU cores: N-FGSM, one-cycle "
+                       "learning rate (docs/speedrun.md)", _threat("l2"), lr=0.2, epochs=6, schedule="cyclic", init=None))

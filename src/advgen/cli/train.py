@@ -13,7 +13,7 @@ import torch
 from ..attacks import STANDARD_EPS
 from ..errors import UserError, check
 from ..models import MODELS
-from ..recipes import RECIPES, resolve_recipe
+from ..recipes import RECIPES, recipe_config, resolve_recipe
 from ..precision import PRECISIONS, amp_alias
 from ..training import METHODS, SCHEDULES, TrainConfig
 from .args import (add_bool, add_data_args, add_option_flags, fetch_once, number, options_from_args, parse_bool,
@@ -111,8 +111,7 @@ def train_config_from_args(args) -> TrainConfig:
     if args.recipe:
         recipe = resolve_recipe(args.recipe)
         check(args.gen_preset is None, "--gen-preset goes with --method generator; a recipe has its options")
-        base = TrainConfig(method=recipe.method, options=recipe.options_object(), lr=recipe.lr, epochs=recipe.epochs,
-                           schedule=recipe.schedule, init=recipe.init)
+        base = recipe_config(recipe.name)
     else:
         options = None
         if args.gen_preset is not None:

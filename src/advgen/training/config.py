@@ -18,7 +18,22 @@ from ..models import MODELS, is_import_path
 from ..precision import PRECISIONS
 from .method import METHODS
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "cyclic", "constant")
+
+
+def lr_factor(schedule: str, total: int):
+    """The learning rate's multiplier at step i (0-based) of a run of `total` steps, as a function of i.
+
+    cosine: 0.5 (1 + cos(pi i / total)) (Loshchilov & Hutter 2017, without restarts);
+    cyclic: one cycle, linear from 0 up to 1 at 2/5 of the steps, then down to 0 at the last (Wong et al.
+    2020, "Fast is better than free", their CIFAR-10 schedule; step i trains at the cycle's value at its
+    middle, i + 1/2, so neither the first nor the last step has a rate of 0); constant: 1."""
+    if schedule == "cosine":
+        return lambda i: 0.5 * (1 + math.cos(math.pi * i / total))
+    if schedule == "cyclic":
+        peak = 0.4 * total
+        return lambda i: (i + 0.5) / peak if i + 0.5 <= peak else max(0.0, (total - i - 0.5) / (total - peak))
+    return lambda i: 1.0
 
 
 @dataclass

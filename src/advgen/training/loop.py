@@ -22,7 +22,6 @@ import hashlib
 import importlib
 import inspect
 import logging
-import math
 import os
 import shutil
 import re
@@ -45,7 +44,7 @@ from ..models import VARIANTS, build_model, saved_model_name
 from .. import devices, precision
 from . import distributed
 from ..io import git_commit, machine_description
-from .config import TrainConfig
+from .config import TrainConfig, lr_factor
 from .control import STOP, Budget, StepTimer, StopFlag
 from .distributed import Dist
 from .method import Forwards, Method, Setup, build_method
@@ -202,9 +201,7 @@ class Run:
         self.method: Method = build_method(cfg.method, self.model, cfg.options, self.setup)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-        total = cfg.epochs * spe
-        cosine = lambda i: 0.5 * (1 + math.cos(math.pi * i / total))  # noqa: E731
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cosine if cfg.schedule == "cosine" else (lambda i: 1.0))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg.schedule, cfg.epochs * spe))
         self.meter = EpochMeter(device)
         self.budget = Budget(cfg.time_budget, cfg.budget_clock)
         self.record = {"config": cfg.to_dict(), "epochs": [], "version": __version__, "git_commit": git_commit(),
