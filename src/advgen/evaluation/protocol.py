@@ -86,15 +86,17 @@ class EvalProtocol:
 
     @classmethod
     def quick(cls, norm: str = "l2", **changes) -> "EvalProtocol":
-        """A quick curve: PGD-20, one restart, at 0, half and all of the norm's standard radius."""
-        return cls(norm=norm, eps=QUICK_EPS[norm], **changes)
+        """A quick curve: PGD-20, one restart, at 0, half and all of the norm's standard radius; `changes`
+        replace any of these settings."""
+        return cls(**{"norm": norm, "eps": QUICK_EPS[norm], **changes})
 
     @classmethod
     def full(cls, norm: str = "l2", **changes) -> "EvalProtocol":
         """The zoo's full strength: PGD-50 with 2 restarts (cross-entropy, then margin) at FULL_EPS, the
-        standard AutoAttack at FULL_AA_EPS, their worst case, every check."""
-        return cls(norm=norm, eps=FULL_EPS[norm], steps=50, restarts=2, rel_step=FULL_REL_STEP,
-                   aa_eps=FULL_AA_EPS[norm], **changes)
+        standard AutoAttack at FULL_AA_EPS, their worst case, every check; `changes` replace any of these
+        settings (the speedrun's radii)."""
+        return cls(**{"norm": norm, "eps": FULL_EPS[norm], "steps": 50, "restarts": 2, "rel_step": FULL_REL_STEP,
+                      "aa_eps": FULL_AA_EPS[norm], **changes})
 
     @property
     def step_fraction(self) -> float | None:
