@@ -30,13 +30,14 @@ from advgen.data import balanced_subset, first_n, load_cifar
 from advgen.devices import indexed
 from advgen.training import train
 from advgen.training.methods.free import FreeOptions
+from advgen.training.methods.minmax import FGSMOptions
 from advgen.training.methods.generator import generator_preset
 from advgen.training.methods.nfgsm import NFGSMOptions
 from advgen.training.methods.trades import TradesOptions
 
 METHODS = {   # name -> (TrainConfig.method, options): the settings of the README's comparisons
     "standard": ("standard", lambda: None),
-    "fgsm": ("fgsm", lambda: AttackConfig(norm="linf", eps=8 / 255)),
+    "fgsm": ("fgsm", lambda: FGSMOptions(norm="linf", eps=8 / 255)),
     "nfgsm": ("nfgsm", lambda: NFGSMOptions(norm="l2", eps=0.5)),
     "minmax_pgd10": ("minmax", lambda: AttackConfig(norm="l2", eps=0.5, steps=10)),
     "trades": ("trades", lambda: TradesOptions(norm="l2", eps=0.5, steps=10)),

@@ -21,6 +21,7 @@ from advgen.training import METHODS, Setup, registered, train
 from advgen.training.methods.free import FreeAT, FreeOptions
 from advgen.training.methods.generator import GeneratorOptions
 from advgen.training.methods.minmax import MinMax
+from advgen.training.methods.minmax import FGSMOptions
 from advgen.training.methods.nfgsm import NFGSMOptions
 from advgen.training.state import read_state
 from advgen.training.methods.trades import TradesOptions
@@ -144,7 +145,7 @@ def test_generator_extra_ascent_steps_go_through_the_scaler(monkeypatch):
 
 ATTACKERS = {
     "minmax": AttackConfig(norm="l2", eps=0.5, steps=2, step_size=0.3),
-    "fgsm": AttackConfig(norm="linf", eps=8 / 255),
+    "fgsm": FGSMOptions(norm="linf", eps=8 / 255),
     "nfgsm": NFGSMOptions(norm="l2", eps=0.5),
     "trades": TradesOptions(norm="l2", eps=0.5, steps=2),
     "generator": GeneratorOptions(bank=BankConfig(n=2, width=4, depth=2, bound="l2", size=0.5, grad_input=True),

@@ -440,10 +440,11 @@ def _cfg(method: str = "standard", **kw):
     from advgen.models.generators import BankConfig
     from advgen.training.methods.free import FreeOptions
     from advgen.training.methods.generator import GeneratorOptions
+    from advgen.training.methods.minmax import FGSMOptions
     from advgen.training.methods.nfgsm import NFGSMOptions
     from advgen.training.methods.trades import TradesOptions
     options = {"standard": None, "minmax": AttackConfig(norm="l2", eps=0.5, steps=3),
-               "fgsm": AttackConfig(norm="linf", eps=8 / 255), "nfgsm": NFGSMOptions(norm="l2", eps=0.5),
+               "fgsm": FGSMOptions(norm="linf", eps=8 / 255), "nfgsm": NFGSMOptions(norm="l2", eps=0.5),
                "trades": TradesOptions(norm="l2", eps=0.5, steps=2), "free": FreeOptions(norm="l2", eps=0.5, replays=2),
                "generator": GeneratorOptions(bank=BankConfig(n=4, width=4, depth=2, assign="random", bound="l2",
                                                              size=0.5, grad_input=True), memory=True,

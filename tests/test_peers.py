@@ -339,7 +339,7 @@ def test_each_peer_trains_end_to_end(name, norm, tmp_path):
 
 @pytest.mark.parametrize("name, flags, expect", [
     ("nfgsm", ["--nfgsm-k", "1.5", "--attack-norm", "linf", "--attack-eps", "4/255"],
-     {"k": 1.5, "norm": "linf", "eps": 4 / 255, "step_size": None}),
+     {"k": 1.5, "norm": "linf", "eps": 4 / 255, "step_size": 4 / 255}),   # the step that ran: eps
     ("free", ["--free-replays", "2", "--attack-eps", "0.25"], {"replays": 2, "norm": "l2", "eps": 0.25}),
     ("trades", ["--trades-beta", "3", "--attack-norm", "linf", "--attack-step-size", "2/255"],
      {"beta": 3.0, "steps": 10, "step_size": 2 / 255, "norm": "linf"}),

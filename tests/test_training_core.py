@@ -17,6 +17,7 @@ from advgen.io import save_tensors
 from advgen.cli import main
 from advgen.attacks import STANDARD_EPS as DEFAULT_EPS
 from advgen.config import AttackConfig
+from advgen.training.methods.minmax import FGSMOptions
 from advgen.training import TrainConfig
 from advgen.errors import CheckpointError, ConfigError
 from advgen.training import METHODS, Method, Run, register, registered, train
@@ -143,7 +144,8 @@ def test_cli_linf_attack_defaults_to_8_over_255(tmp_path, capsys):
     assert main(["train", "--method", "fgsm", "--attack-norm", "linf", "--epochs", "1", "--batch-size", "20",
                  "--watch-subset", "0", "--data-dir", str(data), "--device", "cpu", "--out", str(out)]) == 0
     cfg = json.loads((out / "run.json").read_text())["config"]
-    assert cfg["options"]["norm"] == "linf" and cfg["options"]["eps"] is None   # None: the norm's default, 8/255
+    # left out, the radius is the norm's standard one, recorded as it ran (never null); FGSM's step 1.25 eps
+    assert cfg["options"]["norm"] == "linf" and cfg["options"]["eps"] == 8 / 255
 
 
 def test_seconds_per_epoch_after_a_time_budget_stop(tmp_path, capsys):
@@ -161,7 +163,7 @@ def test_init_of_another_class_count_is_refused(tmp_path):
     save_model(tmp_path / "ten.safetensors", ten, {"model": "resnet20", "num_classes": 10})
     hundred = tiny_dataset(48, 1)
     hundred = type(hundred)(hundred.images, hundred.labels, 100)
-    cfg = TrainConfig(epochs=1, batch_size=16, init=str(tmp_path / "ten.safetensors"))
+    cfg = TrainConfig(epochs=1, batch_size=16, init=str(tmp_path / "ten.safetensors"), dataset="hundred")
     with pytest.raises(ConfigError, match="another architecture or class count") as e:
         train(cfg, hundred, hundred, progress=False)
     assert e.value.field == "init"
@@ -211,7 +213,7 @@ def test_a_budget_in_steps_stops_at_that_step_and_records_passes(tmp_path):
 
 def test_snapshots_equal_the_runs_of_shorter_budgets(tmp_path):
     """Under a constant schedule, the snapshot at step N holds the weights a run stopped at N ends with."""
-    cfg = lambda n: TrainConfig(method="fgsm", options=AttackConfig(eps=0.5), epochs=10, batch_size=16,  # noqa: E731
+    cfg = lambda n: TrainConfig(method="fgsm", options=FGSMOptions(eps=0.5), epochs=10, batch_size=16,  # noqa: E731
                                 schedule="constant", budget_steps=n, seed=2)
     torch.manual_seed(0)
     train(cfg(5), *_sets(), out_dir=tmp_path / "long", progress=False, snapshots=[2, 4])

@@ -91,6 +91,20 @@ class AttackConfig(ThreatModel):
         check_step_size(self.step_size)
 
 
+def resolved(options):
+    """A copy of a method's options with the defaults that follow from other fields written in, as they
+    ran: eps None -> the norm's standard radius, step_size None -> the method's step (its `step`). What
+    run.json records, so that a record never says `"eps": null`."""
+    if not dataclasses.is_dataclass(options):
+        return options
+    changes = {}
+    if getattr(options, "eps", 0) is None and hasattr(options, "radius"):
+        changes["eps"] = options.radius
+    if getattr(options, "step_size", 0) is None and hasattr(options, "step"):
+        changes["step_size"] = options.step
+    return dataclasses.replace(options, **changes)
+
+
 def with_defaults(saved: dict, defaults: dict) -> dict:
     """`saved` (a config dict of an older advgen) with every setting added since at its default, nested
     dicts (method options) too: a run made before a setting existed ran as with its default."""

@@ -71,3 +71,26 @@ def figure3(curves: dict, path: Path, title: str | None = None) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)   # beside the axes: never over a curve
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def time_to_robustness(paths: dict, path: Path, eps: float, title: str | None = None) -> None:
+    """Robust accuracy against training seconds, one line per way of getting there: paths maps a label
+    to its points [{"seconds", "pgd"}] (accuracy in [0, 1]), drawn in seconds order from (0, 0)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.2, 3.6))
+    for label, points in paths.items():
+        pts = [(0.0, 0.0)] + sorted((p["seconds"], p["pgd"]) for p in points)
+        ax.plot([s / 60 for s, _ in pts], [a for _, a in pts], marker="o", markersize=3, label=label)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_xscale("symlog", linthresh=20)
+    ax.set_xlabel("training minutes (log scale past 20)")
+    ax.set_ylabel(f"PGD-L2 {eps:g} accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

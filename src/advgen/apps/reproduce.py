@@ -16,13 +16,13 @@ import torch
 
 from .._version import __version__
 from ..checkpoint import GENERATORS_FILE, RUN_FILE, load_model
-from ..config import with_defaults
 from ..data import load_subsets
 from ..errors import CheckpointError, RunDirError, UserError
 from ..evaluation import EvalProtocol, evaluate, mean_std
 from ..io import atomic_write, git_commit, machine_description, read_json, write_json
 from ..recipes import recipe_config
 from ..training import TrainConfig, train
+from ..training.config import as_run
 from . import DATA_CAVEAT, curve
 from .figures import figure2, figure3
 
@@ -84,8 +84,7 @@ def run_complete(run_dir: Path, cfg: TrainConfig) -> bool:
     if not path.exists():
         return False
     rec = read_json(path)
-    saved = with_defaults(rec.get("config") or {}, TrainConfig(method=cfg.method).to_dict())
-    return saved == cfg.to_dict() and rec.get("finished", False)
+    return as_run(rec.get("config") or {}, rec.get("version")) == cfg.resolved().to_dict() and rec.get("finished", False)
 
 
 def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, device="cpu",

@@ -4,7 +4,8 @@ timed, with its curve of robustness against training seconds (docs/speedrun.md).
 Into OUT: run/ (the training run of recipe speedrun-l2, a snapshot of the classifier after every epoch),
 curve.json (PGD-L2 at the recipe's radius on the evaluation images after each epoch, against the training
 seconds spent so far), eval.json (the final model under the full protocol: PGD-50 with 2 restarts and the
-standard AutoAttack), speedrun.json and speedrun.md (the summary: seconds, precision, machine, command).
+standard AutoAttack), speedrun.json and speedrun.md (the summary: seconds, precision, machine, command)
+and speedrun.png (the curve beside the zoo's path: the 40-epoch base, then N-FGSM fine-tuning).
 Every part resumes: run the same command again.
 
 Training seconds are the training steps' own (each epoch row's `seconds`, the clock stopped for the
@@ -21,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import RUN_FILE, load_model
+from ..checkpoint import RUN_FILE, load_model, zoo_cards
 from ..data import load_subsets
 from ..errors import CheckpointError, RunDirError, UserError
 from ..evaluation import EvalProtocol, evaluate
 from ..io import atomic_write, read_json, read_tensors, write_json
 from ..recipes import recipe_config
 from ..training import train
-from . import DATA_CAVEAT
+from . import DATA_CAVEAT, figures
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ def speedrun(preset: str, out: Path, *, data_dir=None, download: bool = False, d
     write_json(out / "eval.json", result)
     summary = summarize(preset, p, cfg, record, points, result, command, wall)
     write_json(summary_path, summary)
+    eps = summary["eps"]
+    figures.time_to_robustness({f"{p.recipe} (from scratch, {summary['threads']} threads)": points, **zoo_path(eps)},
+                               out / "speedrun.png", eps, title=f"first {points[-1]['n']} test images")
     path = out / "speedrun.md"
     atomic_write(path, render(summary).encode())
     return path
@@ -131,6 +135,22 @@ def time_to_robustness(run_dir: Path, record: dict, test_set, p: SpeedrunPreset,
             write_json(path, {"eps": eps, "steps": p.curve_steps, "points": sorted(done.values(), key=lambda d: d["step"])})
         points.append(done[step])
     return points
+
+
+def zoo_path(eps: float) -> dict:
+    """The zoo's way to a robust model as curve points: resnet20-base (standard training), then
+    resnet20-nfgsm fine-tuned from it; their training seconds (one thread, a shared machine) and PGD
+    accuracy at `eps` from their cards' full evaluations (PGD-50, 2 restarts). Empty if a card is missing
+    or was not evaluated at eps."""
+    cards = {c["name"]: c for c in zoo_cards()}
+    try:
+        base, tuned = cards["resnet20-base"], cards["resnet20-nfgsm"]
+        base_s = sum(base["epoch_seconds"])
+        points = [{"seconds": base_s, "pgd": base["eval"]["pgd_l2"][str(eps)]["accuracy"]},
+                  {"seconds": base_s + sum(tuned["epoch_seconds"]), "pgd": tuned["eval"]["pgd_l2"][str(eps)]["accuracy"]}]
+    except KeyError:
+        return {}
+    return {"zoo: resnet20-base, then nfgsm fine-tuning (1 thread)": points}
 
 
 def summarize(preset: str, p: SpeedrunPreset, cfg, record: dict, points: list[dict], result: dict,
@@ -164,6 +184,6 @@ def render(s: dict) -> str:
              "| training seconds | step | clean | PGD |", "|---|---|---|---|"]
     lines += [f"| {pt['seconds']:.0f} | {pt['step']} | {100 * pt['clean']:.1f}% | {100 * pt['pgd']:.1f}% |"
               for pt in s["curve"]]
-    lines += ["", "## Sanity checks", ""]
+    lines += ["", "![time to robustness](speedrun.png)", "", "## Sanity checks", ""]
     lines += [f"- [{'ok' if c['passed'] else 'FAILED'}] {c['name']}: {c['detail']}" for c in s["checks"]] or ["- none run"]
     return "\n".join(lines) + "\n"

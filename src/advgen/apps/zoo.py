@@ -56,7 +56,8 @@ def card_for(name: str, rec: dict, meta: dict, evaluation: dict, *, command: str
             "method": cfg["method"], "recipe": recipe, "config": cfg, "command": command, "commit": rec.get("git_commit"),
             "advgen_version": rec.get("version"), "train_images": rec.get("train_images"), "epochs": len(rows),
             "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
-            "epoch_seconds": [r["seconds"] for r in rows], "machine": machine,
+            "epoch_seconds": [r["seconds"] for r in rows], "train_seconds": sum(r["seconds"] for r in rows),
+            "machine": machine,
             "precision": run_precision(rec), "bf16_autocast": training_precision(rec) == "bf16", "data": DATA_CAVEAT,
             "eval": {k: v for k, v in evaluation.items() if k not in ("samples", "model", "model_file")}}
 

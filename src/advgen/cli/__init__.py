@@ -148,6 +148,7 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    args.command_line = "advgen " + shlex.join(argv)   # what a record names as its command
     stoppable = args.command in ("train", "reproduce", "compare")
     try:
         with stop_on_signals() if stoppable else contextlib.nullcontext():

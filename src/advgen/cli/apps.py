@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -44,7 +42,7 @@ def cmd_reproduce(args) -> int:
     if args.preset in SPEEDRUN_PRESETS:
         check(not args.seeds, "--seeds goes with the paper's presets; a speedrun is one timed run")
         seed_everything(SPEEDRUN_PRESETS[args.preset].seed)
-        path = speedrun(args.preset, Path(args.out), command=shlex.join(["advgen", *sys.argv[1:]]), **kw)
+        path = speedrun(args.preset, Path(args.out), command=args.command_line, **kw)
         print(f"speedrun written to {path}")
         return 0
     if args.seeds:

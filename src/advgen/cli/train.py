@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from ..attacks import STANDARD_EPS
 from ..errors import UserError, check
 from ..models import MODELS
 from ..recipes import RECIPES, recipe_config, resolve_recipe
@@ -61,8 +60,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch-subset", type=int,
                    help="PGD accuracy on the first N test images after each epoch, the catastrophic-overfitting "
                         "check (default: 256 for fgsm, else 0)")
-    p.add_argument("--watch-eps", type=number, help="(default: the norm's standard radius)")
-    p.add_argument("--watch-norm", choices=["l2", "linf"], help="(default: the method's norm, else l2)")
+    p.add_argument("--watch-eps", type=number,
+                   help="radius of the watch's PGD (default: the training's radius when the norms agree, else the "
+                        "norm's standard radius; needs --watch-subset)")
+    p.add_argument("--watch-norm", choices=["l2", "linf"],
+                   help="norm of the watch's PGD (default: the method's norm, else l2; needs --watch-subset)")
     p.add_argument("--watch-steps", type=int, help=f"PGD steps of the watch (default: {d.watch_steps})")
     p.add_argument("--time-budget", type=float, help="stop after this many seconds of training steps")
     p.add_argument("--budget-steps", type=int,
@@ -127,13 +129,8 @@ def train_config_from_args(args) -> TrainConfig:
         changes["precision"] = amp_alias(resolve_device(args.device))
         log.warning("--amp is deprecated: it means --precision %s here; pass --precision", changes["precision"])
     cfg = dataclasses.replace(base, options=options_from_args(base.method, args, base.options), **changes)
-    cfg.options.validate()   # before the watch settings are derived from its radius
-    if args.watch_subset is None:   # the catastrophic-overfitting watch is on by default for FGSM training
-        cfg.watch_subset = 256 if cfg.method == "fgsm" else 0
-    if args.watch_norm is None:
-        cfg.watch_norm = getattr(cfg.options, "norm", cfg.watch_norm)
-    if args.watch_eps is None:
-        cfg.watch_eps = getattr(cfg.options, "radius", None) or STANDARD_EPS[cfg.watch_norm]
+    if args.watch_subset is None and cfg.method == "fgsm":   # the catastrophic-overfitting watch, on for FGSM
+        cfg.watch_subset = 256
     cfg.validate()
     return cfg
 

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import NORMS, from_dict
+from ..attacks import STANDARD_EPS
+from ..config import NORMS, from_dict, resolved, with_defaults
 from ..data import AUGMENTATIONS
 from ..errors import ConfigError, check_field
 from ..flags import check_types
@@ -53,9 +54,11 @@ class TrainConfig:
     test_subset: int | None = None
     # robust accuracy watched after each epoch on the first `watch_subset` test images (0: off);
     # for FGSM training it is the catastrophic-overfitting check of Wong et al. 2020
+    # the watch's threat model: None = the training's own (its options' norm and radius; L2 0.5 for a
+    # method without one); set only with watch_subset > 0 (without a watch they would do nothing)
     watch_subset: int = 0
-    watch_norm: str = "l2"
-    watch_eps: float = 0.5
+    watch_norm: str | None = None
+    watch_eps: float | None = None
     watch_steps: int = 10
     init: str | None = None
     # the training augmentation: a comma list of crop and flip, or none (for data whose label depends on
@@ -117,8 +120,13 @@ class TrainConfig:
                                                                  and len(set(parts)) == len(parts))),
                     "augment", f"must be none or a comma list of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         check_field(self.watch_subset >= 0, "watch_subset", f"must be >= 0, got {self.watch_subset}")
-        check_field(self.watch_norm in NORMS, "watch_norm", f"must be l2 or linf, got {self.watch_norm!r}")
-        check_field(math.isfinite(self.watch_eps) and self.watch_eps > 0, "watch_eps", f"must be > 0, got {self.watch_eps}")
+        check_field(self.watch_norm is None or self.watch_norm in NORMS, "watch_norm",
+                    f"must be l2 or linf, got {self.watch_norm!r}")
+        check_field(self.watch_eps is None or (math.isfinite(self.watch_eps) and self.watch_eps > 0), "watch_eps",
+                    f"must be > 0, got {self.watch_eps}")
+        for name in ("watch_norm", "watch_eps"):
+            check_field(getattr(self, name) is None or self.watch_subset > 0, name,
+                        "sets the watch's threat model: it needs watch_subset > 0 (the images watched)")
         check_field(self.watch_steps >= 1, "watch_steps", f"must be >= 1, got {self.watch_steps}")
         check_field(self.time_budget is None or (math.isfinite(self.time_budget) and self.time_budget > 0),
                     "time_budget", f"must be > 0 seconds, got {self.time_budget}")
@@ -126,6 +134,8 @@ class TrainConfig:
                     f"must be >= 1, got {self.budget_steps}")
         check_field(self.budget_clock in ("wall", "process"), "budget_clock",
                     f"must be wall or process, got {self.budget_clock!r}")
+        check_field(self.budget_clock == "wall" or self.time_budget is not None, "budget_clock",
+                    "is the clock of time_budget: it needs a time_budget")
         check_field(self.precision in PRECISIONS, "precision",
                     f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("compile", "fold_bn_attack"):
@@ -142,10 +152,27 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def watch_threat(self) -> tuple[str, float]:
+        """(norm, radius) of the watch: watch_norm / watch_eps, else the training's threat model (its
+        options' norm and radius), else L2 at its standard radius."""
+        norm = self.watch_norm or getattr(self.options, "norm", None) or "l2"
+        if self.watch_eps is not None:
+            return norm, self.watch_eps
+        same = norm == getattr(self.options, "norm", None)
+        return norm, self.options.radius if same else STANDARD_EPS[norm]
+
+    def resolved(self) -> "TrainConfig":
+        """This config with its defaults written in as they ran (config.resolved; the watch's threat model
+        where there is a watch): what run.json records."""
+        watch = self.watch_threat if self.watch_subset > 0 else (None, None)
+        return dataclasses.replace(self, options=resolved(self.options), watch_norm=watch[0], watch_eps=watch[1])
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """The inverse of to_dict; also reads the configs of advgen 0.1 run folders (`attack` and
-        `generator` beside the common fields) and of runs made before `precision` (`amp`: false reads
+        `generator` beside the common fields), FGSM runs made before FGSMOptions (min-max's options, read
+        as what ran) and runs made before `precision` (`amp`: false reads
         as precision auto, which is fp32; true as bf16, what --amp meant everywhere but on CUDA GPUs
         without bf16, where it meant fp16)."""
         d = dict(d)
@@ -157,8 +184,27 @@ class TrainConfig:
         options = d.pop("options", None)
         if options is None:
             options = legacy["generator"] if method == "generator" else legacy["attack"]
+        if method == "fgsm" and options and "steps" in options:
+            # before FGSMOptions, FGSM carried min-max's options and ignored all but norm and eps: it ran
+            # one step of 1.25 eps from a random start, whatever steps, step_size and random_start said
+            options = {k: v for k, v in options.items() if k in ("norm", "eps")}
         spec = _method_spec(method)
         return cls(options=from_dict(spec.options, options or {}), **d)
+
+
+def as_run(saved: dict, version: str | None = None) -> dict:
+    """A config dict read from a run (run.json, a state's header) as it ran, comparable with
+    `cfg.resolved().to_dict()`: settings added since at their defaults, method defaults written in.
+    advgen 0.1 trained every L2 attack method at eps 0.05 when none was given: a record of that version
+    without an eps says 0.05 here, not today's 0.5."""
+    saved = with_defaults(saved, TrainConfig(method=saved.get("method", "standard")).to_dict())
+    if not saved.get("watch_subset"):   # records before watch_norm/eps could be None: without a watch, unused
+        saved.update(watch_norm=None, watch_eps=None)
+    cfg = TrainConfig.from_dict(saved)
+    options = cfg.options
+    if (version or "").startswith("0.1") and getattr(options, "eps", 0) is None and options.norm == "l2":
+        options.eps = 0.05
+    return cfg.resolved().to_dict()
 
 
 def _method_spec(name: str, strict: bool = True):

@@ -37,14 +37,13 @@ from tqdm import tqdm
 
 from .._version import __version__
 from ..checkpoint import METRICS_FILE, STATE_FILE, load_model, save_model, saved_architecture
-from ..config import with_defaults
 from ..data import Batches, Dataset, balanced_subset, data_placement, first_n, normalization_for
-from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, check, check_field
+from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, UserError, check, check_field
 from ..models import VARIANTS, build_model, saved_model_name
 from .. import devices, precision
 from . import distributed
 from ..io import git_commit, machine_description
-from .config import TrainConfig, lr_factor
+from .config import TrainConfig, as_run, lr_factor
 from .control import STOP, Budget, StepTimer, StopFlag
 from .distributed import Dist
 from .method import Forwards, Method, Setup, build_method
@@ -75,7 +74,10 @@ _NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
 
 def check_speed_options(cfg: TrainConfig, device: torch.device, dist: Dist = distributed.SINGLE) -> None:
     """ConfigError when compile, precision or sync_bn cannot work here (before any data is touched)."""
-    if cfg.sync_bn and dist.active and device.type != "cuda":
+    if cfg.sync_bn and not dist.active:
+        raise ConfigError("sync_bn", "synchronizes BatchNorm across the processes of a torchrun job; this is one "
+                                     "process (run under torchrun, or leave it off)")
+    if cfg.sync_bn and device.type != "cuda":
         raise ConfigError("sync_bn", f"needs CUDA devices (torch's SyncBatchNorm has no {device.type} kernel)")
     if cfg.compile:
         if not hasattr(torch, "compile"):
@@ -204,7 +206,7 @@ class Run:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg.schedule, cfg.epochs * spe))
         self.meter = EpochMeter(device)
         self.budget = Budget(cfg.time_budget, cfg.budget_clock)
-        self.record = {"config": cfg.to_dict(), "epochs": [], "version": __version__, "git_commit": git_commit(),
+        self.record = {"config": cfg.resolved().to_dict(), "epochs": [], "version": __version__, "git_commit": git_commit(),
                        "device": str(device), "world_size": dist.world, "train_images": len(train_set),
                        "test_images": len(test_set), "precision": self.precision.record()}
         self.machine = machine_description(device)   # each epoch's row names it: a resumed run may have moved
@@ -481,7 +483,8 @@ def end_epoch(run: Run, saver: Saver) -> None:
            **run.meter.summary(run.dist), "machine": run.machine}
     with precision.full_precision(run.device):   # evaluation in fp32, whatever the training ran in
         row.update(evaluate_epoch(run.model, run.test_set.images, run.test_set.labels, watch=cfg.watch_subset,
-                                  watch_norm=cfg.watch_norm, watch_eps=cfg.watch_eps, watch_steps=cfg.watch_steps))
+                                  watch_norm=cfg.watch_threat[0], watch_eps=cfg.watch_threat[1],
+                                  watch_steps=cfg.watch_steps))
     if catastrophic_overfitting(run.record["epochs"], row):
         row["catastrophic_overfitting"] = True
         run.record.setdefault("catastrophic_overfitting", row["epoch"])   # the first epoch it showed
@@ -507,10 +510,15 @@ def _resume_state(out: Path, cfg: TrainConfig) -> tuple[dict, dict]:
     saved = dict(header.get("config") or {})
     if isinstance(saved.get("model"), str):   # a state without "variant" predates them (models.saved_model_name)
         saved["model"] = saved_model_name(saved["model"], header.get("variant"))
-    # settings added since the state was written count as their defaults; the precision is compared
-    # as resolved (Run._check_precision): `auto` and `fp32` are the same run where auto means fp32
-    changes = _config_changes(_without_precision(with_defaults(saved, TrainConfig(method=cfg.method).to_dict())),
-                              _without_precision(cfg.to_dict()))
+    # settings added since the state was written count as their defaults, method defaults as they ran
+    # (training/config.as_run); the precision is compared as resolved (Run._check_precision): `auto` and
+    # `fp32` are the same run where auto means fp32
+    try:
+        saved = as_run(saved, header.get("version"))
+    except (UserError, TypeError, ValueError) as e:
+        raise CheckpointError(f"--resume: {out / STATE_FILE} holds a config this advgen cannot read "
+                              f"({' '.join(str(e).split())[:200]}); pass --force to start over") from None
+    changes = _config_changes(_without_precision(saved), _without_precision(cfg.resolved().to_dict()))
     if changes:
         raise CheckpointError(f"--resume: {out} was started with other settings: {'; '.join(changes[:4])}"
                               f"{' ...' if len(changes) > 4 else ''}; pass the same arguments, or --force to "
@@ -551,6 +559,7 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     device = devices.indexed(device)   # "cuda" -> cuda:N, where tensors moved there report they are
     cfg.validate()
     check_speed_options(cfg, device, dist)
+    check_dataset(cfg, train_set)
     train_set, test_set = subsets(cfg, train_set, test_set)
     check_field(checkpoint_every is None or (type(checkpoint_every) is int and checkpoint_every >= 1),
                 "checkpoint_every", f"must be a number of steps >= 1, got {checkpoint_every}")
@@ -563,6 +572,16 @@ def train(cfg: TrainConfig, train_set: Dataset, test_set: Dataset, out_dir: str 
     with hold_run_dir(out) if out is not None and dist.main else contextlib.nullcontext(), devices.scope(device):
         return _train(cfg, train_set, test_set, out, device, progress, model, resume, force, checkpoint_every,
                       snapshots, tensorboard, stop, dist, data_on)
+
+
+def check_dataset(cfg: TrainConfig, train_set: Dataset) -> None:
+    """cfg.dataset names the data train() is handed (it cannot choose them: the caller loaded them); a
+    CIFAR name must fit their image shape and classes, or the record would name data that did not train."""
+    want = {"cifar10": (3, 32, 32, 10), "cifar100": (3, 32, 32, 100)}.get(cfg.dataset)
+    got = (*train_set.images.shape[1:], train_set.num_classes)
+    check_field(want is None or got == want, "dataset",
+                f"is {cfg.dataset}, but the training data are {got[0]}x{got[1]}x{got[2]} images of {got[3]} classes; "
+                "set it to what they are (their path or a name of yours)")
 
 
 def subsets(cfg: TrainConfig, train_set: Dataset, test_set: Dataset) -> tuple[Dataset, Dataset]:

@@ -3,17 +3,19 @@
 Each batch: PGD finds δ against the current classifier (K forward and backward passes, model in eval
 mode), then the classifier descends CE(f(x + δ), y) on PGD's final iterate (keep="last", as Madry et
 al.: a sample fooled at an early step is still pushed to full strength). FGSM-RS is the K = 1 case with
-a random start and a step of 1.25·eps.
+a random start and a step of 1.25·eps (its own options, FGSMOptions: no steps to set).
 
 With Setup.fold_bn (default) the attack runs on a BatchNorm-folded copy of the classifier, refreshed
 from its current weights and running statistics before every batch (speed.BNFolder): the same function
 as the classifier in eval mode up to float rounding, two operations fewer per block in each of the K
 forward and backward passes. The classifier itself still trains in train mode.
 """
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
-from ...attacks import FGSM, PGD
-from ...config import AttackConfig
+from ...attacks import PGD
+from ...config import AttackConfig, SignedStepThreatModel
 from ...models.folding import BNFolder
 from ..method import Method, register
 
@@ -59,7 +61,17 @@ class MinMax(AttackMethod):
                    random_start=a.random_start, keep="last", seed=seed)
 
 
-@register("fgsm", AttackConfig, "FGSM with a random start, step 1.25 eps (Wong et al. 2020)")
+@dataclass
+class FGSMOptions(SignedStepThreatModel):
+    """norm, eps (ThreatModel); step_size: the one step taken from the random start, pixel units (None:
+    1.25·eps, Wong et al. 2020's alpha). FGSM takes one step: it has no steps option to ignore."""
+
+    @property
+    def step(self) -> float:
+        return 1.25 * self.radius if self.step_size is None else self.step_size
+
+
+@register("fgsm", FGSMOptions, "FGSM with a random start, step 1.25 eps (Wong et al. 2020)")
 class FGSMRS(AttackMethod):
     """Wong et al. 2020, "Fast is better than free": one signed-gradient step from a random start."""
 
@@ -67,5 +79,6 @@ class FGSMRS(AttackMethod):
     def passes(self) -> int:
         return 2
 
-    def make_attack(self, model, a: AttackConfig, seed: int):
-        return FGSM(model, norm=a.norm, eps=a.radius, random_start=True, keep="last", seed=seed)
+    def make_attack(self, model, a: FGSMOptions, seed: int):
+        return PGD(model, norm=a.norm, eps=a.radius, steps=1, step_size=a.step, random_start=True, keep="last",
+                   seed=seed)
