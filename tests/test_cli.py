@@ -270,7 +270,7 @@ def test_plot_draws_training_curves_of_runs(tmp_path, capsys):
     png = tmp_path / "curves.png"
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert main(["plot", str(tmp_path / "nothing"), "--out", str(png)]) == 2
+    assert main(["plot", str(tmp_path / "nothing"), "--out", str(png), "--force"]) == 2
     assert "holds no run" in capsys.readouterr().err
 
 

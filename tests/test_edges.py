@@ -195,3 +195,24 @@ def test_fgsm_takes_its_step_size_and_refuses_steps(tmp_path, capsys):
     old = TrainConfig.from_dict({"method": "fgsm", "options": {"norm": "l2", "eps": 0.5, "steps": 40,
                                                                "step_size": 0.01, "random_start": True}})
     assert old.options == FGSMOptions(norm="l2", eps=0.5) and old.resolved().options.step_size == 0.625
+
+
+@pytest.mark.parametrize("argv", [["reproduce", "--preset", "smoke"], ["reproduce", "--preset", "speedrun-smoke"],
+                                  ["compare", "--preset", "smoke"]])
+def test_an_out_that_is_a_file_is_refused_in_one_line(argv, tmp_path, capsys):
+    """reproduce and compare used to die in a traceback (FileExistsError) on an --out that is a file."""
+    from advgen.cli import main
+    mine = tmp_path / "mine.txt"
+    mine.write_text("the user's")
+    assert main([*argv, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a folder" in err and mine.read_text() == "the user's"
+
+
+def test_plot_keeps_an_existing_file_without_force(tmp_path, capsys):
+    """advgen plot used to write over any --out."""
+    from advgen.cli import main
+    mine = tmp_path / "curves.png"
+    mine.write_text("the user's")
+    assert main(["plot", str(tmp_path), "--out", str(mine)]) == 2
+    assert "--force" in capsys.readouterr().err and mine.read_text() == "the user's"

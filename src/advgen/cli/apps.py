@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, check
+from ..io import check_writable
 from .args import device_list, device_name, ints, number, resolve_device, seed_everything
 
 
@@ -15,6 +16,14 @@ def _add_device(p, help: str = "cuda under torchrun: each process takes cuda:LOC
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: $ADVGEN_DATA or ~/.cache/advgen)")
     p.add_argument("--download", action="store_true", help="download the data into --data-dir if it is missing")
     p.add_argument("--device", default="auto", type=device_name, metavar="auto|cpu|cuda|cuda:N|mps", help=help)
+
+
+def _out_folder(path: str) -> Path:
+    """--out of reproduce and compare: a folder (made if missing) that can be written, checked first."""
+    out = Path(path)
+    check(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
+    check_writable(out)
+    return out
 
 
 def add_reproduce(sub) -> None:
@@ -42,15 +51,15 @@ def cmd_reproduce(args) -> int:
     if args.preset in SPEEDRUN_PRESETS:
         check(not args.seeds, "--seeds goes with the paper's presets; a speedrun is one timed run")
         seed_everything(SPEEDRUN_PRESETS[args.preset].seed)
-        path = speedrun(args.preset, Path(args.out), command=args.command_line, **kw)
+        path = speedrun(args.preset, _out_folder(args.out), command=args.command_line, **kw)
         print(f"speedrun written to {path}")
         return 0
     if args.seeds:
         seed_everything(args.seeds[0])
-        path = reproduce_seeds(args.preset, Path(args.out), args.seeds, **kw)
+        path = reproduce_seeds(args.preset, _out_folder(args.out), args.seeds, **kw)
     else:
         seed_everything(PRESETS[args.preset].seed)
-        path = reproduce(args.preset, Path(args.out), **kw)
+        path = reproduce(args.preset, _out_folder(args.out), **kw)
     print(f"report written to {path}")
     return 0
 
@@ -86,7 +95,7 @@ def cmd_compare(args) -> int:
         raise UserError(f"--devices: {e}") from None
     devices = [resolve_device(d, "--devices") for d in names] or None
     seed_everything(COMPARE_PRESETS[args.preset].base_seed)
-    path = compare(args.preset, Path(args.out), data_dir=args.data_dir, download=args.download, device=device,
+    path = compare(args.preset, _out_folder(args.out), data_dir=args.data_dir, download=args.download, device=device,
                    base=Path(args.base) if args.base else None,
                    entries=args.entries.split(",") if args.entries else None, jobs=args.jobs, devices=devices)
     print(f"comparison written to {path}")
@@ -138,14 +147,16 @@ def cmd_zoo(args) -> int:
 def add_plot(sub) -> None:
     pl = sub.add_parser("plot", help="training curves of runs (loss, accuracy, PGD-watch accuracy) to a PNG")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    pl.add_argument("--out", default="curves.png", help="the PNG to write")
+    pl.add_argument("--out", default="curves.png", help="the PNG to write (an existing file only with --force)")
+    pl.add_argument("--force", action="store_true", help="replace an existing --out")
     pl.set_defaults(func=cmd_plot)
 
 
 def cmd_plot(args) -> int:
     from ..apps.plot import plot_runs
-    from ..io import check_writable
     out = Path(args.out)
+    check(args.force or not out.exists(), f"--out {out} exists: give another file, or --force to replace it")
+    check(not out.is_dir(), f"--out {out} is a folder: give the PNG's file name")
     check_writable(out.parent if str(out.parent) else Path("."))
     print(f"training curves written to {plot_runs([Path(r) for r in args.runs], out)}")
     return 0
