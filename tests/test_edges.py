@@ -5,6 +5,7 @@ an entry here fails test_every_field_is_walked."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -216,3 +217,25 @@ def test_plot_keeps_an_existing_file_without_force(tmp_path, capsys):
     mine.write_text("the user's")
     assert main(["plot", str(tmp_path), "--out", str(mine)]) == 2
     assert "--force" in capsys.readouterr().err and mine.read_text() == "the user's"
+
+
+@pytest.mark.parametrize("images, labels, needle", [
+    (torch.rand(4, 3, 32, 32) * 255, torch.arange(4), "pixels in [0, 1], got values in"),   # float 0-255
+    ((torch.rand(4, 3, 32, 32) - 0.5) / 0.25, torch.arange(4), "normalization inside the model"),   # normalized
+    (torch.rand(4, 3, 32, 32), torch.arange(4).float(), "integer class indices"),
+    (torch.rand(4, 3, 32, 32), torch.arange(3), "of shape (4,)"),
+])
+def test_api_evaluation_refuses_pixels_outside_0_1(images, labels, needle, tiny_model):
+    """advgen.evaluate used to attack 0-255 float pixels with radii meant for [0, 1] and return a number."""
+    with pytest.raises(UserError, match=re.escape(needle)):
+        advgen.evaluate(tiny_model(), images, labels, advgen.EvalProtocol.quick("l2", steps=1, checks=False))
+    with pytest.raises(UserError, match=re.escape(needle)):
+        advgen.robust_accuracy(tiny_model(), images, labels, lambda e: None, [0.0])
+
+
+def test_api_evaluation_takes_uint8_as_0_255(tiny_model):
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(4)
+    p = advgen.EvalProtocol.quick("l2", steps=1, checks=False)
+    model = tiny_model()
+    assert advgen.evaluate(model, x, y, p)["clean"] == advgen.evaluate(model, x.float() / 255, y, p)["clean"]

@@ -10,6 +10,8 @@ import torch
 from tqdm import tqdm
 from torch import nn
 
+from ..errors import check
+
 log = logging.getLogger(__name__)
 
 
@@ -65,10 +67,29 @@ def robust_flags(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return flags
 
 
+def check_pixels(images: torch.Tensor, labels: torch.Tensor) -> None:
+    """UserError unless images are (N, C, H, W) pixels, uint8 (0-255, divided by 255 here) or float in
+    [0, 1], and labels integer (N,): radii are in [0, 1] pixel units, so float 0-255 pixels or normalized
+    images would give a number that means nothing, silently."""
+    check(isinstance(images, torch.Tensor) and images.dim() == 4, f"images must be a (N, C, H, W) tensor, got "
+          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if images.dtype != torch.uint8:
+        check(images.is_floating_point(), f"images must be uint8 or float pixels in [0, 1], got {images.dtype}")
+        lo, hi = (float(v) for v in images.aminmax())
+        check(lo >= 0 and hi <= 1, f"images must be float pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+                                   "(0-255 pixels? divide by 255; normalized? put the normalization inside the model)")
+    check(isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
+          and labels.shape[0] == images.shape[0],
+          f"labels must be integer class indices of shape ({images.shape[0]},), got "
+          f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__} "
+          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else ''}")
+
+
 def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     attack_at: Callable[[float], Callable], epsilons, batch_size: int = 500,
                     memory_format: torch.memory_format = torch.contiguous_format) -> list[float]:
     """Accuracy (fractions, exact counts / N) under attack_at(eps) for every eps, on the same images
     (robust_flags averaged)."""
+    check_pixels(images, labels)
     flags = robust_flags(model, images, labels, attack_at, epsilons, batch_size, memory_format)
     return [c / images.shape[0] for c in flags.sum(1).tolist()]

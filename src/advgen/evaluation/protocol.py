@@ -31,7 +31,7 @@ from ..io import fingerprint
 from ..models.folding import inference_copy
 from ..precision import evaluation_note
 from .checks import LARGE_EPS, LARGE_EPS_IMAGES, gap_check, sanity_checks
-from .core import predict, robust_flags
+from .core import check_pixels, predict, robust_flags
 from .progress import EvalProgress, unbits
 from .stats import with_interval
 
@@ -257,6 +257,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, proto
     """
     p = protocol or EvalProtocol.quick()
     p.validate()
+    check_pixels(images, labels)
     n = int(labels.shape[0])
     check(n >= 1, "no test images to evaluate")
     settings = p.settings(fingerprint(model), fingerprint([images, labels]), n)
