@@ -137,9 +137,11 @@ def cmd_zoo(args) -> int:
     eps = STANDARD_EPS[args.norm] if args.eps is None else args.eps
     radii = {float(k) for c in cards for key in (f"pgd_{args.norm}", f"autoattack_{args.norm}")
              for k in c.get("eval", {}).get(key, {})}
+    name = dict(l2="L2", linf="Linf")[args.norm]
+    check(args.json or not cards or radii, f"no zoo model has been evaluated under {name} attacks yet")
     check(args.json or not cards or any(abs(eps - r) < 1e-9 for r in radii),
-          f"--eps {eps:g}: no zoo model was attacked at that {dict(l2='L2', linf='Linf')[args.norm]} radius; choose from "
-          f"{', '.join(f'{r:g}' for r in sorted(radii)) or 'none'}")
+          f"--eps {eps:g}: no zoo model was attacked at that {name} radius; choose from "
+          f"{', '.join(f'{r:g}' for r in sorted(radii))}")
     print(json.dumps(cards, indent=1) if args.json else zoo.table(cards, eps=eps, norm=args.norm))
     return 0
 
