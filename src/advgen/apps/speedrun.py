@@ -115,12 +115,11 @@ def speedrun(preset: str, out: Path, *, data_dir=None, download: bool = False, d
 def time_to_robustness(run_dir: Path, record: dict, test_set, p: SpeedrunPreset, device, path: Path) -> list[dict]:
     """PGD-L2 accuracy at the recipe's radius on the evaluation images after each epoch (the run's
     snapshots, then its final model), against the training seconds spent until then; the points already
-    in `path` are kept (resumable)."""
+    in `path` are kept (resumable; a run folder carried without its snapshots keeps their points)."""
     eps = record["config"]["options"]["eps"]
     done = {pt["step"]: pt for pt in (read_json(path)["points"] if path.exists() else [])}
     images, labels = test_set.images.to(device), test_set.labels.to(device)
     files = sorted((run_dir / "snapshots").glob("step-*.safetensors"), key=lambda f: int(f.stem[5:]))
-    points = []
     for file in [*files, run_dir / "model.safetensors"]:
         meta = read_tensors(file)[1]
         final = file.parent == run_dir
@@ -133,8 +132,7 @@ def time_to_robustness(run_dir: Path, record: dict, test_set, p: SpeedrunPreset,
             done[step] = {"step": step, "seconds": seconds, "clean": result["clean"]["accuracy"],
                           "pgd": result["pgd_l2"][str(eps)]["accuracy"], "n": result["n"]}
             write_json(path, {"eps": eps, "steps": p.curve_steps, "points": sorted(done.values(), key=lambda d: d["step"])})
-        points.append(done[step])
-    return points
+    return sorted(done.values(), key=lambda d: d["step"])
 
 
 def zoo_path(eps: float) -> dict:
