@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError, check
-from ..io import check_writable
 from .args import device_list, device_name, ints, number, resolve_device, seed_everything
 
 
@@ -19,10 +19,13 @@ def _add_device(p, help: str = "cuda under torchrun: each process takes cuda:LOC
 
 
 def _out_folder(path: str) -> Path:
-    """--out of reproduce and compare: a folder (made if missing) that can be written, checked first."""
+    """--out of reproduce and compare, checked before any work and not made yet (a command refused on
+    its other arguments leaves nothing behind): a folder, or a path whose nearest existing parent is a
+    folder this process can write to."""
     out = Path(path)
     check(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
-    check_writable(out)
+    parent = next(p for p in (out, *out.absolute().parents) if p.exists())
+    check(parent.is_dir() and os.access(parent, os.W_OK | os.X_OK), f"--out {out}: {parent} is not a writable folder")
     return out
 
 
@@ -156,6 +159,7 @@ def add_plot(sub) -> None:
 
 def cmd_plot(args) -> int:
     from ..apps.plot import plot_runs
+    from ..io import check_writable
     out = Path(args.out)
     check(args.force or not out.exists(), f"--out {out} exists: give another file, or --force to replace it")
     check(not out.is_dir(), f"--out {out} is a folder: give the PNG's file name")
