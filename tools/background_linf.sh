@@ -17,7 +17,7 @@ TRAIN_WT=$ROOT/linf TRAIN_COMMIT=b9f45b1
 EVAL_WT=$ROOT/evalwt EVAL_COMMIT=${EVAL_COMMIT:-150b978}
 KEEP=$MAIN/experiments/campaign-linf
 TRAIN_LEFT="gen_sdi pgd10"   # stages still to train, in order
-EVAL_LEFT="nfgsm fgsm_rs gen_sdi pgd10"   # evaluations still to finish, in order (each waits for its training)
+EVAL_LEFT="fgsm_rs gen_sdi pgd10"   # evaluations still to finish, in order (each waits for its training)
 
 worktree() {  # worktree DIR COMMIT
   local dir=$1 commit=$2
