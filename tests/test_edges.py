@@ -239,3 +239,16 @@ def test_api_evaluation_takes_uint8_as_0_255(tiny_model):
     p = advgen.EvalProtocol.quick("l2", steps=1, checks=False)
     model = tiny_model()
     assert advgen.evaluate(model, x, y, p)["clean"] == advgen.evaluate(model, x.float() / 255, y, p)["clean"]
+
+
+def test_the_watch_takes_the_training_threat_model_of_each_method():
+    """Linf training is watched at Linf 8/255 by default, generator banks bounded in a ball too (the
+    watch of advgen compare's Linf presets used to be L2 0.5); a stated watch wins; standard: L2 0.5."""
+    from advgen.recipes import recipe_config
+    for name in ("nfgsm-linf", "fgsm-rs-linf", "pgd10-linf", "gen-sdi-linf"):
+        assert recipe_config(name, watch_subset=8).watch_threat == ("linf", 8 / 255), name
+    assert recipe_config("gen-sdi-l2", watch_subset=8).watch_threat == ("l2", 0.5)
+    assert recipe_config("standard", watch_subset=8).watch_threat == ("l2", 0.5)
+    assert recipe_config("gen-paper", watch_subset=8).watch_threat == ("l2", 0.5)   # a box bound: no norm
+    assert recipe_config("nfgsm-linf", watch_subset=8, watch_norm="l2").watch_threat == ("l2", 0.5)
+    assert recipe_config("nfgsm-linf", watch_subset=8, watch_eps=4 / 255).watch_threat == ("linf", 4 / 255)

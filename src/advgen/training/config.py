@@ -153,14 +153,25 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @property
+    def threat(self) -> tuple[str, float] | None:
+        """(norm, radius) the method trains against: an attack method's options, a generator bank
+        bounded in an L2 or Linf ball; None for standard training and the paper's box bound."""
+        if hasattr(self.options, "norm") and hasattr(self.options, "radius"):
+            return self.options.norm, self.options.radius
+        bank = getattr(self.options, "bank", None)
+        if getattr(bank, "bound", None) in NORMS:
+            return bank.bound, bank.size
+        return None
+
+    @property
     def watch_threat(self) -> tuple[str, float]:
-        """(norm, radius) of the watch: watch_norm / watch_eps, else the training's threat model (its
-        options' norm and radius), else L2 at its standard radius."""
-        norm = self.watch_norm or getattr(self.options, "norm", None) or "l2"
+        """(norm, radius) of the watch: watch_norm / watch_eps, else the training's threat model
+        (`threat`), else L2 at its standard radius."""
+        own = self.threat
+        norm = self.watch_norm or (own[0] if own else "l2")
         if self.watch_eps is not None:
             return norm, self.watch_eps
-        same = norm == getattr(self.options, "norm", None)
-        return norm, self.options.radius if same else STANDARD_EPS[norm]
+        return norm, own[1] if own and own[0] == norm else STANDARD_EPS[norm]
 
     def resolved(self) -> "TrainConfig":
         """This config with its defaults written in as they ran (config.resolved; the watch's threat model
