@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from advgen.apps.compare.report import contrasts, render, summarize
-from advgen.evaluation import welch_interval
+from advgen.evaluation import paired_interval, welch_interval
 
 UNIT = 256
 
@@ -76,3 +76,11 @@ def test_contrasts_wait_for_three_seeds_a_side():
     # the table gives the work as steps (batches seen) beside passes: gen_x's step costs 3 passes
     assert "| entry | units | steps | passes | seconds | seeds |" in md
     assert "| gen_x | 4 | 341 | 1023 |" in md and "| nfgsm-l2 | 4 | 512 | 1024 |" in md
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences():
+    d = [1.0, 2.0, 4.0]   # mean 7/3, sample std sqrt(7/3), 2 degrees of freedom
+    m, lo, hi = paired_interval(d)
+    half = 4.303 * (7 / 3) ** 0.5 / 3 ** 0.5
+    assert m == pytest.approx(7 / 3) and (lo, hi) == pytest.approx((7 / 3 - half, 7 / 3 + half))
+    assert paired_interval([0.5, 0.5])[1:] == (0.5, 0.5)   # no spread, no width

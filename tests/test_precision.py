@@ -54,7 +54,7 @@ def test_auto_is_fp32_everywhere_for_now_and_says_why(cpuinfo, has):
 def test_auto_on_a_gpu_is_fp32_too(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     p = precision.resolve("auto", torch.device("cuda", 0))
-    assert p.training == "fp32" and p.reason.endswith("this GPU has native bf16: yes")
+    assert p.training == "fp32" and "this GPU has native bf16: yes" in p.reason
     assert precision.amp_alias(torch.device("cuda", 0)) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert precision.amp_alias(torch.device("cuda", 0)) == "fp16"   # what --amp meant on a V100
@@ -186,3 +186,14 @@ def test_a_state_from_before_precision_resumes_in_what_it_trained_in(tmp_path, a
         with pytest.raises(CheckpointError, match=f"the run trained in {trained}, but --precision {resume_with} "
                                                   f"means {resume_with.replace('auto', 'fp32')} here"):
             train(cfg(resume_with), *_sets(), out_dir=out, progress=False, resume=True)
+
+
+def test_fp32_on_a_gpu_says_when_its_convolutions_run_in_tf32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    gpu = torch.device("cuda", 0)
+    assert "run in TF32" in precision.resolve("fp32", gpu).reason
+    assert "run in TF32" in precision.resolve("auto", gpu).reason
+    assert "TF32" not in precision.resolve("fp32", CPU, "flags: avx2").reason
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # the user's own setting, recorded as it is
+    assert "TF32" not in precision.resolve("fp32", gpu).reason

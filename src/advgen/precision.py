@@ -124,6 +124,15 @@ class Precision:
                 "reason": self.reason}
 
 
+def tf32_note(device: torch.device) -> str:
+    """'; fp32 convolutions in TF32 ...' on a CUDA device where PyTorch lets cuDNN use TF32 (its default
+    for convolutions: 10 mantissa bits, not fp32's 23), else ''. Recorded, never changed here: the user's
+    torch.backends setting is theirs."""
+    if device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "; fp32 convolutions run in TF32 (torch.backends.cudnn.allow_tf32, PyTorch's default)"
+    return ""
+
+
 def _device_words(device: torch.device) -> str:
     return {"cuda": "GPU", "cpu": "CPU"}.get(device.type, device.type)
 
@@ -136,8 +145,9 @@ def resolve(requested: str, device: torch.device, cpuinfo: str | None = None) ->
     has = {True: "yes", False: "no", None: "unknown"}[native]
     if requested == "auto":
         return Precision("auto", "fp32", f"auto: fp32 until the bf16 A/B decides; this {_device_words(device)} "
-                                         f"has native bf16: {has}")
-    return Precision(requested, requested, f"requested; this {_device_words(device)} has native bf16: {has}")
+                                         f"has native bf16: {has}{tf32_note(device)}")
+    return Precision(requested, requested,
+                     f"requested; this {_device_words(device)} has native bf16: {has}{tf32_note(device)}")
 
 
 def check_available(p: Precision, device: torch.device, cpuinfo: str | None = None) -> None:
@@ -162,7 +172,7 @@ def evaluation_note(device: torch.device) -> str:
     if torch.is_autocast_enabled(device.type):
         dtype = str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
         return f"{dtype} (the caller's autocast)"
-    return EVALUATION
+    return EVALUATION + tf32_note(device)
 
 
 @contextlib.contextmanager

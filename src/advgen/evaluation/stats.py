@@ -46,9 +46,22 @@ def welch_interval(a: dict, b: dict) -> tuple[float, float, float]:
     if va + vb == 0:
         return d, d, d
     df = (va + vb) ** 2 / (va ** 2 / (a["n"] - 1) + vb ** 2 / (b["n"] - 1))
-    t = T975[max(k for k in T975 if k <= max(1, int(df)))] if df < 31 else 1.96
-    half = t * (va + vb) ** 0.5
+    half = t975(df) * (va + vb) ** 0.5
     return d, d - half, d + half
+
+
+def t975(df: float) -> float:
+    """The two-sided 95% Student-t quantile at df degrees of freedom (from the table's next lower entry,
+    which errs wide; the normal quantile beyond 30)."""
+    return T975[max(k for k in T975 if k <= max(1, int(df)))] if df < 31 else 1.96
+
+
+def paired_interval(diffs: list) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean of paired differences, e.g. one per seed where
+    both arms trained with that seed; n ≥ 2."""
+    n, m = len(diffs), statistics.fmean(diffs)
+    half = t975(n - 1) * statistics.stdev(diffs) / n ** 0.5
+    return m, m - half, m + half
 
 
 def mcnemar(a: str, b: str) -> dict:
