@@ -2,11 +2,16 @@
 and `advgen reproduce --preset speedrun-smoke` end to end — it records its training seconds."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
+from synth_cifar import tiny_dataset
 
+from advgen.apps import train_stage
 from advgen.cli import main
+from advgen.errors import UserError
 from advgen.recipes import RECIPES, Recipe, recipe_config, register_recipe
 from advgen.training import TrainConfig
 from advgen.training.config import lr_factor
@@ -87,3 +92,16 @@ def test_the_zoo_path_is_base_then_fine_tuning():
     from advgen.apps.speedrun import zoo_path
     (points,) = zoo_path(0.5).values()
     assert points[0]["seconds"] < points[1]["seconds"] and points[0]["pgd"] < 0.05 < 0.5 < points[1]["pgd"]
+
+
+def test_a_stage_that_cannot_be_continued_names_the_apps_way_out(tmp_path):
+    data, test = tiny_dataset(32, 1), tiny_dataset(16, 2)
+    run = tmp_path / "run"
+    cfg = TrainConfig(method="standard", model="resnet20", epochs=1, batch_size=16)
+    train_stage(cfg, data, test, run, torch.device("cpu"), "reproduce", progress=False)
+    with pytest.raises(UserError) as e:   # the folder holds a run with another learning rate
+        train_stage(dataclasses.replace(cfg, lr=0.05), data, test, run, torch.device("cpu"), "reproduce",
+                    progress=False)
+    msg = str(e.value)
+    assert msg.endswith(f"; reproduce cannot continue it: give reproduce another --out, or remove {run}")
+    assert "--force" not in msg and "--resume" not in msg

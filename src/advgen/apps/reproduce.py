@@ -17,13 +17,13 @@ import torch
 from .._version import __version__
 from ..checkpoint import GENERATORS_FILE, RUN_FILE, load_model
 from ..data import load_subsets
-from ..errors import CheckpointError, RunDirError, UserError
+from ..errors import UserError
 from ..evaluation import EvalProtocol, evaluate, mean_std
 from ..io import atomic_write, git_commit, machine_description, read_json, write_json
 from ..recipes import recipe_config
-from ..training import TrainConfig, train
+from ..training import TrainConfig
 from ..training.config import as_run
-from . import DATA_CAVEAT, curve
+from . import DATA_CAVEAT, curve, train_stage
 from .figures import figure2, figure3
 
 log = logging.getLogger(__name__)
@@ -108,13 +108,7 @@ def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, 
         else:
             log.info("stage %s: training", name)
             torch.manual_seed(p.seed)
-            # resume=True: a stage stopped part-way continues from its state (a fresh folder starts afresh)
-            try:
-                train(cfgs[name], train_set, test_set, out_dir=run_dir, device=device, resume=True)
-            except (CheckpointError, RunDirError) as e:   # its advice names train's flags, not reproduce's
-                why = str(e).split("; pass", 1)[0].removeprefix("--resume: ")
-                raise UserError(f"{why}; reproduce cannot continue it: give reproduce another --out, or remove "
-                                f"{run_dir}") from None
+            train_stage(cfgs[name], train_set, test_set, run_dir, device, "reproduce")
         runs[name] = read_json(run_dir / RUN_FILE)
         eval_path = run_dir / "eval.json"
         model = load_model(run_dir, device=device)

@@ -24,12 +24,11 @@ import torch
 
 from ..checkpoint import RUN_FILE, load_model, zoo_cards
 from ..data import load_subsets
-from ..errors import CheckpointError, RunDirError, UserError
+from ..errors import UserError
 from ..evaluation import EvalProtocol, evaluate
 from ..io import atomic_write, read_json, read_tensors, write_json
 from ..recipes import recipe_config
-from ..training import train
-from . import DATA_CAVEAT, figures
+from . import DATA_CAVEAT, figures, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +85,8 @@ def speedrun(preset: str, out: Path, *, data_dir=None, download: bool = False, d
     if not (run_dir / RUN_FILE).exists() or not read_json(run_dir / RUN_FILE).get("finished"):
         torch.manual_seed(p.seed)
         start = time.perf_counter()
-        try:
-            train(cfg, train_set, test_set, out_dir=run_dir, device=device, resume=True,
-                  snapshots=[e * steps_per_epoch for e in range(1, cfg.epochs)])
-        except (CheckpointError, RunDirError) as e:
-            why = str(e).split("; pass", 1)[0].removeprefix("--resume: ")
-            raise UserError(f"{why}; give the speedrun another --out, or remove {run_dir}") from None
+        train_stage(cfg, train_set, test_set, run_dir, device, "the speedrun",
+                    snapshots=[e * steps_per_epoch for e in range(1, cfg.epochs)])
         wall = time.perf_counter() - start if fresh else None
     record = read_json(run_dir / RUN_FILE)
     points = time_to_robustness(run_dir, record, test_set, p, device, out / "curve.json")
