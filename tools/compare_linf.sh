@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The Linf comparison (issue: Linf 8/255): `advgen compare --preset linf-quick` and `linf16-quick`, entry by
+# entry, the issue's entries only (N-FGSM, FGSM-RS, PGD-10 and the generator variants gen_sdi, gen_rec2,
+# gen_mem), the most informative first, so that a stopped session leaves whole entries behind. Both presets
+# fine-tune the L2 comparison's base (the same 10,000 images, standard training: no threat model in it). Each
+# call resumes what OUT holds; the 3 seeds of an entry run as 2 workers, one thread each.
+#
+#   OMP_NUM_THREADS=1 nohup bash tools/compare_linf.sh /work/shared/data runs/compare-linf > runs/compare-linf.log 2>&1 &
+#   # before the session ends (the runs resume from what it keeps):
+#   python3 tools/carry.py save runs/compare-linf experiments/compare-linf --light --keep-weights base --max-mb 20
+set -euo pipefail
+DATA=${1:?usage: compare_linf.sh DATA_DIR OUT_DIR}
+OUT=${2:?usage: compare_linf.sh DATA_DIR OUT_DIR}
+ADVGEN=${ADVGEN:-advgen}
+BASE=$(cd "$(dirname "$0")/.." && pwd)/experiments/compare-quick/base
+for preset in linf-quick linf16-quick; do
+  for e in nfgsm-linf gen-sdi-linf fgsm-rs-linf pgd10-linf gen-rec2-linf gen-mem-linf; do
+    echo "== $(date -Is) $preset entry $e"
+    "$ADVGEN" compare --preset "$preset" --entries "$e" --jobs 2 --base "$BASE" --data-dir "$DATA" --device cpu \
+      --out "$OUT/$preset"
+  done
+done
+echo "== $(date -Is) compare done"
