@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,35 @@ def test_gpu_bench_runs_on_the_cpu(tmp_path, capsys):
     assert all(r["images_per_second"] > 0 and r["trained_in"] == "fp32" for r in rows[:2])
     assert all("precision must be one of" in r["error"] for r in rows[2:])   # recorded, the others went on
     assert "images/s" in capsys.readouterr().out
+
+
+def test_precision_ab_pairs_the_arms_by_seed(tmp_path, capsys):
+    """benchmarks/precision_ab.py's report on hand-made records: bf16 − fp32 per seed, its t-interval,
+    fp32's seed spread, the speed ratio; an unfinished evaluation is left out."""
+    spec = importlib.util.spec_from_file_location("precision_ab", ROOT / "benchmarks" / "precision_ab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def arm(precision, seed, aa, seconds, finished=True):
+        run = tmp_path / f"nfgsm-l2-{precision}-s{seed}"
+        run.mkdir()
+        cell = lambda a: {"accuracy": a}   # noqa: E731
+        ev = {"n": 500, "clean": cell(0.8), "pgd_l2": {"0.5": cell(aa + 0.01)}, "autoattack_l2": {"0.5": cell(aa)},
+              "worst_case_l2": {"0.5": cell(aa)}, "checks": [{"passed": True}]} if finished else {"samples": {}}
+        (run / "eval.json").write_text(json.dumps(ev))
+        (run / "run.json").write_text(json.dumps({"epochs": [{"seconds": 9.0}] + [{"seconds": seconds}] * 2,
+                                                  "precision": {"training": precision}}))
+
+    for seed, (a32, a16) in enumerate([(0.50, 0.48), (0.52, 0.51), (0.54, 0.50)]):
+        arm("fp32", seed, a32, 2.0)
+        arm("bf16", seed, a16, 1.0)
+    arm("bf16", 3, 0.1, 1.0, finished=False)
+    doc = mod.report(tmp_path)
+    (aa,) = [p for p in doc["paired"] if p["metric"] == "aa"]
+    assert aa["seeds"] == [0, 1, 2] and aa["diffs"] == pytest.approx([-2.0, -1.0, -4.0])
+    half = 4.303 * statistics.stdev([-2.0, -1.0, -4.0]) / 3 ** 0.5
+    assert aa["mean"] == pytest.approx(-7 / 3) and aa["ci95"] == pytest.approx([-7 / 3 - half, -7 / 3 + half])
+    assert aa["fp32_seed_std"] == pytest.approx(2.0)
+    assert len(doc["arms"]) == 6 and "nfgsm-l2-bf16-s3" not in doc["arms"]
+    assert "fp32 / bf16 seconds per epoch = 2.00" in capsys.readouterr().out
+    assert (tmp_path / "report.md").is_file()
