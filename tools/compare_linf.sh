@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The Linf comparison (issue: Linf 8/255): `advgen compare --preset linf-quick` and `linf16-quick`, entry by
 # entry, the issue's entries only (N-FGSM, FGSM-RS, PGD-10 and the generator variants gen_sdi, gen_rec2,
-# gen_mem), the most informative first, so that a stopped session leaves whole entries behind. Both presets
-# fine-tune the L2 comparison's base (the same 10,000 images, standard training: no threat model in it). Each
-# call resumes what OUT holds; the 3 seeds of an entry run as 2 workers, one thread each.
+# gen_mem). The order answers the issue's question first: N-FGSM and gen_sdi at 16/255 (where single-step
+# training overfits catastrophically, the generators' best chance) and at 8/255, then FGSM-RS, the other
+# generator variants, and PGD-10 last (the reference; its 16 units cost as much as all the fast entries
+# together). A stopped session leaves whole entries behind. Both presets fine-tune the L2 comparison's base
+# (the same 10,000 images, standard training: no threat model in it). Each call resumes what OUT holds; the 3
+# seeds of an entry run as JOBS workers (default 2), one thread each.
 #
 #   OMP_NUM_THREADS=1 nohup bash tools/compare_linf.sh /work/shared/data runs/compare-linf > runs/compare-linf.log 2>&1 &
 #   # before the session ends (the runs resume from what it keeps):
@@ -12,12 +15,13 @@ set -euo pipefail
 DATA=${1:?usage: compare_linf.sh DATA_DIR OUT_DIR}
 OUT=${2:?usage: compare_linf.sh DATA_DIR OUT_DIR}
 ADVGEN=${ADVGEN:-advgen}
+JOBS=${JOBS:-2}
 BASE=$(cd "$(dirname "$0")/.." && pwd)/experiments/compare-quick/base
-for preset in linf-quick linf16-quick; do
-  for e in nfgsm-linf gen-sdi-linf fgsm-rs-linf pgd10-linf gen-rec2-linf gen-mem-linf; do
+for e in nfgsm-linf gen-sdi-linf fgsm-rs-linf gen-rec2-linf gen-mem-linf pgd10-linf; do
+  for preset in linf16-quick linf-quick; do
     echo "== $(date -Is) $preset entry $e"
-    "$ADVGEN" compare --preset "$preset" --entries "$e" --jobs 2 --base "$BASE" --data-dir "$DATA" --device cpu \
-      --out "$OUT/$preset"
+    "$ADVGEN" compare --preset "$preset" --entries "$e" --jobs "$JOBS" --base "$BASE" --data-dir "$DATA" \
+      --device cpu --out "$OUT/$preset"
   done
 done
 echo "== $(date -Is) compare done"
