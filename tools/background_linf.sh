@@ -4,7 +4,8 @@
 # (tools/eval_queue.sh with NORM=linf) from a worktree pinned to EVAL_COMMIT (the first commit whose
 # advgen eval --full takes --norm linf). Run from the main checkout:
 #
-#   bash tools/background_linf.sh start    # worktrees, venvs, the committed state restored, the jobs started
+#   bash tools/background_linf.sh start [train|eval]   # worktrees, venvs, the committed state restored, the
+#                                                        # jobs started (both, or only the training or evaluation queue)
 #   bash tools/background_linf.sh status
 #   bash tools/background_linf.sh save     # the jobs' state into experiments/campaign-linf (commit it)
 #   bash tools/background_linf.sh stop     # stop (training saves on SIGTERM), then save
@@ -30,7 +31,9 @@ worktree() {  # worktree DIR COMMIT
   fi
 }
 
-running() { pgrep -f "$TRAIN_WT/runs/(campaign_linf|eval_queue)\.sh" > /dev/null; }
+# the queues run as `bash runs/NAME.sh ...` from $TRAIN_WT: matched by their arguments (runs/linf), not a path
+JOBS_RE="runs/(campaign_linf|eval_queue|train_linf|eval_linf)\.sh .*runs/linf"
+running() { pgrep -f "$JOBS_RE" > /dev/null; }
 
 start() {
   ! running || { echo "the Linf jobs are running already" >&2; exit 2; }
@@ -41,15 +44,16 @@ start() {
   [ -d "$TRAIN_WT/runs/evals" ] || python3 tools/carry.py restore "$KEEP/evals" "$TRAIN_WT/runs/evals"
   cp tools/campaign_linf.sh tools/eval_queue.sh "$TRAIN_WT/runs/"   # a running script is never edited under it
   export OMP_NUM_THREADS=${THREADS:-1}
-  (cd "$TRAIN_WT"; ADVGEN=$TRAIN_WT/.venv/bin/advgen setsid nohup bash runs/campaign_linf.sh "$DATA" \
-     "$MAIN/experiments/campaign/base" runs/linf $TRAIN_LEFT >> runs/train.log 2>&1 < /dev/null &)
-  (cd "$TRAIN_WT"; NORM=linf ADVGEN=$EVAL_WT/.venv/bin/advgen setsid nohup nice -n 5 bash runs/eval_queue.sh \
-     "$DATA" runs/linf runs/evals $EVAL_LEFT >> runs/evals.log 2>&1 < /dev/null &)
+  local which=${1:-both}
+  [ "$which" = eval ] || (cd "$TRAIN_WT"; ADVGEN=$TRAIN_WT/.venv/bin/advgen setsid nohup bash runs/campaign_linf.sh \
+     "$DATA" "$MAIN/experiments/campaign/base" runs/linf $TRAIN_LEFT >> runs/train.log 2>&1 < /dev/null &)
+  [ "$which" = train ] || (cd "$TRAIN_WT"; NORM=linf ADVGEN=$EVAL_WT/.venv/bin/advgen setsid nohup nice -n 5 \
+     bash runs/eval_queue.sh "$DATA" runs/linf runs/evals $EVAL_LEFT >> runs/evals.log 2>&1 < /dev/null &)
   sleep 2; status
 }
 
 status() {
-  pgrep -af "$TRAIN_WT/runs/(campaign_linf|eval_queue)\.sh|runs/(train_linf|eval_linf)\.sh" || echo "no Linf job runs"
+  pgrep -af "$JOBS_RE|($TRAIN_WT|$EVAL_WT)/\.venv/bin/advgen" | cut -c1-160 || echo "no Linf job runs"
   for log in "$TRAIN_WT/runs/train.log" "$TRAIN_WT/runs/evals.log"; do
     [ -f "$log" ] && echo "$log: $(tail -n 1 "$log" | cut -c1-160)"
   done
@@ -63,13 +67,15 @@ save() {
 }
 
 stop() {
-  pkill -f "$TRAIN_WT/runs/(campaign_linf|eval_queue|train_linf|eval_linf)\.sh" || true
+  pkill -f "$JOBS_RE" || true
   pkill -TERM -f "($TRAIN_WT|$EVAL_WT)/\.venv/bin/advgen" || true
   for _ in $(seq 60); do pgrep -f "($TRAIN_WT|$EVAL_WT)/\.venv/bin/advgen" > /dev/null || break; sleep 1; done
   save
 }
 
 case ${1:-} in
-  start|status|save|stop) "$1" ;;
-  *) echo "usage: background_linf.sh start|status|save|stop" >&2; exit 2 ;;
+  start) [[ ${2:-both} =~ ^(both|train|eval)$ ]] || { echo "start takes train, eval or nothing" >&2; exit 2; }
+         start "${2:-both}" ;;
+  status|save|stop) "$1" ;;
+  *) echo "usage: background_linf.sh start [train|eval]|status|save|stop" >&2; exit 2 ;;
 esac
