@@ -84,3 +84,46 @@ def test_paired_interval_is_the_t_interval_of_the_differences():
     half = 4.303 * (7 / 3) ** 0.5 / 3 ** 0.5
     assert m == pytest.approx(7 / 3) and (lo, hi) == pytest.approx((7 / 3 - half, 7 / 3 + half))
     assert paired_interval([0.5, 0.5])[1:] == (0.5, 0.5)   # no spread, no width
+
+
+def test_the_overfitting_watch_gets_its_figure_and_column(tmp_path):
+    from advgen.apps.compare.report import write_report
+    results = {"settings": {"pgd_eps": [8 / 255], "aa_eps": [8 / 255], "aa_attacks": None, "aa_targets": 9,
+                            "train_subset": 10000, "lr": 0.01, "seeds": [0, 1, 2], "unit_passes": UNIT,
+                            "batch_size": 128, "pgd_steps": 50, "pgd_restarts": 2, "aa_every_budget": False,
+                            "norm": "linf", "watch_subset": 200},
+               "rows": [], "preset": "t", "version": "0", "git_commit": None, "machine": "m", "base": "b",
+               "n_test": 200}
+    eps = str(8 / 255)
+    for seed in (0, 1, 2):
+        fired = seed == 1   # one seed overfits: PGD collapses while FGSM climbs
+        watch = [{"passes": 156 * (i + 1), "pgd": p, "fgsm": f, "overfit": fired and i == 2}
+                 for i, (p, f) in enumerate([(0.30, 0.40), (0.32, 0.45), (0.05, 0.80)] if fired else
+                                            [(0.30, 0.40), (0.32, 0.42), (0.33, 0.43)])]
+        results["rows"].append({"name": "fgsm-rs-linf", "method": "fgsm", "label": "FGSM-RS", "seed": seed,
+                                "budget_units": 2.0, "steps": 256, "passes": 512, "budget_seconds": 60.0,
+                                "clean": 0.6, "pgd": {eps: 0.05 if fired else 0.33}, "autoattack": {eps: 0.3},
+                                "checks": [], "catastrophic_overfitting": fired, "watch": watch})
+    md = write_report(results, tmp_path).read_text()
+    assert (tmp_path / "overfitting.png").stat().st_size > 10_000
+    assert "](overfitting.png)" in md and "| fgsm-rs-linf | 2 | 256 | 512 | 60 | 3 |" in md
+    assert md.split("| fgsm-rs-linf | 2 |")[1].splitlines()[0].endswith("| 1/3 | ok |")
+    # no run watched: no figure, no paragraph
+    for r in results["rows"]:
+        del r["watch"]
+        r["catastrophic_overfitting"] = None
+    (tmp_path / "nowatch").mkdir()
+    md = write_report(results, tmp_path / "nowatch").read_text()
+    assert not (tmp_path / "nowatch" / "overfitting.png").exists() and "overfitting.png" not in md
+
+
+def test_the_watch_curve_is_read_from_the_run_record(tmp_path):
+    from advgen.apps.compare.run import _watch_curve
+    from advgen.checkpoint import RUN_FILE
+    from advgen.io import write_json
+    write_json(tmp_path / RUN_FILE, {"epochs": [
+        {"epoch": 1, "passes": 156, "watch_acc": 0.3, "watch_fgsm_acc": 0.4},
+        {"epoch": 2, "passes": 156, "watch_acc": 0.05, "watch_fgsm_acc": 0.8, "catastrophic_overfitting": True},
+        {"epoch": 3, "passes": 40}]})   # an epoch without a watch (none asked for): not a point
+    assert _watch_curve(tmp_path) == [{"passes": 156, "pgd": 0.3, "fgsm": 0.4, "overfit": False},
+                                      {"passes": 312, "pgd": 0.05, "fgsm": 0.8, "overfit": True}]

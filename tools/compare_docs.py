@@ -1,5 +1,6 @@
 """Copy a finished `advgen compare` into docs/ under a name: docs/compare-NAME.json, compare-NAME.md and
-curves-NAME.png / curves-NAME-seconds.png, re-rendered from the comparison's compare.json by this
+curves-NAME.png / curves-NAME-seconds.png (and overfitting-NAME.png where the runs watched for catastrophic
+overfitting), re-rendered from the comparison's compare.json by this
 checkout's report code (nothing is trained or evaluated).
 
     python tools/compare_docs.py experiments/compare-quick --name quick --out docs

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ...evaluation import mean_std, welch_interval
 from ...io import atomic_write, write_json
+from ...training import TrainConfig
 from .. import DATA_CAVEAT
 
 
@@ -22,8 +23,9 @@ def write_report(results: dict, out: Path, suffix: str = "") -> Path:
     write_json(out / f"compare{suffix}.json", results)
     plot_curves(results, out / f"curves{suffix}.png")
     plot_curves(results, out / f"curves{suffix}-seconds.png", axis="seconds")
+    co_plot = f"overfitting{suffix}.png" if plot_overfitting(results, out / f"overfitting{suffix}.png") else None
     path = out / f"compare{suffix}.md"
-    atomic_write(path, render(results, plot=f"curves{suffix}.png").encode())
+    atomic_write(path, render(results, plot=f"curves{suffix}.png", co_plot=co_plot).encode())
     return path
 
 
@@ -128,6 +130,48 @@ def plot_curves(results: dict, path: Path, axis: str = "passes") -> None:
     plt.close(fig)
 
 
+def plot_overfitting(results: dict, path: Path) -> bool:
+    """The catastrophic-overfitting watch of every run that kept one (rows["watch"]): one panel per entry,
+    PGD accuracy on the watched images (solid) and FGSM accuracy (dashed) against the passes trained, one
+    colour per seed, a red cross where the check fired. False (nothing written) if no run watched."""
+    runs = [r for r in results["rows"] if r.get("watch")]
+    if not runs:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["name"] for r in runs))
+    cols = min(3, len(names))
+    rows_n = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), sharey=True, squeeze=False)
+    seeds = sorted({r["seed"] for r in runs})
+    for ax, name in zip(axes.flat, names):
+        for r in (r for r in runs if r["name"] == name):
+            c = f"C{seeds.index(r['seed']) % 10}"
+            xs = [p["passes"] for p in r["watch"]]
+            ax.plot(xs, [100 * p["pgd"] for p in r["watch"]], color=c, marker="o", ms=3, label=f"seed {r['seed']} PGD")
+            ax.plot(xs, [100 * p["fgsm"] for p in r["watch"]], color=c, ls="--", label=f"seed {r['seed']} FGSM")
+            co = [p for p in r["watch"] if p["overfit"]]
+            ax.plot([p["passes"] for p in co], [100 * p["pgd"] for p in co], "rx", ms=9, mew=2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("forward-backward passes of a batch", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy on the watched images (%)", fontsize=8)
+    axes.flat[0].legend(fontsize=6)
+    norm = results["settings"].get("norm", "l2")
+    eps = results["settings"]["pgd_eps"][-1]
+    fig.suptitle(f"catastrophic-overfitting watch at {norm.upper().replace('INF', 'inf')} {_radius(float(eps), norm)}"
+                 f"\nPGD solid, FGSM dashed; a red cross where the check fired", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _delta(c: dict) -> str:
     if c["verdict"] == "pending":
         return f"pending ({c['seeds'][0]} / {c['seeds'][1]} seeds)"
@@ -140,8 +184,9 @@ def _seeds(points: list[dict]) -> str:
     return f"{hi} seed{'s' * (hi > 1)}" if lo == hi else f"{lo}-{hi} seeds"
 
 
-def render(results: dict, plot: str = "curves.png") -> str:
-    """compare.md: the settings in words, the mean ± std table per entry and budget, the plot `plot`."""
+def render(results: dict, plot: str = "curves.png", co_plot: str | None = None) -> str:
+    """compare.md: the settings in words, the mean ± std table per entry and budget, the plot `plot` and,
+    where the runs watched for catastrophic overfitting, the watch's figure `co_plot`."""
     s = results["settings"]
     norm = s.get("norm", "l2")
     N = norm.upper().replace("INF", "inf")
@@ -188,7 +233,15 @@ def render(results: dict, plot: str = "curves.png") -> str:
                                             if r else "– | – | –") + " | " +
                      (f"{q['units']:g} / {q['other_units']:g}, {q['passes_ratio']:.2f}×, {q['attack']} | "
                       f"{_delta(q)} | {q['verdict']}" if q else "– | – | –") + " |")
-    lines += ["", f"![robust accuracy against the training budget]({plot})", "",
+    lines += ["", f"![robust accuracy against the training budget]({plot})", ""]
+    if co_plot:
+        lines += [f"Catastrophic overfitting (CO column: seeds where the check fired / seeds watched). After each "
+                  f"epoch of {s['train_subset'] or 50000} images every run measured PGD-{N} ({TrainConfig.watch_steps} steps) and FGSM "
+                  f"(no random start) accuracy on the first {s['watch_subset']} test images at its training "
+                  f"radius; the check fires when PGD accuracy falls below half its best while FGSM accuracy holds "
+                  f"(Wong et al. 2020). One panel per entry, one line per seed:", "",
+                  f"![the catastrophic-overfitting watch of every run]({co_plot})", ""]
+    lines += [
               "Entries: " + "; ".join(f"`{r['name']}` {r['label']}" for r in summary if r["budget_units"] ==
                                       min(q["budget_units"] for q in summary if q["name"] == r["name"])), ""]
     return "\n".join(lines)

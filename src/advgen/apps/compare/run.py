@@ -253,9 +253,24 @@ def _row(e: Entry, seed: int, units: float, steps: int, run_dir: Path, p: Compar
     if ev is None:
         return None
     work = ev.get("work") or _work(run_dir, steps, last)   # evaluations of older advgens lack it
-    return {"name": e.name, "method": e.method, "label": e.label, "seed": seed, "budget_units": units,
-            "steps": steps, "passes": work["passes"], "budget_seconds": work["seconds"],
-            "catastrophic_overfitting": _overfit_by(run_dir, steps), **_scores(ev)}
+    row = {"name": e.name, "method": e.method, "label": e.label, "seed": seed, "budget_units": units,
+           "steps": steps, "passes": work["passes"], "budget_seconds": work["seconds"],
+           "catastrophic_overfitting": _overfit_by(run_dir, steps), **_scores(ev)}
+    if last and row["catastrophic_overfitting"] is not None:
+        row["watch"] = _watch_curve(run_dir)
+    return row
+
+
+def _watch_curve(run_dir: Path) -> list[dict]:
+    """The run's catastrophic-overfitting watch after each epoch: passes done by then, PGD and FGSM accuracy
+    on the watched test images, and whether the check fired (the figure of the report)."""
+    out, passes = [], 0
+    for row in read_json(run_dir / RUN_FILE)["epochs"]:
+        passes += row["passes"]
+        if "watch_acc" in row:
+            out.append({"passes": passes, "pgd": row["watch_acc"], "fgsm": row["watch_fgsm_acc"],
+                        "overfit": bool(row.get("catastrophic_overfitting"))})
+    return out
 
 
 def _overfit_by(run_dir: Path, steps: int) -> bool | None:
