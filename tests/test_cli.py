@@ -322,3 +322,22 @@ def test_every_train_config_field_has_its_flag():
         base = [] if name == "method" else ["--method", "standard"]
         cfg = train_config_from_args(build_parser().parse_args(["train", *base, *argv, "--out", "x"]))
         assert getattr(cfg, name) == pytest.approx(value) if isinstance(value, float) else getattr(cfg, name) == value, name
+
+
+@needs_data
+def test_eval_takes_the_norm_the_model_was_trained_against_and_says_so(tmp_path, capsys, caplog):
+    """A Linf-trained model is evaluated at Linf unless --norm says otherwise; a model trained without a
+    threat model (the base) at the L2 default; the record says which rule chose."""
+    import logging
+    caplog.set_level(logging.INFO, logger="advgen")
+    flags = ["--data-dir", DATA, "--test-subset", "8", "--steps", "1", "--device", "cpu"]
+    cases = [("zoo:resnet20-nfgsm-linf", [], "linf", "the model's training (linf 8/255)"),
+             ("zoo:resnet20-nfgsm-linf", ["--norm", "l2"], "l2", "--norm"),
+             ("zoo:resnet20-base", [], "l2", "the default (l2)")]
+    for i, (model, extra, norm, source) in enumerate(cases):
+        out = tmp_path / f"e{i}.json"
+        code, stdout, _ = run(["eval", model, *flags, *extra, "--out", out], capsys)
+        rec = json.loads(out.read_text())
+        assert code == 0 and rec["norm_from"] == source and rec["protocol"]["norm"] == norm
+        assert f"PGD-{norm.upper()}" in stdout
+    assert "norm linf: the threat model zoo:resnet20-nfgsm-linf was trained against (linf 8/255)" in caplog.text

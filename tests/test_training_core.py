@@ -198,6 +198,9 @@ def test_old_run_configs_still_read():
     assert cfg.options == AttackConfig(norm="l2", eps=0.05, steps=40, step_size=0.005)
     gen = TrainConfig.from_dict({**old, "method": "generator"})
     assert gen.options.bank.n == 32 and gen.options.lr == 0.005
+    # 0.1 kept its attack settings in a standard run's config too (the shipped base's): ignored, as then
+    std = TrainConfig.from_dict({**old, "method": "standard"})
+    assert std.method == "standard" and std.threat is None
 
 
 def test_a_budget_in_steps_stops_at_that_step_and_records_passes(tmp_path):

@@ -9,10 +9,11 @@ import torch
 
 from ..checkpoint import (FOREIGN_SUFFIXES, RUN_FILES, load_model, model_from_foreign_state, read_foreign_state,
                           require_normalization, resolve_model_file)
-from ..errors import check
+from ..errors import UserError, check
 from ..evaluation import EvalProtocol, curve_key, evaluate
-from ..io import check_writable, read_json, write_json
+from ..io import check_writable, read_json, read_tensors, write_json
 from ..models import MODELS
+from ..training import TrainConfig
 from .args import add_data_args, floats, load_data, number, objectives, seed_everything
 from .export import check_model_info_request, write_model_info
 from .train import distributed_job
@@ -36,7 +37,8 @@ def add_eval_args(e) -> None:
                    help="the curve's attack; pgd-l2, pgd-linf, fgsm-l2 and autoattack-l2 are advgen 0.1's "
                         "names (deprecated) (default: pgd)")
     e.add_argument("--norm", choices=["l2", "linf"],
-                   help="the threat model (default: l2 for pgd; fgsm and autoattack need it said)")
+                   help="the threat model (default: the one an advgen model was trained against, from its file; "
+                        "else l2 for pgd, while fgsm and autoattack need it said)")
     e.add_argument("--eps", type=floats, help="comma-separated radii in [0,1] pixel units, 8/255 allowed (default: "
                                               "0,0.25,0.5 for l2 and 0,4/255,8/255 for linf; with --full "
                                               "0,0.1,0.25,0.5,0.75,1 and 0,2/255,4/255,8/255,16/255)")
@@ -65,14 +67,37 @@ def add_eval_args(e) -> None:
     add_data_args(e, train=False)
 
 
-def protocol_from_args(args) -> EvalProtocol:
-    """The protocol the flags describe; radii and strength the norm's quick or full defaults unless given."""
+def trained_threat(model_path) -> tuple[str, float] | None:
+    """(norm, radius) an advgen model was trained against (the config its file records:
+    TrainConfig.threat); None for a foreign file, a model trained without a threat model (standard
+    training, the paper's generators) or a file that records no config."""
+    path = resolve_model_file(model_path)
+    if path.suffix.lower() in FOREIGN_SUFFIXES or not path.is_file():
+        return None   # a missing file is reported where it is loaded
+    config = read_tensors(path)[1].get("config")
+    if not isinstance(config, dict):
+        return None
+    try:
+        return TrainConfig.from_dict(config).threat
+    except UserError as e:
+        log.warning("%s: its training config does not read (%s); the norm is not taken from it", path, e)
+        return None
+
+
+def protocol_from_args(args, trained: tuple[str, float] | None = None) -> EvalProtocol:
+    """The protocol the flags describe; radii and strength the norm's quick or full defaults unless given.
+    Without --norm the norm is the one the model was trained against (`trained`, said in the log), else
+    L2 for PGD; FGSM and AutoAttack on a model without one need it said."""
     attack, norm = args.attack, args.norm
     if attack in OLD_ATTACKS:
         attack, old_norm = OLD_ATTACKS[attack]
         check(norm in (None, old_norm), f"--attack {args.attack} is {old_norm}; it contradicts --norm {norm}")
         log.warning("--attack %s is deprecated: use --attack %s --norm %s", args.attack, attack, old_norm)
         norm = old_norm
+    if norm is None and trained is not None:
+        norm = trained[0]
+        log.info("norm %s: the threat model %s was trained against (%s %s); --norm l2|linf to choose another",
+                 norm, args.model_path, norm, _radius(trained[1], norm))
     if norm is None:
         # advgen 0.1 read --attack fgsm and --attack autoattack as Linf: refuse rather than change the number
         check(attack == "pgd", f"--attack {attack} needs --norm l2 or --norm linf")
@@ -137,7 +162,8 @@ def load_eval_model(args, device: torch.device, dist=None):
 
 
 def cmd_eval(args) -> int:
-    protocol = protocol_from_args(args)
+    trained = trained_threat(args.model_path) if args.norm is None and args.attack not in OLD_ATTACKS else None
+    protocol = protocol_from_args(args, trained)
     out = Path(args.out) if args.out else None
     if out is not None:
         check_out(out, args.force)
@@ -158,6 +184,9 @@ def cmd_eval(args) -> int:
                 out.unlink()   # --force: the user asked to replace it
             result = evaluate(model, x, y, protocol, progress_file=out)
     result["model"] = str(args.model_path)
+    result["norm_from"] = ("--norm" if args.norm or args.attack in OLD_ATTACKS else
+                           f"the model's training ({trained[0]} {_radius(trained[1], trained[0])})" if trained else
+                           "the default (l2)")
     result["model_file"] = str(resolve_model_file(args.model_path))
     if out is not None:
         write_json(out, result)

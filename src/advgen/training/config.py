@@ -193,13 +193,15 @@ class TrainConfig:
         method = d.get("method", "standard")
         legacy = {"attack": d.pop("attack", None), "generator": d.pop("generator", None)}
         options = d.pop("options", None)
+        spec = _method_spec(method)
         if options is None:
             options = legacy["generator"] if method == "generator" else legacy["attack"]
+            if not dataclasses.fields(spec.options):
+                options = None   # 0.1 kept `attack` in every config; standard training ignored it
         if method == "fgsm" and options and "steps" in options:
             # before FGSMOptions, FGSM carried min-max's options and ignored all but norm and eps: it ran
             # one step of 1.25 eps from a random start, whatever steps, step_size and random_start said
             options = {k: v for k, v in options.items() if k in ("norm", "eps")}
-        spec = _method_spec(method)
         return cls(options=from_dict(spec.options, options or {}), **d)
 
 
