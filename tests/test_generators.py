@@ -675,13 +675,13 @@ def test_compare_entries_of_the_memory_variant_and_its_control():
     costs = {}
     for name in ("gen-mem-l2", "mem-step-l2"):
         e = quick[name]
-        cfg = advgen.TrainConfig(method=e.method, options=from_dict(GeneratorOptions, e.options({})))
+        cfg = advgen.TrainConfig(method=e.method, options=from_dict(GeneratorOptions, e.options()))
         cfg.validate()
         costs[name] = passes_per_step(cfg)
         assert cfg.options.memory and cfg.options.step_after
     assert costs == {"gen-mem-l2": 3, "mem-step-l2": 2}
-    mem, ctl = (from_dict(GeneratorOptions, quick[n].options({})) for n in ("gen-mem-l2", "mem-step-l2"))
+    mem, ctl = (from_dict(GeneratorOptions, quick[n].options()) for n in ("gen-mem-l2", "mem-step-l2"))
     assert mem.bank.grad_input and mem.start == "bank" and ctl.start == "memory"
     assert (ctl.bank.bound, ctl.bank.size, ctl.step_size) == (mem.bank.bound, mem.bank.size, mem.step_size)
     assert {e.name for e in ENTRIES} >= {"gen-mem-l2", "mem-step-l2"}
-    assert not any(e.options({}).get("memory") for e in COMPARE_PRESETS["smoke"].entries)
+    assert not any(e.options().get("memory") for e in COMPARE_PRESETS["smoke"].entries)

@@ -382,7 +382,29 @@ def test_compare_entries_of_the_peers_build_and_cost_what_they_say():
     costs = {}
     for e in ENTRIES:
         if e.method in PEERS:
-            cfg = TrainConfig(method=e.method, options=from_dict(METHODS[e.method].options, e.options({})))
+            cfg = TrainConfig(method=e.method, options=from_dict(METHODS[e.method].options, e.options()))
             cfg.validate()
             costs[e.name] = passes_per_step(cfg)
     assert costs == {"nfgsm-l2": 2, "free-l2": 8, "trades-l2": 12}
+
+
+def test_every_linf16_entry_trains_and_watches_at_16_255():
+    """linf16-quick moves each recipe to 16/255 whatever holds its radius (an attack's eps, a generator
+    bank's bound); PGD-10's step, in pixel units in its recipe, follows as eps/4. Before, the preset's
+    `eps` override was merged as a key and the generator entries were refused."""
+    from pathlib import Path
+
+    from advgen.apps.compare.plan import COMPARE_PRESETS, entry_config
+    from advgen.training.config import at_radius
+    from advgen.errors import ConfigError
+    p = COMPARE_PRESETS["linf16-quick"]
+    for e in p.entries:
+        cfg, _ = entry_config(p, e, 0, Path("base"))
+        cfg.validate()
+        assert cfg.threat == ("linf", 16 / 255) and cfg.watch_threat == ("linf", 16 / 255), e.name
+        if e.method == "generator":
+            assert cfg.options.bank.size == 16 / 255 and cfg.options.step_size is None   # the step is the bound
+    pgd10 = entry_config(p, next(e for e in p.entries if e.name == "pgd10-linf"), 0, Path("base"))[0]
+    assert pgd10.options.step == 4 / 255
+    with pytest.raises(ConfigError, match="no threat model"):
+        at_radius(METHODS["standard"].options(), 16 / 255)

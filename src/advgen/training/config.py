@@ -205,6 +205,20 @@ class TrainConfig:
         return cls(options=from_dict(spec.options, options or {}), **d)
 
 
+def at_radius(options, eps: float):
+    """A method's options (its dataclass) at radius eps of their threat model, the inverse of
+    TrainConfig.threat: an attack method's eps, the size of a generator bank bounded in a norm (its step
+    after, sized by the bound by default, follows). Step sizes given in pixel units stay as given.
+    ConfigError for options without a threat model (standard training, the paper's box bound)."""
+    if hasattr(options, "norm") and hasattr(options, "eps"):
+        return dataclasses.replace(options, eps=eps)
+    bank = getattr(options, "bank", None)
+    if getattr(bank, "bound", None) in NORMS:
+        return dataclasses.replace(options, bank=dataclasses.replace(bank, size=eps))
+    raise ConfigError("options", f"({type(options).__name__}) have no threat model whose radius could be set to "
+                                 f"{eps:g}")
+
+
 def as_run(saved: dict, version: str | None = None) -> dict:
     """A config dict read from a run (run.json, a state's header) as it ran, comparable with
     `cfg.resolved().to_dict()`: settings added since at their defaults, method defaults written in.

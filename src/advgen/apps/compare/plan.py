@@ -14,6 +14,7 @@ from ...config import from_dict
 from ...io import read_json
 from ...recipes import resolve_recipe
 from ...training import METHODS, TrainConfig
+from ...training.config import at_radius
 from ...training.method import MethodSpec, Setup
 from ..reproduce import run_complete
 
@@ -47,14 +48,14 @@ class Entry:
     def label(self) -> str:
         return self.name if self.method_name else resolve_recipe(self.name).summary
 
-    def options(self, threat: dict) -> dict:
+    def options(self) -> dict:
         base = {} if self.method_name else resolve_recipe(self.name).options
-        return _merged(_merged(base, threat), self.changes)
+        return _merged(base, self.changes)
 
 
 def _entries(norm: str, eps: float | None = None) -> list[Entry]:
-    """Every recipe of the norm; eps: a radius other than the recipes' (the preset's threat sets it; PGD-10's
-    step, eps/4, follows here)."""
+    """Every recipe of the norm; eps: a radius other than the recipes' (the preset's `eps` sets it; PGD-10's
+    step, eps/4 in pixel units in its recipe, follows here)."""
     # PGD-10 to 16 units: at 8 it has taken 186 steps (2.4 epochs of the quick preset's 10,000 images), a
     # 4-unit fast method 512, so the reference at 4x a fast method's passes needs 16
     pgd_step = {} if eps is None else {"step_size": eps / 4}
@@ -94,8 +95,8 @@ class ComparePreset:
     batch_size: int = 128
     base_seed: int = 0
     entries: list[Entry] = field(default_factory=lambda: list(L2_ENTRIES))
-    # every entry's options with these values (a radius other than the recipes' own: Linf 16/255)
-    threat: dict = field(default_factory=dict)
+    # every entry trained at this radius of its norm instead of its recipe's own (Linf 16/255): at_radius
+    eps: float | None = None
 
 
 COMPARE_PRESETS = {
@@ -118,8 +119,7 @@ COMPARE_PRESETS = {
                                 pgd_eps=[8 / 255], aa_eps=[8 / 255], entries=_entries("linf"), watch_subset=200),
     "linf16-quick": ComparePreset(train_subset=10000, test_subset=200, base_epochs=15, unit_passes=256,
                                   norm="linf", pgd_eps=[16 / 255], aa_eps=[16 / 255],
-                                  entries=_entries("linf", 16 / 255),
-                                  threat={"eps": 16 / 255}, watch_subset=200),
+                                  entries=_entries("linf", 16 / 255), eps=16 / 255, watch_subset=200),
 }
 
 
@@ -132,7 +132,9 @@ def passes_per_step(cfg: TrainConfig) -> int:
 
 def entry_config(p: ComparePreset, e: Entry, seed: int, base: Path) -> tuple[TrainConfig, list[int]]:
     """The TrainConfig of one run of entry e (its largest budget) and the steps of each of its budgets."""
-    options = from_dict(METHODS[e.method].options, e.options(p.threat))
+    options = from_dict(METHODS[e.method].options, e.options())
+    if p.eps is not None:
+        options = at_radius(options, p.eps)
     cfg = TrainConfig(method=e.method, options=options, model="resnet20", epochs=1_000_000, lr=p.lr,
                       schedule="constant", batch_size=p.batch_size, seed=seed, train_subset=p.train_subset,
                       test_subset=p.test_subset, init=str(base), watch_subset=p.watch_subset)
