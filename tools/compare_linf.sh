@@ -2,7 +2,7 @@
 # The Linf comparison (issue: Linf 8/255): `advgen compare --preset linf-quick` and `linf16-quick`, entry by
 # entry, the issue's entries only (N-FGSM, FGSM-RS, PGD-10 and the generator variants gen_sdi, gen_rec2,
 # gen_mem). The order answers the issue's question first: N-FGSM and gen_sdi at 16/255 (where single-step
-# training overfits catastrophically, the generators' best chance) and at 8/255, then FGSM-RS, the other
+# training overfits catastrophically, the generators' best chance), then at 8/255, then FGSM-RS, the other
 # generator variants, and PGD-10 last (the reference; its 16 units cost as much as all the fast entries
 # together). A stopped session leaves whole entries behind. Both presets fine-tune the L2 comparison's base
 # (the same 10,000 images, standard training: no threat model in it). Each call resumes what OUT holds; the 3
@@ -17,11 +17,14 @@ OUT=${2:?usage: compare_linf.sh DATA_DIR OUT_DIR}
 ADVGEN=${ADVGEN:-advgen}
 JOBS=${JOBS:-2}
 BASE=$(cd "$(dirname "$0")/.." && pwd)/experiments/compare-quick/base
-for e in nfgsm-linf gen-sdi-linf fgsm-rs-linf gen-rec2-linf gen-mem-linf pgd10-linf; do
-  for preset in linf16-quick linf-quick; do
-    echo "== $(date -Is) $preset entry $e"
-    "$ADVGEN" compare --preset "$preset" --entries "$e" --jobs "$JOBS" --base "$BASE" --data-dir "$DATA" \
-      --device cpu --out "$OUT/$preset"
-  done
+# 16 = linf16-quick, 8 = linf-quick
+ORDER="16:nfgsm 16:gen-sdi 8:nfgsm 8:gen-sdi 16:fgsm-rs 8:fgsm-rs 16:gen-rec2 8:gen-rec2 16:gen-mem 8:gen-mem
+       8:pgd10 16:pgd10"
+for item in $ORDER; do
+  preset=$([ "${item%%:*}" = 16 ] && echo linf16-quick || echo linf-quick)
+  e=${item#*:}-linf
+  echo "== $(date -Is) $preset entry $e"
+  "$ADVGEN" compare --preset "$preset" --entries "$e" --jobs "$JOBS" --base "$BASE" --data-dir "$DATA" \
+    --device cpu --out "$OUT/$preset"
 done
 echo "== $(date -Is) compare done"
