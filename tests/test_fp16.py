@@ -22,6 +22,7 @@ from advgen.training.methods.free import FreeAT, FreeOptions
 from advgen.training.methods.generator import GeneratorOptions
 from advgen.training.methods.minmax import MinMax
 from advgen.training.methods.minmax import FGSMOptions
+from advgen.training.methods.gradalign import GradAlignOptions
 from advgen.training.methods.nfgsm import NFGSMOptions
 from advgen.training.state import read_state
 from advgen.training.methods.trades import TradesOptions
@@ -148,6 +149,7 @@ ATTACKERS = {
     "fgsm": FGSMOptions(norm="linf", eps=8 / 255),
     "nfgsm": NFGSMOptions(norm="l2", eps=0.5),
     "trades": TradesOptions(norm="l2", eps=0.5, steps=2),
+    "gradalign": GradAlignOptions(norm="linf", eps=8 / 255),
     "generator": GeneratorOptions(bank=BankConfig(n=2, width=4, depth=2, bound="l2", size=0.5, grad_input=True),
                                   step_after=True),
 }

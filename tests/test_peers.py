@@ -20,11 +20,12 @@ from advgen.cli import main
 from advgen.apps.compare.plan import L2_ENTRIES as ENTRIES, passes_per_step
 from advgen.config import from_dict
 from advgen.training import TrainConfig
-from advgen.errors import UserError
+from advgen.errors import ConfigError, UserError
 from advgen.training import METHODS, Setup, registered, train
 from advgen.training.methods.free import FreeOptions
 from advgen.training.methods.nfgsm import NFGSMOptions
 from advgen.training.state import read_state
+from advgen.training.methods.gradalign import GradAlignOptions, alignment
 from advgen.training.methods.trades import TradesOptions
 
 torch.set_num_threads(1)
@@ -314,10 +315,61 @@ def test_pgd_objective_settings_are_checked():
     assert PGD(model).settings()["objective"] == "ce"
 
 
+# ---------------------------------------------------------------------------------------------- GradAlign
+
+def test_alignment_is_the_mean_cosine_over_rows_with_both_gradients():
+    g = torch.randn(4, 3, 2, 2)
+    assert alignment(g, 2 * g).item() == pytest.approx(1.0) and alignment(g, -g).item() == pytest.approx(-1.0)
+    h = g.clone()
+    h[0] = 0   # a sample whose gradient vanished (a saturated loss) does not count, as in the authors' code
+    other = torch.randn(4, 3, 2, 2)
+    want = torch.nn.functional.cosine_similarity(g[1:].flatten(1), other[1:].flatten(1)).mean()
+    assert alignment(h, other).item() == pytest.approx(want.item(), rel=1e-5)
+    assert alignment(torch.zeros(2, 3), torch.ones(2, 3)).item() == 0.0
+
+
+def test_gradalign_lambda_follows_the_authors_linf_rule_and_l2_needs_one():
+    assert GradAlignOptions(norm="linf").weight == pytest.approx(0.2)
+    assert GradAlignOptions(norm="linf", eps=16 / 255).weight == pytest.approx(2.0, abs=0.005)   # theirs: 2.000
+    assert GradAlignOptions(norm="linf", eps=12 / 255).weight == pytest.approx(0.632, abs=0.001)  # theirs: 0.632
+    assert GradAlignOptions(norm="l2", eps=0.5, align=0.3).weight == 0.3
+    with pytest.raises(ConfigError, match="align has no default at L2"):
+        GradAlignOptions(norm="l2").validate()
+
+
+def test_gradalign_regulariser_is_differentiated_through_the_noisy_gradient(tiny_model):
+    """The loss is CE at x + eps·sign(g1) plus λ(1 − cos(g1, g2)); the parameters' gradient differs from
+    λ = 0's by exactly the regulariser's, so g2 keeps its graph (double backpropagation); x_adv is FGSM
+    from zero, on the ball's corners."""
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    grads, losses, ce = {}, {}, {}
+    for lam in (0.0, 5.0):
+        model = tiny_model()   # the same weights and BatchNorm statistics for both (seeded)
+        method = build("gradalign", model, GradAlignOptions(norm="linf", eps=8 / 255, align=lam), seed=3)
+        model.zero_grad()
+        loss, logits, _ = method.loss(x, y)
+        loss.backward()
+        grads[lam] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        losses[lam], ce[lam] = loss.item(), torch.nn.functional.cross_entropy(logits, y).item()
+    assert losses[0.0] == pytest.approx(ce[0.0], rel=1e-6) and losses[5.0] > ce[5.0] + 0.01
+    assert not torch.allclose(grads[0.0], grads[5.0])
+    method = build("gradalign", model, GradAlignOptions(norm="linf", eps=8 / 255), seed=3)
+    seen = []
+
+    def forward(xa):   # the training forward: what it is given is x_adv
+        seen.append(xa)
+        return model(xa)
+    method.train_model = forward
+    method.loss(x, y)
+    d = (seen[0] - x).abs()
+    inside = (x > 8 / 255) & (x < 1 - 8 / 255)   # not clipped by [0, 1]
+    assert torch.allclose(d[inside], torch.full_like(d[inside], 8 / 255), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------- end to end, CLI
 
 PEERS = {"nfgsm": (NFGSMOptions, {}, 2), "free": (FreeOptions, {"replays": 2}, 2),
-         "trades": (TradesOptions, {"steps": 2}, 4)}
+         "trades": (TradesOptions, {"steps": 2}, 4), "gradalign": (GradAlignOptions, {"align": 0.5}, 5)}
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Linf comparison (issue: Linf 8/255): `advgen compare --preset linf-quick` and `linf16-quick`, entry by
-# entry, the issue's entries only (N-FGSM, FGSM-RS, PGD-10 and the generator variants gen_sdi, gen_rec2,
-# gen_mem). The order answers the issue's question first: N-FGSM and gen_sdi at 16/255 (where single-step
+# entry, the issue's entries only (N-FGSM, FGSM-RS, PGD-10, the catastrophic-overfitting peer GradAlign and
+# the generator variants gen_sdi, gen_rec2, gen_mem). The order answers the issue's question first: N-FGSM and gen_sdi at 16/255 (where single-step
 # training overfits catastrophically, the generators' best chance), then at 8/255, then FGSM-RS, the other
 # generator variants, and PGD-10 last (the reference; its 16 units cost as much as all the fast entries
 # together). A stopped session leaves whole entries behind. Both presets fine-tune the L2 comparison's base
@@ -18,8 +18,8 @@ ADVGEN=${ADVGEN:-advgen}
 JOBS=${JOBS:-2}
 BASE=$(cd "$(dirname "$0")/.." && pwd)/experiments/compare-quick/base
 # 16 = linf16-quick, 8 = linf-quick
-ORDER="16:nfgsm 16:gen-sdi 8:nfgsm 8:gen-sdi 16:fgsm-rs 8:fgsm-rs 16:gen-rec2 8:gen-rec2 16:gen-mem 8:gen-mem
-       8:pgd10 16:pgd10"
+ORDER="16:nfgsm 16:gen-sdi 8:nfgsm 8:gen-sdi 16:fgsm-rs 8:fgsm-rs 16:gradalign 8:gradalign 16:gen-rec2 8:gen-rec2
+       16:gen-mem 8:gen-mem 8:pgd10 16:pgd10"
 for item in $ORDER; do
   preset=$([ "${item%%:*}" = 16 ] && echo linf16-quick || echo linf-quick)
   e=${item#*:}-linf

@@ -133,6 +133,10 @@ for _norm in ("l2", "linf"):
                             "bank": {"n": 32, "bound": _norm, "size": _eps, "grad_input": False, "grad_skip": False}},
                            aliases=("mem_step",) if _old else ()))
 
+# GradAlign's λ has a rule for Linf only (the authors' CIFAR-10 settings): no L2 recipe
+register_recipe(Recipe("gradalign-linf", "gradalign", "FGSM + gradient alignment, lambda 0.2 at 8/255 "
+                       "(Andriushchenko & Flammarion 2020)", _threat("linf")))
+
 # From scratch on all of CIFAR-10 in 20 minutes of two CPU cores (docs/speedrun.md): N-FGSM at L2 0.5 with
 # Wong et al. 2020's one-cycle learning rate (peak 0.2), as many epochs as fit the time on this project's
 # machine in fp32 (about 195 s an epoch on two threads, without bf16)
