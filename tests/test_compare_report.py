@@ -127,3 +127,22 @@ def test_the_watch_curve_is_read_from_the_run_record(tmp_path):
         {"epoch": 3, "passes": 40}]})   # an epoch without a watch (none asked for): not a point
     assert _watch_curve(tmp_path) == [{"passes": 156, "pgd": 0.3, "fgsm": 0.4, "overfit": False},
                                       {"passes": 312, "pgd": 0.05, "fgsm": 0.8, "overfit": True}]
+
+
+def test_the_linf_comparison_script_names_only_entries_of_its_presets(tmp_path):
+    """tools/compare_linf.sh: every call it makes is `compare --preset P --entries E` with E an entry of P
+    (a misspelt one would stop the background campaign hours in), each once, both radii."""
+    import subprocess
+    from pathlib import Path
+
+    from advgen.apps.compare.plan import COMPARE_PRESETS
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", str(root / "tools" / "compare_linf.sh"), "D", "O"], env={"ADVGEN": "echo",
+                         "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True).stdout
+    calls = [ln.split() for ln in out.splitlines() if ln.startswith("compare ")]
+    pairs = [(c[c.index("--preset") + 1], c[c.index("--entries") + 1]) for c in calls]
+    assert len(pairs) == len(set(pairs)) >= 12
+    for preset, entry in pairs:
+        assert entry in {e.name for e in COMPARE_PRESETS[preset].entries}, (preset, entry)
+    assert {p for p, _ in pairs} == {"linf-quick", "linf16-quick"}
+    assert pairs[:2] == [("linf16-quick", "nfgsm-linf"), ("linf16-quick", "gen-sdi-linf")]
