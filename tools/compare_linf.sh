@@ -9,6 +9,10 @@
 # seeds of an entry run as JOBS workers (default 2), one thread each.
 #
 #   OMP_NUM_THREADS=1 nohup bash tools/compare_linf.sh /work/shared/data runs/compare-linf > runs/compare-linf.log 2>&1 &
+#
+# The runs record the base by its path: resume them from a checkout at the same path (the sessions of
+# 2026-12-04 ran it from a worktree at /work/cmp, so the carried runs name /work/cmp/experiments/...); from
+# another path a finished run reads as unfinished and the call stops with a one-line error.
 #   # before the session ends (the runs resume from what it keeps):
 #   python3 tools/carry.py save runs/compare-linf experiments/compare-linf --light --keep-weights base --max-mb 20
 set -euo pipefail
