@@ -118,13 +118,14 @@ OBJECTIVES = {"ce": cross_entropy, "margin": margin, "kl": kl_from}
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put every module in eval mode and freeze the parameters; restore both on exit."""
+def eval_mode(model: nn.Module, freeze: bool = True):
+    """Put every module in eval mode and (freeze) its parameters out of the graph; restore both on exit.
+    freeze=False: a pass whose result is itself differentiated in the parameters (GradAlign's regulariser)."""
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in grads:
-        p.requires_grad_(False)  # the backward then computes input gradients only
+        p.requires_grad_(p.requires_grad and not freeze)  # frozen: the backward computes input gradients only
     try:
         yield model
     finally:

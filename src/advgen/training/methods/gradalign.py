@@ -102,7 +102,7 @@ class GradAlign(Method):
                 g1 = self._input_grad(attacker, x, y, graph=False)
             x_adv = (x + eps * ops.direction(g1)).clamp(0, 1)
             eta = ops.random_start(x.shape, eps, generator(self.seed, x.device)).to(x)
-            with _eval_with_grads(self.model):
+            with eval_mode(self.model, freeze=False):
                 g2 = self._input_grad(self.model, (x + eta).clamp(0, 1), y, graph=True)
             reg = o.weight * (1 - alignment(g1, g2))
         logits = self.train_model(x_adv)
@@ -114,18 +114,3 @@ class GradAlign(Method):
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
 
-
-class _eval_with_grads:
-    """The classifier in eval mode with its parameters still requiring grad (the regulariser is
-    differentiated through the pass); every module's mode restored on exit."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, mode in self.modes:
-            m.train(mode)
