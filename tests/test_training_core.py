@@ -2,6 +2,7 @@
 library errors to flags, and the defects fixed with the redesign."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from synth_cifar import tiny_dataset, write_cifar
 
 import advgen
 from advgen.checkpoint import STATE_FILE, save_model
-from advgen.io import save_tensors
+from advgen.io import file_digest, save_tensors
 from advgen.cli import main
 from advgen.attacks import STANDARD_EPS as DEFAULT_EPS
 from advgen.config import AttackConfig
@@ -243,6 +244,35 @@ def test_configs_saved_before_a_setting_existed_match_with_its_default(tmp_path)
     cfg.options.recursions = 2
     cfg.options.bank.grad_input = True
     assert not run_complete(tmp_path / "r", cfg)
+
+
+def test_a_run_whose_base_moved_is_found_complete_and_resumes_by_the_bases_sha256(tmp_path):
+    """A run records the sha256 of the weights it started from: named by another path (a moved checkout,
+    advgen compare resumed elsewhere) the same file is the same run; another file at the old path is not."""
+    import shutil
+    from advgen.apps.reproduce import run_complete
+    from advgen.training.loop import _resume_state
+    base = tmp_path / "a" / "base"
+    train(TrainConfig(epochs=1, batch_size=16), *_sets(), out_dir=base, progress=False)
+    cfg = TrainConfig(method="fgsm", epochs=2, batch_size=16, init=str(base))
+    torch.manual_seed(0)
+    train(cfg, *_sets(), out_dir=tmp_path / "r", progress=False)
+    rec = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert rec["init_sha256"] == file_digest(base / "model.safetensors")
+    shutil.copytree(base, tmp_path / "b" / "base")
+    moved = dataclasses.replace(cfg, init=str(tmp_path / "b" / "base"))
+    assert run_complete(tmp_path / "r", moved)
+    _resume_state(tmp_path / "r", moved)   # the saved state's header carries the digest too
+    # another base at the recorded path is another run
+    train(TrainConfig(epochs=1, batch_size=16, seed=5), *_sets(), out_dir=base, progress=False, force=True)
+    assert file_digest(base / "model.safetensors") != rec["init_sha256"]
+    assert not run_complete(tmp_path / "r", cfg)
+    with pytest.raises(CheckpointError, match="init"):
+        _resume_state(tmp_path / "r", cfg)
+    # a run that recorded no digest (made before it was recorded) is matched by the path, as it was
+    del rec["init_sha256"]
+    (tmp_path / "r" / "run.json").write_text(json.dumps(rec))
+    assert run_complete(tmp_path / "r", cfg) and not run_complete(tmp_path / "r", moved)
 
 
 def test_step_log_truncates_to_the_saved_step_and_drops_a_cut_row(tmp_path):

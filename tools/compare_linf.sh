@@ -10,9 +10,9 @@
 #
 #   OMP_NUM_THREADS=1 nohup bash tools/compare_linf.sh /work/shared/data runs/compare-linf > runs/compare-linf.log 2>&1 &
 #
-# The runs record the base by its path: resume them from a checkout at the same path (the sessions of
-# 2026-12-04 ran it from a worktree at /work/cmp, so the carried runs name /work/cmp/experiments/...); from
-# another path a finished run reads as unfinished and the call stops with a one-line error.
+# Runs record their base's sha256 and resume from any checkout. The runs carried from the sessions of
+# 2026-12-04 were made by advgen 9d08836, which recorded the base by its path only: resume those from a
+# worktree at /work/cmp (they name /work/cmp/experiments/...); elsewhere a finished one reads as unfinished.
 #   # before the session ends (the runs resume from what it keeps):
 #   python3 tools/carry.py save runs/compare-linf experiments/compare-linf --light --keep-weights base --max-mb 20
 set -euo pipefail

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..evaluation import EvalProtocol, evaluate, mean_std
 from ..io import atomic_write, git_commit, machine_description, read_json, write_json
 from ..recipes import recipe_config
-from ..training import TrainConfig
+from ..training import TrainConfig, config_changes
 from ..training.config import as_run
 from . import DATA_CAVEAT, curve, train_stage
 from .figures import figure2, figure3
@@ -84,7 +84,8 @@ def run_complete(run_dir: Path, cfg: TrainConfig) -> bool:
     if not path.exists():
         return False
     rec = read_json(path)
-    return as_run(rec.get("config") or {}, rec.get("version")) == cfg.resolved().to_dict() and rec.get("finished", False)
+    saved = as_run(rec.get("config") or {}, rec.get("version"))
+    return rec.get("finished", False) and not config_changes(saved, rec.get("init_sha256"), cfg)
 
 
 def reproduce(preset: str, out: Path, *, data_dir=None, download: bool = False, device="cpu",

@@ -36,13 +36,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .._version import __version__
-from ..checkpoint import METRICS_FILE, STATE_FILE, load_model, save_model, saved_architecture
+from ..checkpoint import METRICS_FILE, STATE_FILE, load_model, resolve_model_file, save_model, saved_architecture
 from ..data import Batches, Dataset, balanced_subset, data_placement, first_n, normalization_for
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, UserError, check, check_field
 from ..models import VARIANTS, build_model, saved_model_name
 from .. import devices, precision
 from . import distributed
-from ..io import git_commit, machine_description
+from ..io import file_digest, git_commit, machine_description
 from .config import TrainConfig, as_run, lr_factor
 from .control import STOP, Budget, StepTimer, StopFlag
 from .distributed import Dist
@@ -146,6 +146,32 @@ def _nonfinite(modules: dict[str, nn.Module]) -> list[str]:
             if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
+def init_digest(init: str | None) -> str | None:
+    """sha256 of the weights file a run starts from (cfg.init; None without one or when it is gone): a
+    run whose base is named by another path (a moved checkout, a copied run) is the same run when this
+    is the same."""
+    if init is None:
+        return None
+    path = resolve_model_file(init)
+    return file_digest(path) if path.is_file() else None
+
+
+def config_changes(saved: dict, saved_init: str | None, cfg: TrainConfig, *, precision: bool = True) -> list[str]:
+    """The settings in which cfg differs from a run's saved config (as training/config.as_run reads it).
+    `init` named by another path is no change when its file has the sha256 the run recorded (saved_init;
+    runs that recorded none compare by path), and another file at the same path is a change (the base
+    was trained again). precision=False: the precision is compared as resolved, by the caller."""
+    new = cfg.resolved().to_dict()
+    digest = init_digest(new["init"]) if saved_init is not None else None
+    changed = digest is not None and digest != saved_init
+    if saved_init is not None and digest == saved_init:
+        saved = {**saved, "init": new["init"]}
+    if not precision:
+        saved, new = _without_precision(saved), _without_precision(new)
+    return _config_changes(saved, new) + ([f"init's weights (sha256 {saved_init[:12]}..., now {digest[:12]}...)"]
+                                          if changed else [])
+
+
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The settings that differ, top-level ones first: 'lr 0.1 (now 0.05)'."""
     changes, nested = [], []
@@ -208,7 +234,8 @@ class Run:
         self.budget = Budget(cfg.time_budget, cfg.budget_clock)
         self.record = {"config": cfg.resolved().to_dict(), "epochs": [], "version": __version__, "git_commit": git_commit(),
                        "device": str(device), "world_size": dist.world, "train_images": len(train_set),
-                       "test_images": len(test_set), "precision": self.precision.record()}
+                       "test_images": len(test_set), "precision": self.precision.record(),
+                       "init_sha256": init_digest(cfg.init)}
         self.machine = machine_description(device)   # each epoch's row names it: a resumed run may have moved
         self.epoch, self.step = 1, 0   # the next step to run: batch `step` of epoch `epoch`
         self.finished = False          # every epoch done (or the time budget spent), evaluated, saved
@@ -343,6 +370,7 @@ class Saver:
             self.steplog.flush()   # before the state: the file never lacks a step the state has done
             write_state(self.out / STATE_FILE, state,
                         {"version": __version__, "config": run.record["config"], "data_sha256": run.fingerprint,
+                         "init_sha256": run.record.get("init_sha256"),
                          "variant": VARIANTS.get(run.cfg.model), **run.position()})
         self.saved_at = (run.epoch, run.step)
 
@@ -518,7 +546,7 @@ def _resume_state(out: Path, cfg: TrainConfig) -> tuple[dict, dict]:
     except (UserError, TypeError, ValueError) as e:
         raise CheckpointError(f"--resume: {out / STATE_FILE} holds a config this advgen cannot read "
                               f"({' '.join(str(e).split())[:200]}); pass --force to start over") from None
-    changes = _config_changes(_without_precision(saved), _without_precision(cfg.resolved().to_dict()))
+    changes = config_changes(saved, header.get("init_sha256"), cfg, precision=False)
     if changes:
         raise CheckpointError(f"--resume: {out} was started with other settings: {'; '.join(changes[:4])}"
                               f"{' ...' if len(changes) > 4 else ''}; pass the same arguments, or --force to "
