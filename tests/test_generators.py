@@ -432,6 +432,38 @@ def test_the_step_after_the_bank_moves_its_sample_along_the_gradient(trained_tin
     assert ce(end) > ce(start)                        # a gradient step from the start raises the loss
 
 
+def test_the_unprojected_step_leaves_the_ball_by_the_step_and_the_bank_still_learns(trained_tiny):
+    """step_project=False (recipe gen-nfgsm-*): the stepped sample is clipped to [0, 1] only, so its
+    perturbation exceeds the bound s (up to s + step) where the projected variant stays inside."""
+    model = copy.deepcopy(trained_tiny.model).train()
+    x, y = trained_tiny.x_test[:16], trained_tiny.y_test[:16]
+    projected = _variant(model, step_after=True, step_size=0.5)
+    free = _variant(model, step_after=True, step_size=0.5, step_project=False)
+    inside, _, _ = projected._generate(x, y)
+    outside, _, _ = free._generate(x, y)
+    size = lambda t: (t - x).flatten(1).norm(dim=1)  # noqa: E731
+    assert (size(inside) <= 0.5 + 1e-4).all()
+    assert (size(outside) > 0.5 + 1e-3).any() and (size(outside) <= 1.0 + 1e-4).all()
+    assert outside.min() >= 0 and outside.max() <= 1 and free.passes == 3
+    loss, _, _ = free.loss(x, y)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in free.bank.parameters())
+
+
+def test_the_unprojected_step_needs_a_step_and_no_memory():
+    cfg = advgen.TrainConfig(method="generator")
+    cfg.options.step_project = False
+    with pytest.raises(UserError, match="options.step_project off needs options.step_after"):
+        cfg.validate()
+    cfg.options.step_after = cfg.options.memory = True
+    with pytest.raises(UserError, match="options.step_project off cannot be combined with options.memory"):
+        cfg.validate()
+    from advgen.recipes import recipe_config
+    r = recipe_config("gen-nfgsm-linf")
+    r.validate()
+    assert r.threat == ("linf", 8 / 255) and not r.options.step_project and r.options.step_after
+
+
 def test_recursions_need_the_input_gradient():
     cfg = advgen.TrainConfig(method="generator")
     cfg.options.recursions = 2

@@ -22,8 +22,8 @@ ADVGEN=${ADVGEN:-advgen}
 JOBS=${JOBS:-2}
 BASE=$(cd "$(dirname "$0")/.." && pwd)/experiments/compare-quick/base
 # 16 = linf16-quick, 8 = linf-quick
-ORDER="16:nfgsm 16:gen-sdi 8:nfgsm 8:gen-sdi 16:fgsm-rs 8:fgsm-rs 16:gradalign 8:gradalign 16:gen-rec2 8:gen-rec2
-       16:gen-mem 8:gen-mem 8:pgd10 16:pgd10"
+ORDER="16:nfgsm 16:gen-sdi 8:nfgsm 8:gen-sdi 16:gen-nfgsm 16:fgsm-rs 8:fgsm-rs 8:gen-nfgsm 16:gradalign 8:gradalign
+       16:gen-rec2 8:gen-rec2 16:gen-mem 8:gen-mem 8:pgd10 16:pgd10"
 for item in $ORDER; do
   preset=$([ "${item%%:*}" = 16 ] && echo linf16-quick || echo linf-quick)
   e=${item#*:}-linf

@@ -121,6 +121,10 @@ for _norm in ("l2", "linf"):
     register_recipe(Recipe(f"gen-sdi-{_norm}", "generator", "the gradient generators' output + a gradient step "
                            "from it (FGSM-SDI style)", _gradient_bank(_norm, step_after=True),
                            aliases=("gen_sdi",) if _old else ()))
+    # gen-sdi with N-FGSM's lever: the step from the bank's output is not projected back (up to 2 eps)
+    register_recipe(Recipe(f"gen-nfgsm-{_norm}", "generator", "gen-sdi whose step is not projected back onto the "
+                           "ball, as N-FGSM does not clip (up to 2 eps)", _gradient_bank(_norm, step_after=True,
+                                                                                       step_project=False)))
     register_recipe(Recipe(f"gen-rec2-{_norm}", "generator", "2 recursive generator steps (Jang et al. 2019)",
                            _gradient_bank(_norm, recursions=2), aliases=("gen_rec2",) if _old else ()))
     register_recipe(Recipe(f"gen-mem-{_norm}", "generator", "generators fed x, the gradient and the sample's "

@@ -26,7 +26,10 @@ them. The intended strong variant is memory + options.bank.grad_input + step_aft
     x1 = φ(x, ∇L(x), δ_prev),   x_adv = clip(x + P_s(x1 + α·d(∇L(x1)) − x)),   δ = x_adv − x stored
 
 with d the norm's unit ascent direction (g/‖g‖₂ for l2, sign g for box and linf), α = step_size
-(default s), P_s the projection onto the s-ball, clip to [0, 1]; 3 passes per step.
+(default s), P_s the projection onto the s-ball, clip to [0, 1]; 3 passes per step. step_project=False
+drops P_s after the step, as N-FGSM drops its clip (de Jorge et al. 2022): the training perturbation
+reaches s + α, while the bank's own output stays in the s-ball (the threat model the run is watched and
+evaluated at); not with memory, whose stored δ must lie in the bound.
 - dtype: float16, half of float32's memory: 50,000 CIFAR-10 images take 50,000·3·32·32·2 B ≈ 307 MB,
   10,000 about 61 MB. Its rounding (relative 2⁻¹¹: under 10⁻⁴ in pixel units for |δ| ≤ 0.2) is far
   below the 1/255 step of an 8-bit image; a stored δ meets the bound s up to that rounding.
@@ -96,6 +99,9 @@ class GeneratorOptions:
     step_after: bool = option(False, "--gen-step-after", "a gradient step from the bank's output, projected onto the "
                               "bound: the bank learns the start of the step (FGSM-SDI, Jia et al. 2022; one more gradient)")
     step_size: float | None = option(None, "--gen-step-size", "size of that step in pixel units (default: the bound s)")
+    step_project: bool = option(True, "--gen-step-project", "project the stepped sample onto the bound s; off: "
+                                "only clip to [0, 1], so the perturbation reaches s + step (N-FGSM's choice, de "
+                                "Jorge et al. 2022)")
     memory: bool = option(False, "--gen-memory", "keep each sample's last perturbation (float16 on the device, about "
                           "6 KB per CIFAR image) and show it to the bank (FGSM-PGI style; no extra pass)")
     start: str = option("bank", "--gen-start", "memory: the control without the network, one gradient step from "
@@ -116,6 +122,10 @@ class GeneratorOptions:
                     "above 1 needs options.bank.grad_input (each application sees the gradient at its input)")
         check_field(self.step_size is None or (math.isfinite(self.step_size) and self.step_size > 0),
                     "options.step_size", f"must be > 0, got {self.step_size}")
+        check_field(self.step_project or self.step_after, "options.step_project",
+                    "off needs options.step_after (it is the step that is not projected)")
+        check_field(self.step_project or not self.memory, "options.step_project",
+                    "off cannot be combined with options.memory (the stored perturbations must lie in the bound)")
         check_field(self.bank.assign != "all" or (self.recursions == 1 and not self.step_after),
                     "options.bank.assign", "all cannot be combined with recursions or step_after")
         check_field(self.bank.assign != "all" or not self.memory, "options.memory",
@@ -282,7 +292,8 @@ class GeneratorMethod(Method):
             # bank's gradient flows through x_cur alone
             d = norm.direction(self._input_grad(x_cur, y))
             step = bank.size if g.step_size is None else g.step_size
-            x_cur = (x + norm.project(x_cur + step * d - x, bank.size)).clamp(0, 1)
+            delta = x_cur + step * d - x
+            x_cur = (x + (norm.project(delta, bank.size) if g.step_project else delta)).clamp(0, 1)
         if bank.assign == "all":
             y = y.repeat(bank.n)
         return x_cur, y, k
