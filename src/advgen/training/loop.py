@@ -18,6 +18,7 @@ before it are exact).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -153,7 +154,15 @@ def init_digest(init: str | None) -> str | None:
     if init is None:
         return None
     path = resolve_model_file(init)
-    return file_digest(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    st = path.stat()   # compare plans ask for every run: a large base is read once while it is unchanged
+    return _file_digest_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest_cached(path: str, mtime_ns: int, size: int) -> str:
+    return file_digest(Path(path))
 
 
 def config_changes(saved: dict, saved_init: str | None, cfg: TrainConfig, *, precision: bool = True) -> list[str]:
