@@ -17,8 +17,8 @@ DATA=${DATA:-$ROOT/shared/data}
 TRAIN_WT=$ROOT/linf TRAIN_COMMIT=b9f45b1
 EVAL_WT=$ROOT/evalwt EVAL_COMMIT=${EVAL_COMMIT:-150b978}
 KEEP=$MAIN/experiments/campaign-linf
-TRAIN_LEFT="pgd10"   # stages still to train, in order
-EVAL_LEFT="pgd10"   # evaluations still to finish, in order (each waits for its training)
+TRAIN_LEFT=""   # stages still to train, in order
+EVAL_LEFT=""   # evaluations still to finish, in order (each waits for its training)
 
 worktree() {  # worktree DIR COMMIT
   local dir=$1 commit=$2
