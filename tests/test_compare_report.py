@@ -10,7 +10,7 @@ from advgen.evaluation import paired_interval, welch_interval
 UNIT = 256
 
 
-def _rows(name, units, passes_per_step, pgd, aa_final, seeds=(0, 1, 2)):
+def _rows(name, units, passes_per_step, pgd, aa_final, seeds=(0, 1, 2), clean=(0.6, 0.6, 0.6)):
     """Rows of one entry: pgd[units] and aa_final are lists of per-seed accuracies; AutoAttack only at
     the entry's largest budget, as the quick preset does."""
     rows = []
@@ -19,17 +19,17 @@ def _rows(name, units, passes_per_step, pgd, aa_final, seeds=(0, 1, 2)):
             steps = round(u * UNIT / passes_per_step)
             passes = steps * passes_per_step
             rows.append({"name": name, "method": name, "label": name, "seed": seed, "budget_units": u, "steps": steps,
-                         "passes": passes, "budget_seconds": passes / 10, "clean": 0.6, "pgd": {"0.5": pgd[u][i]},
+                         "passes": passes, "budget_seconds": passes / 10, "clean": clean[i], "pgd": {"0.5": pgd[u][i]},
                          "autoattack": {"0.5": aa_final[i]} if u == units[-1] else {}, "checks": []})
     return rows
 
 
-def _summary(gen_aa, seeds=(0, 1, 2)):
+def _summary(gen_aa, seeds=(0, 1, 2), gen_clean=(0.6, 0.6, 0.6)):
     q = [1.0, 2.0, 4.0]
     rows = _rows("nfgsm-l2", [0.5] + q, 2, {u: [0.30, 0.31, 0.32] for u in [0.5] + q}, [0.34, 0.35, 0.36])
     rows += _rows("pgd10-l2", q + [8.0], 11, {u: [0.36, 0.37, 0.38] for u in q + [8.0]}, [0.37, 0.38, 0.39])
     rows += _rows("gen_x", [0.5] + q, 3, {0.5: [0.2] * 3, 1.0: [0.3] * 3, 2.0: [0.365, 0.37, 0.375],
-                                          4.0: [0.40, 0.40, 0.41]}, gen_aa, seeds)
+                                          4.0: [0.40, 0.40, 0.41]}, gen_aa, seeds, gen_clean)
     return summarize(rows)
 
 
@@ -56,6 +56,7 @@ def test_contrasts_pair_the_budgets_the_target_names():
     # (gen_x's 2-unit snapshot has no AutoAttack): 0.37 against 0.37, within 1 point
     assert (slow["units"], slow["other_units"], slow["attack"], slow["verdict"]) == (2.0, 8.0, "PGD", "yes")
     assert slow["passes_ratio"] == pytest.approx(513 / 2046) and slow["diff"] == pytest.approx(0.0, abs=1e-9)
+    assert ref["clean_diff"] == pytest.approx(0.0, abs=1e-9)
     # 1.5 points over N-FGSM is not the 2 the target asks
     assert contrasts(_summary([0.365, 0.365, 0.365]), "0.5")[0]["vs_ref"]["verdict"] == "no"
 
@@ -72,7 +73,7 @@ def test_contrasts_wait_for_three_seeds_a_side():
     results["rows"] = _rows("nfgsm-l2", q, 2, {u: [0.3] * 3 for u in q}, [0.34, 0.35, 0.36]) + \
         _rows("gen_x", q, 3, {u: [0.3] * 2 for u in q}, [0.40, 0.41], seeds=(0, 1))
     md = render(results)
-    assert "| gen_x | 4, AA | pending (2 / 3 seeds) | pending |" in md
+    assert "| gen_x | 4, AA | pending (2 / 3 seeds) | – | pending |" in md
     # the table gives the work as steps (batches seen) beside passes: gen_x's step costs 3 passes
     assert "| entry | units | steps | passes | seconds | seeds |" in md
     assert "| gen_x | 4 | 341 | 1023 |" in md and "| nfgsm-l2 | 4 | 512 | 1024 |" in md
@@ -146,3 +147,23 @@ def test_the_linf_comparison_script_names_only_entries_of_its_presets(tmp_path):
         assert entry in {e.name for e in COMPARE_PRESETS[preset].entries}, (preset, entry)
     assert {p for p, _ in pairs} == {"linf-quick", "linf16-quick"}
     assert pairs[:2] == [("linf16-quick", "nfgsm-linf"), ("linf16-quick", "gen-sdi-linf")]
+
+
+def test_a_win_shows_what_it_cost_in_clean_accuracy():
+    """gen-nfgsm's lesson at Linf 8/255: +5 robust points for 13 clean ones. The verdict keeps the issue's
+    rule; the table says the price, with its interval."""
+    summary = _summary([0.38, 0.38, 0.39], gen_clean=(0.47, 0.48, 0.46))
+    (c,) = contrasts(summary, "0.5")
+    ref = c["vs_ref"]
+    assert ref["verdict"] == "yes" and ref["clean_diff"] == pytest.approx(-0.13)
+    assert ref["clean_ci95"][0] < -0.13 < ref["clean_ci95"][1] < 0
+    results = {"settings": {"pgd_eps": [0.5], "aa_eps": [0.5], "aa_attacks": None, "aa_targets": 9, "train_subset": 1,
+                            "lr": 0.01, "seeds": [0, 1, 2], "unit_passes": UNIT, "batch_size": 128, "pgd_steps": 50,
+                            "pgd_restarts": 2, "aa_every_budget": False},
+               "rows": [], "preset": "t", "version": "0", "git_commit": None, "machine": "m", "base": "b", "n_test": 200}
+    q = [1.0, 2.0, 4.0]
+    results["rows"] = _rows("nfgsm-l2", q, 2, {u: [0.3] * 3 for u in q}, [0.34, 0.35, 0.36]) + \
+        _rows("gen_x", q, 3, {u: [0.3] * 3 for u in q}, [0.38, 0.38, 0.39], clean=(0.47, 0.48, 0.46))
+    lo, hi = (100 * x for x in ref["clean_ci95"])
+    assert f"| gen_x | 4, AA | +3.3 [" in render(results)
+    assert f"| -13.0 [{lo:+.1f}, {hi:+.1f}] | yes |" in render(results)
