@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The Linf zoo from scratch (issue: Linf): the recipes gen-sdi-linf-scratch and nfgsm-linf-scratch (lr 0.1,
+# 10 epochs, all 50,000 images, the overfitting watch on) trained one after the other in one thread, each
+# followed by the zoo's full Linf evaluation (PGD-Linf at 0, 2, 4, 8, 16/255, the standard AutoAttack-Linf
+# 8/255, first 1,000 test images). Training checkpoints every 100 steps and the evaluation after every 100
+# images, so the queue resumes where it stopped. From a worktree pinned to COMMIT (the first with the recipes),
+# beside this checkout; run from the main checkout:
+#
+#   bash tools/scratch_linf.sh start    # worktree, venv, the committed state restored, the queue started
+#   bash tools/scratch_linf.sh status
+#   bash tools/scratch_linf.sh save     # the queue's state into experiments/campaign-linf-scratch (commit it)
+#   bash tools/scratch_linf.sh stop     # stop (training saves on SIGTERM), then save
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MAIN=$PWD
+ROOT=$(dirname "$MAIN")
+DATA=${DATA:-$ROOT/shared/data}
+WT=$ROOT/scratch COMMIT=5c9544c
+KEEP=$MAIN/experiments/campaign-linf-scratch
+LEFT="gen-sdi-linf-scratch nfgsm-linf-scratch"   # recipes still to train and evaluate, in order
+JOB_RE="runs/scratch_linf\.sh queue"
+
+queue() {  # run inside the worktree: train, then evaluate, each recipe in turn
+  local advgen=$WT/.venv/bin/advgen
+  mkdir -p runs/linf-scratch runs/evals
+  for r in "$@"; do
+    local out=runs/linf-scratch/$r
+    mkdir -p "$out"
+    echo "== $(date -Is) $r: advgen train --recipe $r --data-dir DATA --device cpu --checkpoint-every 100 --out $out --resume" \
+      | tee -a "$out/log.txt"
+    "$advgen" train --recipe "$r" --data-dir "$DATA" --device cpu --checkpoint-every 100 --out "$out" --resume \
+      2>&1 | tee -a "$out/log.txt"
+    echo "== $(date -Is) eval $r"
+    "$advgen" eval "$out" --full --norm linf --data-dir "$DATA" --test-subset 1000 --batch-size 100 --device cpu \
+      --out "runs/evals/$r.json"
+  done
+  echo "== $(date -Is) queue done"
+}
+
+start() {
+  ! pgrep -f "$JOB_RE" > /dev/null || { echo "the scratch queue runs already" >&2; exit 2; }
+  if [ ! -d "$WT" ]; then git worktree prune; git worktree add --detach "$WT" "$COMMIT"; fi
+  [ "$(git -C "$WT" rev-parse --short=7 HEAD)" = "$COMMIT" ] || { echo "$WT is not at $COMMIT" >&2; exit 2; }
+  if [ ! -x "$WT/.venv/bin/advgen" ]; then
+    python3 -m venv "$WT/.venv"
+    "$WT/.venv/bin/pip" install -q torch==2.13.0
+    "$WT/.venv/bin/pip" install -q "$WT"
+  fi
+  mkdir -p "$WT/runs"
+  if [ -d "$KEEP" ]; then
+    [ -d "$WT/runs/linf-scratch" ] || python3 tools/carry.py restore "$KEEP/runs" "$WT/runs/linf-scratch"
+    [ -d "$WT/runs/evals" ] || [ ! -d "$KEEP/evals" ] || python3 tools/carry.py restore "$KEEP/evals" "$WT/runs/evals"
+  fi
+  cp tools/scratch_linf.sh "$WT/runs/"   # a running script is never edited under it
+  (cd "$WT"; OMP_NUM_THREADS=${THREADS:-1} DATA=$DATA setsid nohup bash runs/scratch_linf.sh queue $LEFT \
+     >> runs/scratch.log 2>&1 < /dev/null &)
+  sleep 2; status
+}
+
+status() {
+  pgrep -af "$JOB_RE|$WT/\.venv/bin/advgen" | cut -c1-160 || echo "the scratch queue is not running"
+  [ -f "$WT/runs/scratch.log" ] && echo "$WT/runs/scratch.log: $(tail -n 1 "$WT/runs/scratch.log" | cut -c1-160)"
+  return 0
+}
+
+save() {
+  python3 tools/carry.py save "$WT/runs/linf-scratch" "$KEEP/runs"
+  [ ! -d "$WT/runs/evals" ] || python3 tools/carry.py save "$WT/runs/evals" "$KEEP/evals"
+  echo "saved; now: git add experiments/campaign-linf-scratch && git commit"
+}
+
+stop() {
+  pkill -f "$JOB_RE" || true
+  pkill -TERM -f "$WT/\.venv/bin/advgen" || true
+  for _ in $(seq 60); do pgrep -f "$WT/\.venv/bin/advgen" > /dev/null || break; sleep 1; done
+  save
+}
+
+case ${1:-} in
+  queue) shift; WT=$PWD; queue "$@" ;;
+  start|status|save|stop) "$1" ;;
+  *) echo "usage: scratch_linf.sh start|status|save|stop" >&2; exit 2 ;;
+esac
