@@ -56,7 +56,7 @@ start() {
   fi
   mkdir -p "$WT/runs"
   if [ -d "$KEEP" ]; then
-    [ -d "$WT/runs/linf-scratch" ] || python3 tools/carry.py restore "$KEEP/runs" "$WT/runs/linf-scratch"
+    [ -d "$WT/runs/linf-scratch" ] || python3 tools/carry.py restore "$KEEP/training" "$WT/runs/linf-scratch"
     [ -d "$WT/runs/evals" ] || [ ! -d "$KEEP/evals" ] || python3 tools/carry.py restore "$KEEP/evals" "$WT/runs/evals"
   fi
   cp tools/scratch_linf.sh "$WT/runs/"   # a running script is never edited under it
@@ -72,8 +72,10 @@ status() {
 }
 
 save() {
-  python3 tools/carry.py save "$WT/runs/linf-scratch" "$KEEP/runs"
+  python3 tools/carry.py save "$WT/runs/linf-scratch" "$KEEP/training"
   [ ! -d "$WT/runs/evals" ] || python3 tools/carry.py save "$WT/runs/evals" "$KEEP/evals"
+  # .gitignore drops every folder called runs/: a carry under one would never be committed (it happened)
+  ! git check-ignore "$KEEP"/training/*/* > /dev/null || { echo "$KEEP is ignored by git" >&2; exit 1; }
   echo "saved; now: git add experiments/campaign-linf-scratch && git commit"
 }
 
