@@ -85,3 +85,17 @@ def test_a_final_model_is_kept_until_its_own_step_is_evaluated(tmp_path):
     (runs / "done" / "eval-step-4.json").write_text("{}")
     assert carry.main(["save", str(runs), str(tmp_path / "keep"), "--light"]) == 0
     assert "model.safetensors" not in _files(tmp_path / "keep" / "done")
+
+
+def test_a_keep_folder_git_ignores_is_refused(tmp_path, capsys):
+    # the last session's carry went to experiments/.../runs/, which .gitignore's `runs/` drops: nothing landed
+    import subprocess
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("runs/\n")
+    _run(tmp_path / "runs" / "a", finished=False)
+    assert carry.main(["save", str(tmp_path / "runs"), str(repo / "experiments" / "runs")]) == 2
+    assert "git ignores" in capsys.readouterr().err and not (repo / "experiments").exists()
+    assert carry.main(["save", str(tmp_path / "runs"), str(repo / "experiments" / "kept")]) == 0
+    assert "a/state.safetensors" in _files(repo / "experiments" / "kept")

@@ -21,12 +21,15 @@ perturbation per training image, 65 MB: too large for git; a new machine trains 
 earlier save kept of it stays as it was. Files in KEEP that RUNS no longer makes are left alone; those
 it would no longer save (the state of a run that has finished since, weights evaluated since) are removed.
 restore: KEEP's files over RUNS's.
+save refuses (exit 2) a KEEP that git ignores, such as a folder under one called runs/: its commit would
+hold nothing, and the runs it was to carry would be lost with the machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,6 +78,17 @@ def copy_tree(src: Path, dst: Path, keep=lambda p: True) -> int:
     return n
 
 
+def git_ignores(path: Path) -> bool:
+    """Whether the git work tree holding `path` ignores it (False outside a work tree or without git)."""
+    probe = path.resolve() / "carried"   # the folder may not exist yet; ask about a file inside it
+    parent = next((p for p in probe.parents if p.is_dir()), Path("/"))
+    try:
+        r = subprocess.run(["git", "-C", str(parent), "check-ignore", "-q", str(probe)], capture_output=True)
+    except FileNotFoundError:
+        return False
+    return r.returncode == 0
+
+
 def save(runs: Path, keep: Path, light: bool, keep_weights: set[str], max_mb: float | None = None) -> None:
     keep.mkdir(parents=True, exist_ok=True)
     for f in sorted(runs.iterdir()):
@@ -109,6 +123,10 @@ def main(argv=None) -> int:
         print(f"carry.py: no folder {a.src}", file=sys.stderr)
         return 2
     if a.mode == "save":
+        if git_ignores(a.dst):
+            print(f"carry.py: git ignores {a.dst} (see `git check-ignore -v`): a commit would carry nothing; "
+                  "choose another folder", file=sys.stderr)
+            return 2
         save(a.src, a.dst, a.light, set(a.keep_weights.split(",")), a.max_mb)
     else:
         print(f"restored {copy_tree(a.src, a.dst)} files into {a.dst}")

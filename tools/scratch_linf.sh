@@ -74,8 +74,6 @@ status() {
 save() {
   python3 tools/carry.py save "$WT/runs/linf-scratch" "$KEEP/training"
   [ ! -d "$WT/runs/evals" ] || python3 tools/carry.py save "$WT/runs/evals" "$KEEP/evals"
-  # .gitignore drops every folder called runs/: a carry under one would never be committed (it happened)
-  ! git check-ignore "$KEEP"/training/*/* > /dev/null || { echo "$KEEP is ignored by git" >&2; exit 1; }
   echo "saved; now: git add experiments/campaign-linf-scratch && git commit"
 }
 
