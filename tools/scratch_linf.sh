@@ -6,7 +6,8 @@
 # images, so the queue resumes where it stopped. From a worktree pinned to COMMIT (the first with the recipes),
 # beside this checkout; run from the main checkout:
 #
-#   bash tools/scratch_linf.sh start    # worktree, venv, the committed state restored, the queue started
+#   bash tools/scratch_linf.sh start    # worktree, venv, the committed state restored, the queue started (what
+#                                       # is trained or evaluated already is skipped)
 #   bash tools/scratch_linf.sh status
 #   bash tools/scratch_linf.sh save     # the queue's state into experiments/campaign-linf-scratch (commit it)
 #   bash tools/scratch_linf.sh stop     # stop (training saves on SIGTERM), then save
@@ -21,21 +22,28 @@ ROOT=$(dirname "$MAIN")
 DATA=${DATA:-$ROOT/shared/data}
 WT=$ROOT/scratch COMMIT=5c9544c
 KEEP=$MAIN/experiments/campaign-linf-scratch
-LEFT="gen-sdi-linf-scratch nfgsm-linf-scratch"   # recipes still to train and evaluate, in order
+LEFT="gen-sdi-linf-scratch nfgsm-linf-scratch gen-sdi-linf-scratch-20ep"   # runs to train and evaluate, in order
 PRECISION=${PRECISION:-fp32}                       # fp32 or bf16 (above)
 JOB_RE="runs/scratch_linf\.sh queue"
 
-queue() {  # run inside the worktree: train, then evaluate, each recipe in turn
+has_key() {  # FILE KEY: the JSON file exists and its key is there and true
+  python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get(sys.argv[2]) else 1)" "$1" "$2" 2> /dev/null
+}
+
+queue() {  # run inside the worktree: train, then evaluate, each run in turn; what is done is skipped
   local advgen=$WT/.venv/bin/advgen
   mkdir -p runs/linf-scratch runs/evals
   for r in "$@"; do
-    local out=runs/linf-scratch/$r
+    local out=runs/linf-scratch/$r recipe=${r%-20ep} more=()
+    [ "$recipe" = "$r" ] || more=(--epochs 20)   # NAME-20ep: the recipe at 20 epochs
     mkdir -p "$out"
-    echo "== $(date -Is) $r: advgen train --recipe $r --data-dir DATA --device cpu --checkpoint-every 100 --precision $PRECISION --out $out --resume" \
-      | tee -a "$out/log.txt"
-    "$advgen" train --recipe "$r" --data-dir "$DATA" --device cpu --checkpoint-every 100 --precision "$PRECISION" \
-      --out "$out" --resume \
-      2>&1 | tee -a "$out/log.txt"
+    if ! has_key "$out/run.json" finished; then   # a finished run is not resumed (its precision may need bf16)
+      echo "== $(date -Is) $r: advgen train --recipe $recipe ${more[*]} --data-dir DATA --device cpu --checkpoint-every 100 --precision $PRECISION --out $out --resume" \
+        | tee -a "$out/log.txt"
+      "$advgen" train --recipe "$recipe" "${more[@]}" --data-dir "$DATA" --device cpu --checkpoint-every 100 \
+        --precision "$PRECISION" --out "$out" --resume 2>&1 | tee -a "$out/log.txt"
+    fi
+    has_key "runs/evals/$r.json" clean && continue   # evaluated; a partial evaluation resumes
     echo "== $(date -Is) eval $r"
     "$advgen" eval "$out" --full --norm linf --data-dir "$DATA" --test-subset 1000 --batch-size 100 --device cpu \
       --out "runs/evals/$r.json"
