@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Linf zoo from scratch (issue: Linf): the recipes gen-sdi-linf-scratch and nfgsm-linf-scratch (lr 0.1,
-# 10 epochs, all 50,000 images, the overfitting watch on) trained one after the other in one thread, each
+# 10 epochs, all 50,000 images, the overfitting watch on; NAME-20ep: the same at 20 epochs, the budget matched
+# between generator and schedule) trained one after the other in one thread, each
 # followed by the zoo's full Linf evaluation (PGD-Linf at 0, 2, 4, 8, 16/255, the standard AutoAttack-Linf
 # 8/255, first 1,000 test images). Training checkpoints every 100 steps and the evaluation after every 100
 # images, so the queue resumes where it stopped. From a worktree pinned to COMMIT (the first with the recipes),
@@ -22,7 +23,7 @@ ROOT=$(dirname "$MAIN")
 DATA=${DATA:-$ROOT/shared/data}
 WT=$ROOT/scratch COMMIT=5c9544c
 KEEP=$MAIN/experiments/campaign-linf-scratch
-LEFT="gen-sdi-linf-scratch nfgsm-linf-scratch gen-sdi-linf-scratch-20ep"   # runs to train and evaluate, in order
+LEFT="gen-sdi-linf-scratch nfgsm-linf-scratch gen-sdi-linf-scratch-20ep nfgsm-linf-scratch-20ep"  # in order
 PRECISION=${PRECISION:-fp32}                       # fp32 or bf16 (above)
 JOB_RE="runs/scratch_linf\.sh queue"
 
