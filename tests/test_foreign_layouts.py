@@ -14,6 +14,7 @@ import advgen.cli
 from advgen.checkpoint import load_model
 from advgen.errors import CheckpointError, UserError
 from advgen.models.normalize import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize, parse_stats
+from settled import settled
 
 
 class AkaBlock(nn.Module):
@@ -88,19 +89,6 @@ class PreActV2ResNet18(nn.Module):
     def forward(self, x):
         out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
         return self.linear(F.avg_pool2d(F.relu(self.bn(out)), 4).flatten(1))
-
-
-def settled(net: nn.Module, seed: int) -> nn.Module:
-    """Random weights and non-default BatchNorm statistics (one train-mode pass), in eval mode."""
-    torch.manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(16, 3, 32, 32))
-    return net.eval()
 
 
 def logits(model, x):

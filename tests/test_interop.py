@@ -23,6 +23,7 @@ from advgen.cli import main
 from advgen.io import fingerprint
 from advgen.models import MODELS, build_model, wide_resnet
 from advgen.models.normalize import CIFAR100_MEAN, CIFAR100_STD
+from settled import settled
 
 X = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
 
@@ -67,18 +68,6 @@ class PlainResNet20(nn.Module):
     def forward(self, x):
         out = self.layers(F.relu(self.bn1(self.conv1((x - self.mu) / self.sigma))))
         return self.fc(F.avg_pool2d(out, 8).flatten(1))
-
-
-def settled(model, seed):
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(8, 3, 32, 32))
-    return model.eval()
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ import pickle
 
 import pytest
 import torch
+from settled import settled
 from synth_cifar import write_cifar
-from test_foreign_layouts import AkaResNet, settled
+from test_foreign_layouts import AkaResNet
 from torch import nn
 
 import advgen

@@ -18,6 +18,7 @@ from advgen.io import read_tensors, save_tensors
 from advgen.errors import CheckpointError, ConfigError
 from advgen.models import Normalize, build_model
 from advgen.models.normalize import CIFAR10_MEAN, CIFAR10_STD
+from settled import settled
 
 
 class UpstreamPreActBlock(nn.Module):
@@ -65,19 +66,6 @@ class UpstreamPreActResNet18(nn.Module):
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.avg_pool2d(F.relu(self.bn(out)), 4)
         return self.linear(out.view(out.size(0), -1))
-
-
-def settled(net: nn.Module, seed: int) -> nn.Module:
-    """Random weights, non-default BatchNorm affine and statistics (one train-mode pass), eval mode."""
-    torch.manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(8, 3, 32, 32))
-    return net.eval()
 
 
 X = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(11))

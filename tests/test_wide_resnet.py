@@ -13,6 +13,7 @@ import advgen
 from advgen.errors import CheckpointError
 from advgen.models import MODELS, wide_resnet
 from advgen.models.wide_resnet import WideResNet
+from settled import settled
 
 
 class RefBlock(nn.Module):
@@ -71,20 +72,6 @@ class RefWideResNet(nn.Module):
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = F.avg_pool2d(self.relu(self.bn1(out)), 8)
         return self.fc(out.view(-1, self.nChannels))
-
-
-def settled(net, seed):
-    torch.manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-        if isinstance(m, nn.Linear):
-            nn.init.uniform_(m.bias, -0.1, 0.1)
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(8, 3, 32, 32))
-    return net.eval()
 
 
 X = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
