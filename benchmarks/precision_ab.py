@@ -9,6 +9,8 @@ spread → auto stays fp32). Runs go in parallel (--jobs), which on a GPU fills 
     python benchmarks/precision_ab.py --data-dir DATA --out runs/precision-ab --device cuda \\
         [--recipes nfgsm-l2,gen-sdi-l2] [--seeds 0,1,2] [--train-subset N] [--test-subset 500] [--jobs 12]
     python benchmarks/precision_ab.py --out runs/precision-ab --report-only
+    python benchmarks/precision_ab.py ... --precisions bf16 --train-only   # where bf16 is native; the fp32
+        # arms and every evaluation (fp32) run later on any machine, by the same command without the flags
 
 Output: OUT/RECIPE-PRECISION-sSEED/ (run folder, eval.json, log), OUT/report.json and OUT/report.md.
 """
@@ -42,7 +44,8 @@ def run_arm(args, recipe: str, precision: str, seed: int) -> int:
         steps.append(advgen + ["train", "--recipe", recipe, "--precision", precision, "--seed", str(seed),
                                "--data-dir", args.data_dir, "--device", args.device, "--out", str(run), "--force"]
                      + (["--train-subset", str(args.train_subset)] if args.train_subset else []))
-    if not (run / "eval.json").is_file() or "clean" not in json.loads((run / "eval.json").read_text()):
+    evaluated = (run / "eval.json").is_file() and "clean" in json.loads((run / "eval.json").read_text())
+    if not args.train_only and not evaluated:
         steps.append(advgen + ["eval", str(run), "--full", "--norm", norm, "--eps", f"0,{radius}",
                                "--aa-eps", str(radius),
                                "--test-subset", str(args.test_subset), "--data-dir", args.data_dir,
@@ -128,6 +131,8 @@ def main() -> None:
     p.add_argument("--test-subset", type=int, default=500)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--train-only", action="store_true",
+                   help="train the arms and stop (bf16 training needs native bf16; evaluation is fp32 anywhere)")
     args = p.parse_args()
     if not args.report_only:
         if not args.data_dir:

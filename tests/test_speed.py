@@ -2,6 +2,7 @@
 and benchmarks/bench.py end to end on tiny inputs (no speed assertions)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import statistics
@@ -287,3 +288,26 @@ def test_precision_ab_pairs_the_arms_by_seed(tmp_path, capsys):
     assert len(doc["arms"]) == 6 and "nfgsm-l2-bf16-s3" not in doc["arms"]
     assert "fp32 / bf16 seconds per epoch = 2.00" in capsys.readouterr().out
     assert (tmp_path / "report.md").is_file()
+
+
+def test_precision_ab_train_only_leaves_the_evaluation_for_later(tmp_path, monkeypatch):
+    """--train-only trains an arm and stops (bf16 training needs native bf16, the fp32 evaluation runs
+    anywhere); the same call without it then evaluates the trained arm without training it again."""
+    spec = importlib.util.spec_from_file_location("precision_ab", ROOT / "benchmarks" / "precision_ab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls = []
+
+    def fake_call(cmd, **kw):
+        calls.append(cmd[cmd.index("advgen") + 1])
+        if cmd[cmd.index("advgen") + 1] == "train":
+            (Path(cmd[cmd.index("--out") + 1]) / "model.safetensors").write_bytes(b"")
+        return 0
+
+    monkeypatch.setattr(mod.subprocess, "call", fake_call)
+    args = argparse.Namespace(out=tmp_path, data_dir="DATA", device="cpu", train_subset=100, test_subset=10,
+                              train_only=True)
+    (tmp_path / mod.arm_name("nfgsm-l2", "bf16", 0)).mkdir()
+    assert mod.run_arm(args, "nfgsm-l2", "bf16", 0) == 0 and calls == ["train"]
+    args.train_only = False
+    assert mod.run_arm(args, "nfgsm-l2", "bf16", 0) == 0 and calls == ["train", "eval"]
