@@ -135,3 +135,19 @@ def test_training_watch_converts_only_the_watched_images(monkeypatch, tmp_path):
     torch.manual_seed(0)
     _, rec = train(cfg, tiny_dataset(32, 1), tiny_dataset(64, 2), progress=False)
     assert 0.0 <= rec["epochs"][0]["watch_acc"] <= 1.0
+
+
+def test_the_overfitting_check_sees_the_fall_and_the_state():
+    """catastrophic_overfitting: PGD falling below half its best while FGSM holds (Wong et al. 2020), or, with
+    no robust epoch to fall from, FGSM ≥ 10 points above PGD and PGD under a quarter of it (the CO pilot's
+    FGSM from zero at 16/255: 0% PGD, 17.6% FGSM); a robust model's usual gap and early noise do not fire."""
+    from advgen.training.metrics import catastrophic_overfitting as co
+    best = [{"epoch": 1, "watch_acc": 0.30, "watch_fgsm_acc": 0.35}]
+    assert co(best, {"watch_acc": 0.10, "watch_fgsm_acc": 0.40})        # the fall
+    assert not co(best, {"watch_acc": 0.10, "watch_fgsm_acc": 0.12})    # both fell: not the signature
+    assert not co(best, {"watch_acc": 0.28, "watch_fgsm_acc": 0.33})
+    assert co([], {"watch_acc": 0.0, "watch_fgsm_acc": 0.176})           # the state, no history needed
+    assert co(best, {"watch_acc": 0.02, "watch_fgsm_acc": 0.16})
+    assert not co([], {"watch_acc": 0.17, "watch_fgsm_acc": 0.21})      # a robust model's gap
+    assert not co([], {"watch_acc": 0.015, "watch_fgsm_acc": 0.08})     # early epochs: both low
+    assert not co(best, {"test_acc": 0.5})                               # no watch

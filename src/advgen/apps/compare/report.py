@@ -250,7 +250,8 @@ def render(results: dict, plot: str = "curves.png", co_plot: str | None = None) 
                   f"epoch of {s['train_subset'] or 50000} images every run measured PGD-{N} ({TrainConfig.watch_steps} steps) and FGSM "
                   f"(no random start) accuracy on the first {s['watch_subset']} test images at its training "
                   f"radius; the check fires when PGD accuracy falls below half its best while FGSM accuracy holds "
-                  f"(Wong et al. 2020). One panel per entry, one line per seed:", "",
+                  f"(Wong et al. 2020), or lies 10 points or more under FGSM accuracy and below a quarter of it "
+                  f"(overfitting from the start). One panel per entry, one line per seed:", "",
                   f"![the catastrophic-overfitting watch of every run]({co_plot})", ""]
     lines += [
               "Entries: " + "; ".join(f"`{r['name']}` {r['label']}" for r in summary if r["budget_units"] ==
