@@ -5,6 +5,7 @@
 #   fgsm-zero-16-full  FGSM from zero, step eps (N-FGSM with no noise), the textbook overfitting case
 #   nfgsm-16-full      N-FGSM (noise 2 eps, step eps, no projection)
 #   gen-sdi-16-full    the gen-sdi generators bounded at 16/255, then a gradient step (the zoo's Linf recipe)
+#   fgsm-rs-16-cyclic  FGSM-RS (a random start, step 1.25 eps), the control: is a random start enough?
 # Run from the main checkout: bash experiments/pilot-co/run_cyclic16.sh (resumes what is there).
 set -euo pipefail
 C="--schedule cyclic --lr 0.2 --epochs 10 --precision bf16 --watch-subset 256 --checkpoint-every 100
@@ -15,3 +16,4 @@ run() { local name=$1; shift; OMP_NUM_THREADS=1 setsid nohup .venv/bin/advgen tr
 run fgsm-zero-16-full --method nfgsm --nfgsm-k 0 --attack-norm linf --attack-eps 16/255 --init none
 run nfgsm-16-full --method nfgsm --attack-norm linf --attack-eps 16/255 --init none
 run gen-sdi-16-full --recipe gen-sdi-linf-scratch --gen-bound 16/255
+run fgsm-rs-16-cyclic --recipe fgsm-rs-linf --attack-eps 16/255 --init none   # FGSM-RS, step 1.25 eps
